@@ -1,0 +1,3 @@
+from clipengine.cli import main
+
+main()

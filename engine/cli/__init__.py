@@ -1,0 +1,91 @@
+"""The ``clipengine`` command: a click group whose subcommands load on first use.
+
+Each subcommand lives in its own module under ``clipengine.cli`` and only parses
+options into its stage's config dataclass, calls the stage and prints. Modules
+are imported only when their command runs (or when ``--help`` lists them: they
+import click alone at top level), so ``clipengine --help`` never imports torch,
+CuPy or TensorRT.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+# command name -> (module:function, one-line help shown by `clipengine --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "encode": ("clipengine.cli.encode:encode", "Encode images (or object crops) into CLIP embeddings."),
+    "encode-text": ("clipengine.cli.encode:encode_text", "Encode text prompts into CLIP embeddings."),
+    "annotate": ("clipengine.cli.annotate:annotate", "Label stored embeddings zero-shot with a prompt schema."),
+    "eval": ("clipengine.cli.evaluate:evaluate", "Compare labels with ground truth: accuracy, precision, recall, F1."),
+    "search": ("clipengine.cli.search:search", "Text-to-image retrieval over stored embeddings."),
+    "slices": ("clipengine.cli.slices:slices", "Find the top-K weak slices of a table with SliceLine."),
+    "run": ("clipengine.cli.run:run", "The whole semantic test: encode, annotate, join errors, slice, report."),
+    "report": ("clipengine.cli.report:report", "Write RUN/report.html for an existing run directory."),
+    "bench": ("clipengine.cli.bench:bench", "Throughput benchmarks against the reference peers."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group that imports a subcommand's module only when that command is used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if self._available(name)]
+
+    @staticmethod
+    def _available(name: str) -> bool:
+        module_name = COMMANDS[name][0].split(":")[0]
+        return importlib.util.find_spec(module_name) is not None
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None or not self._available(name):
+            return None
+        module_name, attribute = target[0].split(":")
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="clipengine")
+def cli() -> None:
+    """clipengine: find where a vision model fails, in words.
+
+    \b
+    Example, the whole job on the sample dataset:
+      clipengine run --dataset fashion-mnist
+    Each stage also runs alone:
+      clipengine encode photos/ --out emb/
+      clipengine annotate emb/ --schema celeba --out emb/metadata.parquet
+      clipengine slices table.parquet --error error
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors print one line and exit 2; no tracebacks for bad input."""
+    from clipengine.errors import ClipengineError
+
+    try:
+        code = cli.main(args=argv, prog_name="clipengine", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("clipengine: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except ClipengineError as error:
+        click.echo(f"clipengine: error: {error}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("clipengine: interrupted; finished work is kept, run the same command again to resume", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,52 @@
+"""Shared test set-up: CPU only, offline, a private cache directory per test session.
+
+Fixtures owned by one area live in that area's own conftest (tests/<area>/conftest.py)
+or in tests/fixtures_*.py modules imported from here.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports torch: tests run on the CPU and never download.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+os.environ["CLIPENGINE_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache_dir(tmp_path_factory):
+    """Every cache (ONNX exports, class embeddings, datasets) goes to a fresh folder."""
+    path = tmp_path_factory.mktemp("clipengine-cache")
+    previous = os.environ.get("CLIPENGINE_CACHE_DIR")
+    os.environ["CLIPENGINE_CACHE_DIR"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("CLIPENGINE_CACHE_DIR", None)
+    else:
+        os.environ["CLIPENGINE_CACHE_DIR"] = previous
+
+
+def _cuda_available() -> bool:
+    return False if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "" else _probe_cuda()
+
+
+def _probe_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if _cuda_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
