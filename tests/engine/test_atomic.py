@@ -1,0 +1,42 @@
+import json
+import os
+
+import numpy as np
+import polars as pl
+import pytest
+
+from clipengine import atomic
+
+
+def test_write_json_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "sub" / "manifest.json"
+    atomic.write_json(target, {"a": 1})
+    atomic.write_json(target, {"b": [1, 2]})
+    assert json.loads(target.read_text()) == {"b": [1, 2]}
+    assert [p.name for p in target.parent.iterdir()] == ["manifest.json"]
+
+
+def test_failed_write_keeps_previous_content(tmp_path):
+    target = tmp_path / "data.txt"
+    atomic.write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_path(target) as tmp:
+            tmp.write_text("half written")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["data.txt"]
+
+
+def test_save_npy_keeps_exact_name(tmp_path):
+    target = tmp_path / "embeddings.npy.part"
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    atomic.save_npy(target, array)
+    np.testing.assert_array_equal(np.load(target), array)
+
+
+def test_parquet_metadata_round_trip(tmp_path):
+    target = tmp_path / "metadata.parquet"
+    frame = pl.DataFrame({"path": ["a", "b"], "x": [1, 2]})
+    atomic.write_parquet(target, frame, metadata={"clipengine.schema_hash": "abc"})
+    assert pl.read_parquet(target).equals(frame)
+    assert atomic.read_parquet_metadata(target) == {"clipengine.schema_hash": "abc"}
