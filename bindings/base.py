@@ -6,7 +6,8 @@ models from it.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -30,3 +31,24 @@ class Encoder(Protocol):
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """M strings → (M, D) float32, rows L2-normalized."""
         ...
+
+
+@dataclass
+class ModelTowers:
+    """A loaded CLIP-like model as the runtimes need it (fp32, eval mode, on the CPU).
+
+    ``image_tower``: torch module, (N, 3, S, S) float32 normalized with ``mean``/``std`` → (N, D) float32
+    (not yet L2-normalized). ``text_tower``: torch module, (M, L) int64 token ids → (M, D) float32.
+    ``tokenize``: M strings → (M, L) int64 torch tensor. ``key`` identifies architecture + weights
+    (a content hash): caches of exported graphs and engines are keyed on it.
+    """
+
+    image_tower: Any
+    text_tower: Any
+    tokenize: Callable[[Sequence[str]], Any]
+    image_size: int
+    embed_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    key: str
+    name: str = ""

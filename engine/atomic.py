@@ -15,12 +15,24 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import: os.umask can only be read by setting it, which would race other threads.
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``destination``; on success rename it over it."""
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
+    # mkstemp creates 0600 files; artifacts get the permissions an ordinary open() would give.
+    os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

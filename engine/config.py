@@ -32,6 +32,8 @@ DEFAULT_BOX_MARGIN = 0.1
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
 DEFAULT_PREFETCH_BATCHES = 4
 DEFAULT_SHARD_SIZE = 4096
+DEFAULT_SHARD_SECONDS = 60.0  # a shard is also written after this long, so a kill loses at most ~a minute
+DEFAULT_OUTPUT_DTYPE = "float32"
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ class EncodeConfig:
 
     ``precision`` None means: the fastest precision for the device that keeps cosine
     ≥ 0.9999 to fp32 (chosen by the backend); ``workers`` None means one decode worker per core.
+    Finished work is written every ``shard_size`` items or ``shard_seconds`` (whichever first);
+    ``output_dtype`` (float32 | float16) is the dtype of ``embeddings.npy``; ``exact_decode`` turns off
+    reduced-DCT JPEG decoding (then pixels are bit-identical to open_clip's preprocess, slower).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -52,22 +57,33 @@ class EncodeConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     prefetch_batches: int = DEFAULT_PREFETCH_BATCHES
     shard_size: int = DEFAULT_SHARD_SIZE
+    shard_seconds: float = DEFAULT_SHARD_SECONDS
+    output_dtype: str = DEFAULT_OUTPUT_DTYPE
+    exact_decode: bool = False
     progress: bool = True
 
 
 # ---- annotate -------------------------------------------------------------------------------
-DEFAULT_STRATEGY = "mean"
-DEFAULT_CHUNK_ROWS = 65_536
 
 
 @dataclass(frozen=True)
 class AnnotateConfig:
-    """Settings of the annotate stage: which schema, how prompts are aggregated."""
+    """Settings of the annotate stage: which schema, how prompts are aggregated.
+
+    ``strategy`` None keeps the schema's own (per attribute); otherwise ``"max"`` sets every
+    attribute, ``"hair_color=max,eyeglasses=topm"`` sets some, and both mix (``"mean,bald=max"``).
+    ``model`` None means the model recorded in the embeddings directory's ``model.json``;
+    given, it must be that same model (annotate refuses to mix models). ``chunk_rows`` None sizes
+    the kernel's chunks to a fixed scratch budget (``clipengine.kernels.similarity.CHUNK_BYTES``).
+    ``thresholds``: a ``thresholds.json`` from ``clipengine eval --calibrate``, applied to binary attributes.
+    """
 
     schema: str = "celeba"
-    strategy: str = DEFAULT_STRATEGY
+    strategy: str | None = None
     device: str = DEFAULT_DEVICE
-    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    chunk_rows: int | None = None
+    model: ModelConfig | None = None
+    thresholds: Path | None = None
     progress: bool = True
 
 
@@ -77,12 +93,16 @@ DEFAULT_ALPHA = 0.95
 DEFAULT_MAX_LEVEL = 3
 DEFAULT_BINS = 10
 DEFAULT_MAX_Q = 0.05
+DEFAULT_BINNING = "quantile"
+DEFAULT_MAX_LEVELS = 256
 
 
 @dataclass(frozen=True)
 class SliceConfig:
     """Settings of SliceLine. ``min_sup`` is a row count (int ≥ 1) or a fraction of rows (0 < f < 1);
-    None means ⌈n/100⌉."""
+    None means ⌈n/100⌉. ``bins``: bins per numeric column (``binning`` "quantile" or "width");
+    ``compat="systemds"`` reproduces SystemDS's output; ``max_q``: BH q-value for ``significant``;
+    ``max_levels``: features with more levels are skipped; ``drop_nulls``: nulls form no slice."""
 
     k: int = DEFAULT_K
     alpha: float = DEFAULT_ALPHA
@@ -91,20 +111,61 @@ class SliceConfig:
     bins: int = DEFAULT_BINS
     compat: str | None = None
     max_q: float | None = DEFAULT_MAX_Q
+    binning: str = DEFAULT_BINNING
+    drop_nulls: bool = False
+    max_levels: int = DEFAULT_MAX_LEVELS
+    progress: bool = True
 
 
 # ---- run ------------------------------------------------------------------------------------
+DEFAULT_IOU_THRESHOLD = 0.5
+DEFAULT_CARLA_CLASSES = ("Pedestrian",)
+DEFAULT_FASHION_LIMIT = 2000
+DEFAULT_FASHION_SEED = 0
+DEFAULT_RUNS_DIR = Path("runs")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Adapter options; each adapter reads the fields it documents and ignores the rest.
+
+    ``detections`` (carla): folder of the model's KITTI-format detections; ``predictions``
+    (celeba): the model's per-image predictions/errors file; ``errors`` (folder): the
+    ``errors.csv``/``.parquet`` (default ``ROOT/errors.csv``); ``limit``: at most this many
+    items (fashion-mnist default ``DEFAULT_FASHION_LIMIT``; None elsewhere = all).
+    """
+
+    detections: Path | None = None
+    predictions: Path | None = None
+    errors: Path | None = None
+    classes: tuple[str, ...] = DEFAULT_CARLA_CLASSES
+    iou_threshold: float = DEFAULT_IOU_THRESHOLD
+    limit: int | None = None
+    seed: int = DEFAULT_FASHION_SEED
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """The whole job: a dataset through encode → annotate → errors → slices → report."""
+    """The whole job: a dataset through encode → annotate → errors → slices → report.
+
+    ``schema`` None means the dataset's default schema; ``out`` None means ``runs/<dataset>``;
+    ``auto_model`` True means: the default CLIP weights when they can be had, else ConSE.
+    """
 
     dataset: str = "fashion-mnist"
     root: Path | None = None
     out: Path | None = None
     schema: str | None = None
+    data: DatasetConfig = field(default_factory=DatasetConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     slices: SliceConfig = field(default_factory=SliceConfig)
+    auto_model: bool = True
+    report: bool = True
     executor: str = "local"
+    ray_address: str | None = None  # executor "ray": cluster address (None: RAY_ADDRESS, else a local cluster)
+    ray_workers: int | None = None  # encoder actors (None: one per GPU, or per free CPU)
+    gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_for_decode: float | None = None  # CPUs per decode task (None: 1)
     quiet: bool = False
     log_json: bool = False

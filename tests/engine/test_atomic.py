@@ -40,3 +40,11 @@ def test_parquet_metadata_round_trip(tmp_path):
     atomic.write_parquet(target, frame, metadata={"clipengine.schema_hash": "abc"})
     assert pl.read_parquet(target).equals(frame)
     assert atomic.read_parquet_metadata(target) == {"clipengine.schema_hash": "abc"}
+
+
+def test_written_files_have_the_permissions_open_would_give(tmp_path):
+    target = tmp_path / "report.html"
+    atomic.write_text(target, "<html></html>")
+    with open(tmp_path / "plain.html", "w") as handle:
+        handle.write("<html></html>")
+    assert (target.stat().st_mode & 0o777) == ((tmp_path / "plain.html").stat().st_mode & 0o777)

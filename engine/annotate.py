@@ -1,0 +1,323 @@
+"""The annotate stage: stored image embeddings + a prompt schema → zero-shot metadata.
+
+Per attribute the most similar class wins (softmax over the attribute's classes, at CLIP's
+logit scale): columns ``<attr>`` (class name), ``<attr>_prob`` (its probability) and
+``<attr>_margin`` (its lead over the runner-up). Images are never re-encoded: only the
+schema's prompts go through the text tower of the same model, once per (model, prompts),
+cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from clipengine import envs
+from clipengine.config import AnnotateConfig
+from clipengine.errors import ClipengineError
+from clipengine.schemas import Schema, load_schema
+
+DEFAULT_LOGIT_SCALE = 100.0  # CLIP's trained logit scale sits at its clamp, 100
+METADATA_FILE = "metadata.parquet"
+KEY_COLUMNS = ("path", "box")
+# Parquet key/value metadata written with metadata.parquet
+META_MODEL_ID = "clipengine.model_id"
+META_SCHEMA = "clipengine.schema"
+META_SCHEMA_HASH = "clipengine.schema_hash"
+META_STRATEGY = "clipengine.strategy"
+META_LOGIT_SCALE = "clipengine.logit_scale"
+META_SCHEMA_CONTENT = "clipengine.schema_content"
+META_THRESHOLDS = "clipengine.thresholds"
+
+
+@dataclass(frozen=True)
+class EmbeddingsDir:
+    """An output folder of ``clipengine encode``: ``embeddings`` (N, D) (memory-mapped), ``items``
+    (N rows, ``path`` [, ``box``] …) and the model record."""
+
+    path: Path
+    embeddings: np.ndarray
+    items: pl.DataFrame
+    record: dict
+
+    @property
+    def model_id(self) -> str:
+        return str(self.record.get("model_id") or "")
+
+
+def read_embeddings_dir(emb_dir: str | os.PathLike) -> EmbeddingsDir:
+    """Open ``emb_dir`` (``embeddings.npy``, ``items.parquet``, ``model.json``) and check they agree."""
+    from clipengine.encode import read_model_record
+
+    folder = Path(emb_dir)
+    if not folder.is_dir():
+        raise ClipengineError(f"{folder}: not a directory (expected the output folder of `clipengine encode`)")
+    record = read_model_record(folder)
+    embeddings_path, items_path = folder / "embeddings.npy", folder / "items.parquet"
+    for path in (embeddings_path, items_path):
+        if not path.is_file():
+            raise ClipengineError(f"{path}: not found; is {folder} the output of `clipengine encode`?")
+    try:
+        embeddings = np.load(embeddings_path, mmap_mode="r")
+    except (OSError, ValueError) as error:
+        raise ClipengineError(f"{embeddings_path}: not a readable .npy array ({error})") from None
+    if embeddings.ndim != 2 or embeddings.dtype.kind != "f":
+        raise ClipengineError(f"{embeddings_path}: expected an (N, D) float array, got {embeddings.shape} {embeddings.dtype}")
+    items = pl.read_parquet(items_path)
+    if "path" not in items.columns:
+        raise ClipengineError(f"{items_path}: no 'path' column")
+    if items.height != embeddings.shape[0]:
+        raise ClipengineError(
+            f"{folder}: items.parquet has {items.height} rows but embeddings.npy {embeddings.shape[0]}; re-run `clipengine encode`"
+        )
+    dim = record.get("embed_dim")
+    if dim is not None and int(dim) != embeddings.shape[1]:
+        raise ClipengineError(f"{embeddings_path}: width {embeddings.shape[1]} ≠ model.json embed_dim {dim}")
+    return EmbeddingsDir(folder, embeddings, items, record)
+
+
+def resolve_schema(config: AnnotateConfig | None = None, schema: Schema | str | None = None) -> Schema:
+    """``schema`` (or ``config.schema``) loaded, with ``config.strategy`` applied."""
+    config = config or AnnotateConfig()
+    loaded = schema if isinstance(schema, Schema) else load_schema(schema or config.schema)
+    if not config.strategy:
+        return loaded
+    default, overrides = parse_strategy(config.strategy)
+    return loaded.with_strategy(default, overrides)
+
+
+def parse_strategy(text: str) -> tuple[str | None, dict[str, str]]:
+    """``"mean"`` → ("mean", {}); ``"max,hair_color=topm"`` → ("max", {"hair_color": "topm"})."""
+    default, overrides = None, {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if "=" in part:
+            name, _, value = part.partition("=")
+            overrides[name.strip()] = value.strip()
+        elif default is not None:
+            raise ClipengineError(f"--strategy {text!r}: two strategies for every attribute ({default}, {part})")
+        else:
+            default = part
+    return default, overrides
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when CuPy sees a GPU (and CUDA is not hidden), else ``cpu``."""
+    from clipengine.kernels.similarity import cuda_available
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ClipengineError(f"--device must be auto, cpu or cuda, not {device!r}")
+    if device == "cpu":
+        return "cpu"
+    usable = not envs.cuda_hidden() and cuda_available()
+    if device == "cuda" and not usable:
+        raise ClipengineError("--device cuda: needs CuPy (pip install 'clipengine[gpu]') and a visible CUDA GPU")
+    return "cuda" if usable else "cpu"
+
+
+def logit_scale_of(text_encoder=None, record: dict | None = None) -> float:
+    """CLIP's logit scale for the model: the encoder's ``logit_scale``, else the model record's, else 100."""
+    candidates = (
+        getattr(text_encoder, "logit_scale", None),
+        getattr(getattr(text_encoder, "towers", None), "logit_scale", None),
+        (record or {}).get("logit_scale"),
+        (getattr(text_encoder, "model_record", None) or {}).get("logit_scale"),
+    )
+    for source in candidates:
+        if source is not None:
+            value = float(source)
+            if np.isfinite(value) and value > 0:
+                return value
+    return DEFAULT_LOGIT_SCALE
+
+
+def annotate_embeddings(
+    embeddings: np.ndarray,
+    schema: Schema | str,
+    text_encoder,
+    config: AnnotateConfig | None = None,
+    *,
+    model_id: str | None = None,
+    logit_scale: float | None = None,
+) -> pl.DataFrame:
+    """Label (N, D) float embeddings (L2-normalized; may be a memmap) with ``schema``.
+
+    Returns N rows with, per attribute in schema order, ``<attr>`` (String: class name),
+    ``<attr>_prob`` and ``<attr>_margin`` (Float32). ``config.strategy`` overrides the
+    schema's strategies; ``model_id`` keys the prompt-embedding cache (None: no cache);
+    ``logit_scale`` None asks :func:`logit_scale_of`.
+    """
+    config = config or AnnotateConfig()
+    schema = resolve_schema(config, schema)
+    labels, probs, margins = label_arrays(embeddings, schema, text_encoder, config, model_id=model_id, logit_scale=logit_scale)
+    return metadata_frame(schema, labels, probs, margins)
+
+
+def annotate_strategies(
+    embeddings: np.ndarray,
+    schema: Schema | str,
+    text_encoder,
+    strategies: list[str],
+    config: AnnotateConfig | None = None,
+    *,
+    model_id: str | None = None,
+    logit_scale: float | None = None,
+) -> dict[str, pl.DataFrame]:
+    """The same labelling under several strategies (e.g. ``["naive", "mean"]``), prompts encoded once.
+
+    A strategy ``"schema"`` keeps the schema's own per-attribute strategies."""
+    base = schema if isinstance(schema, Schema) else load_schema(schema)
+    out = {}
+    for strategy in strategies:
+        with_strategy = base if strategy == "schema" else resolve_schema(AnnotateConfig(strategy=strategy), base)
+        labels, probs, margins = label_arrays(
+            embeddings, with_strategy, text_encoder, config or AnnotateConfig(), model_id=model_id, logit_scale=logit_scale
+        )
+        out[strategy] = metadata_frame(with_strategy, labels, probs, margins)
+    return out
+
+
+def label_arrays(embeddings, schema: Schema, text_encoder, config: AnnotateConfig, *, model_id=None, logit_scale=None):
+    """``labels`` (N, A) int32, ``probs``/``margins`` (N, A) float32 for an already resolved schema."""
+    from clipengine.class_embeddings import prompt_embeddings
+
+    if embeddings.ndim != 2:
+        raise ClipengineError(f"embeddings must be (N, D), got shape {embeddings.shape}")
+    prompts = prompt_embeddings(schema, text_encoder, model_id)
+    scale = logit_scale if logit_scale is not None else logit_scale_of(text_encoder)
+    return label_with_prompts(embeddings, schema, prompts, scale, config)
+
+
+def label_with_prompts(embeddings, schema: Schema, prompts: np.ndarray, logit_scale: float, config: AnnotateConfig):
+    """Label (N, D) ``embeddings`` given the schema's (P, D) prompt embeddings (``schema.prompts()`` order)."""
+    from clipengine.class_embeddings import build_class_side
+    from clipengine.kernels.similarity import label_segments
+    from clipengine.progress import progress_bar
+
+    if prompts.shape[0] != len(schema.prompts()):
+        raise ClipengineError(f"schema '{schema.name}' has {len(schema.prompts())} prompts but {prompts.shape[0]} embeddings")
+    if prompts.shape[1] != embeddings.shape[1]:
+        raise ClipengineError(
+            f"the text tower gives {prompts.shape[1]}-d embeddings but the images are {embeddings.shape[1]}-d: "
+            "annotate needs the model that encoded them"
+        )
+    side = build_class_side(schema, prompts)
+    device = resolve_device(config.device)
+    _set_numba_threads()
+    bar = progress_bar(embeddings.shape[0], f"annotate ({schema.name})", enabled=config.progress, unit="img")
+    try:
+        labels, probs, margins = label_segments(
+            embeddings,
+            side.matrix,
+            side.prompt_offsets,
+            side.class_offsets,
+            float(logit_scale),
+            reduce=side.reduce,
+            top_m=side.top_m,
+            chunk_rows=config.chunk_rows,
+            device=device,
+            on_chunk=bar.update,
+        )
+    finally:
+        bar.close()
+    bad = np.flatnonzero(np.isnan(probs).any(axis=1))
+    if bad.size:
+        raise ClipengineError(f"embeddings rows {bad[:5].tolist()} hold NaN or infinite values; re-encode them")
+    return labels, probs, margins
+
+
+def metadata_frame(schema: Schema, labels: np.ndarray, probs: np.ndarray, margins: np.ndarray) -> pl.DataFrame:
+    columns = {}
+    for a, attribute in enumerate(schema.attributes):
+        names = np.asarray(attribute.class_names, dtype=object)
+        columns[attribute.name] = pl.Series(attribute.name, names[labels[:, a]], dtype=pl.String)
+        columns[f"{attribute.name}_prob"] = pl.Series(probs[:, a], dtype=pl.Float32)
+        columns[f"{attribute.name}_margin"] = pl.Series(margins[:, a], dtype=pl.Float32)
+    return pl.DataFrame(columns)
+
+
+def annotate_dir(
+    emb_dir: str | os.PathLike,
+    config: AnnotateConfig | None = None,
+    out_path: str | os.PathLike | None = None,
+    *,
+    text_encoder=None,
+) -> pl.DataFrame:
+    """Annotate an embeddings directory and write ``out_path`` (default ``EMB_DIR/metadata.parquet``).
+
+    Rows: ``path`` (and ``box``) from ``items.parquet``, then the attribute columns. The Parquet
+    file metadata records the model id, schema name, schema hash, strategies and logit scale.
+    """
+    from clipengine.atomic import write_parquet
+
+    config = config or AnnotateConfig()
+    stored = read_embeddings_dir(emb_dir)
+    schema = resolve_schema(config)
+    if text_encoder is None:
+        text_encoder = text_encoder_for(stored, config)
+    scale = logit_scale_of(text_encoder, stored.record)
+    frame = annotate_embeddings(
+        stored.embeddings, schema, text_encoder, replace(config, strategy=None),
+        model_id=stored.model_id or None, logit_scale=scale,
+    )
+    meta = metadata_record(schema, stored.model_id, scale)
+    if config.thresholds is not None:
+        from clipengine.evaluate import apply_thresholds, read_thresholds
+
+        thresholds = read_thresholds(config.thresholds, schema)
+        frame = apply_thresholds(frame, thresholds, schema)
+        meta[META_THRESHOLDS] = json.dumps(thresholds)
+    keys = stored.items.select([c for c in KEY_COLUMNS if c in stored.items.columns])
+    out = pl.concat([keys, frame], how="horizontal")
+    destination = Path(out_path) if out_path is not None else stored.path / METADATA_FILE
+    write_parquet(destination, out, metadata=meta)
+    return out
+
+
+def metadata_record(schema: Schema, model_id: str, logit_scale: float) -> dict[str, str]:
+    content = schema.to_dict()
+    for entry, attribute in zip(content["attributes"], schema.attributes):
+        entry["truth"] = attribute.truth
+    return {
+        META_MODEL_ID: model_id,
+        META_SCHEMA: schema.name,
+        META_SCHEMA_HASH: schema.hash,
+        META_STRATEGY: json.dumps(schema.strategies),
+        META_LOGIT_SCALE: repr(float(logit_scale)),
+        META_SCHEMA_CONTENT: json.dumps(content, ensure_ascii=False),
+    }
+
+
+def text_encoder_for(stored: EmbeddingsDir, config: AnnotateConfig):
+    """The text tower of the model that made ``stored``; ``config.model``, when given, must be that model."""
+    from clipengine.encode import text_encoder_from_dir
+
+    if config.model is not None:
+        from clipengine.config import EncodeConfig
+        from clipengine.encode import create_encoder
+
+        encoder = create_encoder(EncodeConfig(model=config.model, device=config.device, backend="torch", precision="fp32"))
+        given = str((getattr(encoder, "model_record", None) or {}).get("model_id", ""))
+        check_same_model(stored.model_id, given, stored.path)
+        return encoder
+    return text_encoder_from_dir(stored.path, device=config.device)
+
+
+def check_same_model(stored_id: str, given_id: str, where) -> None:
+    if stored_id and given_id and stored_id != given_id:
+        raise ClipengineError(
+            f"{where}: embeddings were made by model {stored_id} but the given model is {given_id}; "
+            "labels need the text tower of the same model (drop --model/--weights or re-encode)"
+        )
+
+
+def _set_numba_threads() -> None:
+    import numba
+
+    numba.set_num_threads(max(1, min(envs.num_threads(), numba.config.NUMBA_NUM_THREADS)))

@@ -1,0 +1,208 @@
+"""``clipengine run``: the whole semantic test in one resumable command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from clipengine.datasets import DATASETS
+
+
+def _dataset_help() -> str:
+    import textwrap
+
+    lines = []
+    for name, entry in DATASETS.items():
+        text = f"{entry[2]} Default schema: {entry[1]}."
+        lines += textwrap.wrap(text, width=96, initial_indent=f"  {name:<14} ", subsequent_indent=" " * 17)
+    return "\n".join(lines)
+
+
+def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """``--config job.yaml``: option names as keys (dashes or underscores); the command line wins."""
+    if not value:
+        return
+    import yaml
+
+    from clipengine.errors import ClipengineError
+
+    try:
+        data = yaml.safe_load(Path(value).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ClipengineError(f"--config {value}: cannot read it ({first})") from None
+    if not isinstance(data, dict):
+        raise ClipengineError(f"--config {value}: expected a mapping of option names to values")
+    known = {p.name for p in ctx.command.params if p.name and p.name != "config"}
+    defaults = {}
+    for key, item in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ClipengineError(f"--config {value}: unknown option '{key}' (known: {', '.join(sorted(known))})")
+        if name == "classes" and isinstance(item, list):
+            item = ",".join(str(v) for v in item)
+        defaults[name] = item
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+
+
+def _min_sup(value: str | None):
+    if value is None:
+        return None
+    from clipengine.errors import ClipengineError
+
+    try:
+        number = float(value)
+    except ValueError:
+        raise ClipengineError(f"--min-sup must be a row count or a fraction, not {value!r}") from None
+    return int(number) if number >= 1 and number.is_integer() else number
+
+
+@click.command(
+    "run",
+    help=f"""The whole semantic test: encode a dataset's images (or object crops), label them
+zero-shot with a prompt schema, join the model-under-test's per-item errors, find the weak
+slices with SliceLine and write a summary and report into RUN (default runs/<dataset>).
+
+Rerunning the same command skips finished stages whose inputs did not change, encodes only
+new images, and resumes a killed run. Without --model/--weights the default CLIP weights are
+used when they can be had, else the offline ConSE encoder (with a notice).
+
+\b
+Datasets:
+{_dataset_help()}
+
+\b
+Example:
+  clipengine run --dataset fashion-mnist
+  clipengine run --dataset carla --root carla_export/ --detections dets/ --out runs/carla
+  clipengine run --dataset folder --root photos/ --schema scene --k 20
+  clipengine run --config nightly.yaml --quiet --log-json
+  clipengine run --dataset folder --root /shared/photos --out /shared/runs/nightly --executor ray --ray-address auto
+""",
+)
+@click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
+              callback=_load_config_file, help="YAML file with the same options (names as keys); the command line wins.")
+@click.option("--dataset", type=click.Choice(list(DATASETS)), default="fashion-mnist", show_default=True,
+              help="Dataset adapter (see above).")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Dataset folder (fashion-mnist: optional, default Debian's).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory [default: runs/<dataset>].")
+@click.option("--schema", default=None, help="Built-in schema name or a YAML file [default: the dataset's].")
+@click.option("--detections", type=click.Path(path_type=Path), default=None,
+              help="carla: folder of KITTI-format detections with a score column.")
+@click.option("--predictions", type=click.Path(path_type=Path), default=None,
+              help="celeba: CSV/Parquet with image_id + error, or image_id + one attribute column.")
+@click.option("--errors", "errors_file", type=click.Path(path_type=Path), default=None,
+              help="folder: the errors table [default: ROOT/errors.csv or .parquet].")
+@click.option("--classes", default="Pedestrian", show_default=True, help="carla: object classes, comma-separated.")
+@click.option("--iou", type=float, default=0.5, show_default=True, help="carla: IoU a detection needs to match.")
+@click.option("--limit", type=int, default=None, help="At most this many items (fashion-mnist default 2000).")
+@click.option("--seed", type=int, default=0, show_default=True, help="fashion-mnist: training seed of the model under test.")
+@click.option("--model", default=None, help="open_clip architecture, architecture JSON, model folder, or 'conse'.")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag.")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Local checkpoint.")
+@click.option("--backend", default="auto", show_default=True, help="auto, torch, onnxruntime or tensorrt.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--precision", default=None, help="fp32, bf16 or fp16 [default: the backend's].")
+@click.option("--batch-size", type=int, default=None, help="Images per batch [default: 64].")
+@click.option("--workers", type=int, default=None, help="Decode workers [default: one per core].")
+@click.option("--strategy", default=None, help="Prompt aggregation (mean, max, topm, naive; per attribute a=max).")
+@click.option("--k", type=int, default=None, help="Number of slices [default: 10].")
+@click.option("--alpha", type=float, default=None, help="SliceLine's weight of error vs size [default: 0.95].")
+@click.option("--min-sup", default=None, help="Minimum slice size: rows, or a fraction of rows [default: n/100].")
+@click.option("--max-level", type=int, default=None, help="Most predicates per slice [default: 3].")
+@click.option("--bins", type=int, default=None, help="Bins per numeric feature [default: 10].")
+@click.option("--max-q", type=float, default=None, help="Benjamini–Hochberg q for 'significant' [default: 0.05].")
+@click.option("--no-report", is_flag=True, default=False, help="Skip report.html.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where encoding runs: this process, or a Ray cluster (needs clipengine[ray]).")
+@click.option("--ray-address", default=None, help="ray: cluster address [default: RAY_ADDRESS, else a new local cluster].")
+@click.option("--ray-workers", type=int, default=None, help="ray: encoder actors [default: one per GPU, or per free CPU].")
+@click.option("--gpus-per-worker", type=float, default=None, help="ray: GPUs per encoder actor [default: 1 with GPUs, else 0].")
+@click.option("--cpus-for-decode", type=float, default=None, help="ray: CPUs per decode task [default: 1].")
+@click.option("--quiet", is_flag=True, default=False, help="No progress bars or stage lines.")
+@click.option("--log-json", is_flag=True, default=False, help="JSON-lines events on stdout (machine-readable).")
+def run(dataset, root, out, schema, detections, predictions, errors_file, classes, iou, limit, seed, model, pretrained,
+        weights, backend, device, precision, batch_size, workers, strategy, k, alpha, min_sup, max_level, bins, max_q,
+        no_report, executor, ray_address, ray_workers, gpus_per_worker, cpus_for_decode, quiet, log_json) -> None:
+    from dataclasses import replace
+
+    from clipengine.config import (
+        AnnotateConfig,
+        DatasetConfig,
+        EncodeConfig,
+        ModelConfig,
+        RunConfig,
+        SliceConfig,
+    )
+    from clipengine.errors import ClipengineError
+    from clipengine.run import RunLog, run_job
+
+    encode = EncodeConfig(model=ModelConfig(model=model or ModelConfig().model, pretrained=pretrained, weights=weights),
+                          backend=backend, device=device, precision=precision)
+    if batch_size is not None:
+        encode = replace(encode, batch_size=batch_size)
+    if workers is not None:
+        encode = replace(encode, workers=workers)
+    slices = SliceConfig()
+    overrides = {"k": k, "alpha": alpha, "min_sup": _min_sup(min_sup), "max_level": max_level, "bins": bins,
+                 "max_q": max_q}
+    slices = replace(slices, **{name: value for name, value in overrides.items() if value is not None})
+    config = RunConfig(
+        dataset=dataset,
+        root=root,
+        out=out,
+        schema=schema,
+        data=DatasetConfig(detections=detections, predictions=predictions, errors=errors_file,
+                           classes=tuple(c.strip() for c in classes.split(",") if c.strip()), iou_threshold=iou,
+                           limit=limit, seed=seed),
+        encode=encode,
+        annotate=AnnotateConfig(strategy=strategy, device=device),
+        slices=slices,
+        auto_model=model is None and weights is None and pretrained is None,
+        report=not no_report,
+        executor=executor,
+        ray_address=ray_address,
+        ray_workers=ray_workers,
+        gpus_per_worker=gpus_per_worker,
+        cpus_for_decode=cpus_for_decode,
+        quiet=quiet,
+        log_json=log_json,
+    )
+    log = RunLog(quiet=quiet, log_json=log_json)
+    try:
+        result = run_job(config, log=log)
+    except ClipengineError as error:
+        log.event("run", status="failed", reason=str(error))
+        raise
+    except Exception as error:  # a nightly job needs one line and a non-zero exit, not a traceback
+        reason = f"{type(error).__name__}: {error}".splitlines()[0]
+        log.event("run", status="failed", reason=reason)
+        click.echo(f"clipengine: error: {reason}", err=True)
+        sys.exit(1)
+    if log_json:
+        return
+    summary = result.run_dir / "summary.md"
+    reused = f"; reused {', '.join(result.reused)}" if result.reused else ""
+    click.echo(f"{result.run_dir}: ran {', '.join(result.ran) or 'nothing'}{reused} ({result.seconds:.1f} s)")
+    _print_top_slices(result.run_dir)
+    click.echo(f"summary: {summary}")
+    if (result.run_dir / "report.html").is_file():
+        click.echo(f"report:  {result.run_dir / 'report.html'}")
+
+
+def _print_top_slices(run_dir: Path, top: int = 3) -> None:
+    import json
+
+    path = run_dir / "slices.json"
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    records = data.get("slices", []) if isinstance(data, dict) else data
+    for rank, record in enumerate(records[:top], start=1):
+        text = " AND ".join(f"{k} = {v}" for k, v in record.get("predicates", {}).items())
+        mark = "" if record.get("significant") else " (not significant)"
+        click.echo(f"  {rank}. {text}: {record.get('size')} items, error {100 * (record.get('error_mean') or 0):.1f} %{mark}")

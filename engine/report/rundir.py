@@ -1,0 +1,300 @@
+"""Read a run directory into what the report shows; nothing else feeds the report.
+
+Every file is optional except the item table: a missing or unreadable file leaves its
+section empty with a note saying why, so a half-finished run still gets a page.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clipengine.errors import ClipengineError
+
+KEY_COLUMNS = ("path", "box")
+ROW_COLUMN = "__row"
+ERROR_COLUMN = "error"
+GIVEN_PREFIX = "given_"  # as clipengine.run names dataset columns that clash with schema attributes
+# suffixes of the confidence columns that annotate writes next to each attribute
+PROB_SUFFIX = "_prob"
+MARGIN_SUFFIX = "_margin"
+
+
+@dataclass
+class RunData:
+    """Everything the report shows, read from one run directory.
+
+    ``frame`` has one row per item (row order of ``items.parquet`` when present), the
+    columns ``__row`` (int), ``path``, ``file``, ``box`` (list[f64] or null), the metadata
+    attributes with their ``_prob`` / ``_margin`` columns, ``error`` and the geometric
+    metadata from ``errors.parquet``.
+    """
+
+    run_dir: Path
+    manifest: dict[str, Any]
+    frame: Any  # pl.DataFrame
+    attributes: list[str]  # schema attributes (from metadata.parquet), in file order
+    extra_features: list[str]  # other feature columns (from errors.parquet)
+    has_error: bool
+    slices: list[dict[str, Any]] | None
+    slices_summary: dict[str, Any]  # run-level facts of slices.json: n_evaluated, params, skipped_features...
+    label_quality: list[dict[str, str]] | None
+    label_quality_columns: list[str]
+    summary_md: str | None
+    skipped: int | None
+    skipped_reasons: list[tuple[str, int]]
+    notes: dict[str, str] = field(default_factory=dict)  # section -> why it is empty
+
+
+def read_run(run_dir: str | Path) -> RunData:
+    """Read ``run_dir``'s files; raise :class:`ClipengineError` when it holds no run at all."""
+    import polars as pl
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ClipengineError(f"{run_dir}: not a run directory (it does not exist)")
+    notes: dict[str, str] = {}
+    manifest = _read_json(run_dir / "manifest.json", notes, "manifest")
+    if not isinstance(manifest, dict):
+        manifest = {}
+
+    items = _read_parquet(run_dir / "items.parquet", notes, "items")
+    metadata = _read_parquet(run_dir / "metadata.parquet", notes, "metadata")
+    errors = _read_parquet(run_dir / "errors.parquet", notes, "errors")
+    if items is None and metadata is None and errors is None:
+        raise ClipengineError(
+            f"{run_dir}: not a run directory (none of items.parquet, metadata.parquet, errors.parquet found)"
+        )
+
+    frame, attributes, extra = _join(items, metadata, errors, run_dir)
+    has_error = ERROR_COLUMN in frame.columns
+    if not has_error:
+        notes.setdefault("errors", "errors.parquet is missing: no error rates to show")
+
+    slices = _read_json(run_dir / "slices.json", notes, "slices")
+    slices_summary: dict[str, Any] = {}
+    if isinstance(slices, dict) and isinstance(slices.get("slices"), list):
+        # {run-level facts..., "slices": [records]} as clipengine.slices.write_slices writes it
+        slices_summary = {k: v for k, v in slices.items() if k != "slices"}
+        slices = slices["slices"]
+    if slices is not None and not isinstance(slices, list):
+        notes["slices"] = "slices.json holds no list of slices"
+        slices = None
+    elif isinstance(slices, list):
+        slices = [s for s in slices if isinstance(s, dict)]
+
+    label_quality, lq_columns = _read_csv(run_dir / "label_quality.csv")
+    if label_quality is None:
+        notes["label_quality"] = "no ground truth in this run (label_quality.csv not found)"
+
+    summary = run_dir / "summary.md"
+    summary_md = summary.read_text(encoding="utf-8", errors="replace") if summary.is_file() else None
+
+    skipped, reasons = _read_skipped(run_dir / "skipped.parquet")
+    return RunData(
+        run_dir=run_dir,
+        manifest=manifest,
+        frame=frame,
+        attributes=attributes,
+        extra_features=extra,
+        has_error=has_error,
+        slices=slices,
+        slices_summary=slices_summary,
+        label_quality=label_quality,
+        label_quality_columns=lq_columns,
+        summary_md=summary_md,
+        skipped=skipped,
+        skipped_reasons=reasons,
+        notes=notes,
+    )
+
+
+def _read_json(path: Path, notes: dict[str, str], section: str):
+    if not path.is_file():
+        notes[section] = f"{path.name} not found"
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        notes[section] = f"{path.name} could not be read: {error}"
+        return None
+
+
+def _read_parquet(path: Path, notes: dict[str, str], section: str):
+    import polars as pl
+
+    if not path.is_file():
+        notes[section] = f"{path.name} not found"
+        return None
+    try:
+        return pl.read_parquet(path)
+    except Exception as error:  # a truncated or foreign file: say so in the page
+        notes[section] = f"{path.name} could not be read: {type(error).__name__}"
+        return None
+
+
+def _read_csv(path: Path) -> tuple[list[dict[str, str]] | None, list[str]]:
+    if not path.is_file():
+        return None, []
+    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.DictReader(handle)
+        rows = list(reader)
+        return rows, list(reader.fieldnames or [])
+
+
+def _read_skipped(path: Path) -> tuple[int | None, list[tuple[str, int]]]:
+    import polars as pl
+
+    if not path.is_file():
+        return None, []
+    try:
+        skipped = pl.read_parquet(path)
+    except Exception:
+        return None, []
+    reasons: list[tuple[str, int]] = []
+    if "reason" in skipped.columns and skipped.height:
+        # "corrupt: detail" -> "corrupt": the code before the detail
+        codes = skipped.get_column("reason").cast(pl.Utf8).fill_null("unknown").str.split(":").list.first()
+        counts = codes.value_counts(sort=True)
+        reasons = sorted(((str(r[0]), int(r[1])) for r in counts.iter_rows()), key=lambda rc: (-rc[1], rc[0]))
+    return skipped.height, reasons
+
+
+def _key_frame(frame, with_box: bool):
+    """Add a join key: the path, and the box written out exactly (lists do not join)."""
+    import polars as pl
+
+    key = pl.col("path").cast(pl.Utf8)
+    if with_box and "box" in frame.columns:
+        box = pl.col("box").cast(pl.List(pl.Float64)).list.eval(pl.element().cast(pl.Utf8)).list.join(",")
+        key = pl.concat_str([key, pl.lit("\x1f"), box.fill_null("")])
+    return frame.with_columns(key.alias("__key"))
+
+
+def _join(items, metadata, errors, run_dir: Path):
+    """One row per item: items ⟕ metadata ⟕ errors on (path, box)."""
+    import polars as pl
+
+    base = items if items is not None else (metadata if metadata is not None else errors)
+    if "path" not in base.columns:
+        raise ClipengineError(f"{run_dir}: the item table has no 'path' column")
+    frame = base.select([c for c in base.columns if c in ("path", "file", "box")])
+    if "file" not in frame.columns:
+        frame = frame.with_columns(pl.col("path").alias("file"))
+    if "box" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, dtype=pl.List(pl.Float64)).alias("box"))
+    frame = frame.with_row_index(ROW_COLUMN)
+
+    attributes: list[str] = []
+    extra: list[str] = []
+    present: list[str] = []
+    for table, name in ((metadata, "metadata.parquet"), (errors, "errors.parquet")):
+        if table is None:
+            continue
+        if "path" not in table.columns:
+            raise ClipengineError(f"{run_dir / name}: no 'path' column")
+        if name == "metadata.parquet":
+            payload = [c for c in table.columns if c not in KEY_COLUMNS and c not in frame.columns]
+            attributes = [c for c in payload if not c.endswith(PROB_SUFFIX) and not c.endswith(MARGIN_SUFFIX)]
+        else:
+            # a dataset column named like a schema attribute is sliced on as given_<name> (as run does)
+            clashing = {c: GIVEN_PREFIX + c for c in table.columns if c not in KEY_COLUMNS and c in frame.columns}
+            table = table.rename(clashing)
+            payload = [c for c in table.columns if c not in KEY_COLUMNS]
+            extra = [c for c in payload if c != ERROR_COLUMN and not c.startswith("__")]
+        marker = f"__in_{name.split('.')[0]}"
+        present.append(marker)
+        table = table.with_columns(pl.lit(True).alias(marker))
+        payload.append(marker)
+        if table.height == frame.height and table.get_column("path").cast(pl.Utf8).equals(
+            frame.get_column("path").cast(pl.Utf8)
+        ):
+            # same items in the same order (the usual case): no join needed
+            frame = frame.with_columns(table.select(payload))
+            continue
+        with_box = "box" in table.columns
+        right = _key_frame(table, with_box).select(["__key", *payload]).unique("__key", keep="first")
+        left = _key_frame(frame, with_box)
+        frame = left.join(right, on="__key", how="left").drop("__key").sort(ROW_COLUMN)
+    if present:
+        # the items slicing saw: those with metadata and an error row (an inner join, as in run)
+        frame = frame.filter(pl.all_horizontal([pl.col(m).fill_null(False) for m in present])).drop(present)
+        frame = frame.drop(ROW_COLUMN).with_row_index(ROW_COLUMN)
+    return frame, attributes, extra
+
+
+# ---- slice predicates --------------------------------------------------------------------
+_NUMBER = r"[-+]?(?:inf|nan|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)"
+_INTERVAL = re.compile(rf"^\s*([\(\[])\s*({_NUMBER})\s*,\s*({_NUMBER})\s*([\)\]])\s*$", re.IGNORECASE)
+
+
+def parse_interval(value: Any) -> tuple[float, float, bool, bool] | None:
+    """``"(127.0, 653.0]"`` → (127.0, 653.0, low_closed=False, high_closed=True); else None."""
+    if not isinstance(value, str):
+        return None
+    match = _INTERVAL.match(value)
+    if match is None:
+        return None
+    return float(match.group(2)), float(match.group(3)), match.group(1) == "[", match.group(4) == "]"
+
+
+def predicate_mask(frame, predicates: dict[str, Any]):
+    """(n,) bool: the rows where every ``feature == value`` predicate holds.
+
+    Values are the labels SliceLine reports: a category, a number, or a numeric
+    interval written ``(lo, hi]`` for binned numeric features. Raises KeyError when a
+    feature is not a column of ``frame``.
+    """
+    import numpy as np
+    import polars as pl
+
+    mask = np.ones(frame.height, dtype=bool)
+    for feature, value in predicates.items():
+        if feature not in frame.columns:
+            raise KeyError(feature)
+        column = frame.get_column(feature)
+        interval = parse_interval(value) if column.dtype.is_numeric() else None
+        if value is None:
+            hit = column.is_null()
+        elif interval is not None:
+            low, high, low_closed, high_closed = interval
+            values = column.cast(pl.Float64)
+            above = values >= low if low_closed else values > low
+            below = values <= high if high_closed else values < high
+            hit = above & below
+        elif column.dtype.is_numeric() and _is_number(value):
+            hit = column.cast(pl.Float64) == float(value)
+        elif column.dtype == pl.Boolean and isinstance(value, (bool, str)):
+            hit = column == (value if isinstance(value, bool) else value.strip().lower() in ("true", "1"))
+        else:
+            hit = column.cast(pl.Utf8) == str(value)
+        mask &= hit.fill_null(False).to_numpy().astype(bool)
+    return mask
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def finite_or_none(value: Any) -> float | None:
+    """A float when ``value`` is a finite number, else None (JSON nulls, NaN, strings)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None

@@ -1,0 +1,426 @@
+"""The whole semantic test as one resumable job: a dataset through encode → errors → annotate →
+eval → slices → summary → report, each stage recorded in ``RUN/manifest.json``.
+
+This module only sequences stages (each usable alone) and records them:
+
+| stage | writes | its fingerprint covers |
+| --- | --- | --- |
+| encode | embeddings.npy, items.parquet, skipped.parquet, model.json | item listing (paths, boxes, file sizes and mtimes), model, encode settings |
+| errors | errors.parquet | the adapter's input files (content), settings and listing |
+| annotate | metadata.parquet (+ metadata_naive.parquet with ground truth) | encode, schema hash, strategy |
+| eval | label_quality.csv / .md (when the dataset has ground truth) | annotate, errors |
+| slices | slices.parquet, slices.json | annotate, errors, slice settings, features |
+| summary | summary.md | slices, eval |
+| report | report.html (+ thumbs/) | summary |
+
+A stage runs when its fingerprint differs from the finished one in the manifest (or it never
+finished); otherwise it is reused. Encode is incremental (only new items go through the model)
+and resumes from its shards after a kill. Every file is written atomically, and a stage is
+marked finished only after its outputs exist, so a run killed at any moment (SIGKILL
+included) resumes by running the same command again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from clipengine.config import ModelConfig, RunConfig
+from clipengine.errors import ClipengineError
+from clipengine.manifest import Manifest, fingerprint, now_iso, package_versions
+
+STAGES = ("encode", "errors", "annotate", "eval", "slices", "summary", "report")
+ERRORS_FILE = "errors.parquet"
+METADATA_FILE = "metadata.parquet"
+NAIVE_METADATA_FILE = "metadata_naive.parquet"
+ENCODE_OUTPUTS = ("embeddings.npy", "items.parquet", "skipped.parquet", "model.json")
+LOCK_FILE = ".lock"
+# a metadata column of the dataset that has the name of a schema attribute is renamed with this prefix
+GIVEN_PREFIX = "given_"
+
+
+@dataclass
+class RunResult:
+    """What one ``run_job`` did: ``ran`` the stages that worked now, ``reused`` those already done."""
+
+    run_dir: Path
+    manifest: dict
+    ran: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class RunLog:
+    """Human lines on stderr (silenced by ``quiet``); JSON lines on stdout with ``log_json``."""
+
+    def __init__(self, *, quiet: bool = False, log_json: bool = False, out=None, err=None):
+        self.quiet = quiet
+        self.log_json = log_json
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+
+    def event(self, event: str, **fields: Any) -> None:
+        if self.log_json:
+            record = {"time": now_iso(), "event": event, **fields}
+            self.out.write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
+            self.out.flush()
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            self.err.write(message + "\n")
+            self.err.flush()
+
+
+class Hooks:
+    """Test seams around each stage (the default does nothing): ``before(stage)``,
+    ``outputs_written(stage)`` (outputs on disk, manifest not yet updated) and ``after(stage)``."""
+
+    def before(self, stage: str) -> None: ...
+
+    def outputs_written(self, stage: str) -> None: ...
+
+    def after(self, stage: str) -> None: ...
+
+
+def default_run_dir(dataset: str) -> Path:
+    from clipengine.config import DEFAULT_RUNS_DIR
+
+    return DEFAULT_RUNS_DIR / dataset
+
+
+# ---- model choice -------------------------------------------------------------------------------
+def choose_model(config: RunConfig, previous: dict | None = None) -> tuple[ModelConfig, str | None]:
+    """The model to encode with and a one-line notice when the offline ConSE encoder stands in.
+
+    With ``auto_model`` (no --model/--weights given), the default CLIP weights are used when
+    they can be had (cached, or downloadable when online); otherwise ConSE. A run directory that
+    fell back to ConSE before (``previous``: the manifest's ``model_choice``) stays on it, so that
+    rerunning the same command never switches models silently (give --model to change it).
+    """
+    model = config.encode.model
+    if not config.auto_model or model.model == "conse":
+        return model, None
+    if previous and previous.get("auto") and previous.get("model") == "conse":
+        return ModelConfig(model="conse"), previous.get("notice")
+    from clipengine.models import resolve_model
+
+    try:
+        resolve_model(model)
+    except ClipengineError as error:
+        reason = str(error).split(";")[0]
+        notice = (f"notice: {reason}; using the offline ConSE encoder (EfficientNet-Lite0 + all-MiniLM-L6-v2) "
+                  "instead; give --model/--weights for CLIP")
+        return ModelConfig(model="conse"), notice
+    return model, None
+
+
+# ---- the job ------------------------------------------------------------------------------------
+class _Job:
+    def __init__(self, config: RunConfig, *, encoder=None, hooks: Hooks | None = None, log: RunLog | None = None):
+        from clipengine.datasets import create_dataset, default_schema
+
+        self.config = config
+        self.hooks = hooks or Hooks()
+        self.log = log or RunLog(quiet=config.quiet, log_json=config.log_json)
+        self.progress = not (config.quiet or config.log_json)
+        self.run_dir = Path(config.out) if config.out is not None else default_run_dir(config.dataset)
+        self.dataset = create_dataset(config.dataset, config.root, config.data, progress=self.progress)
+        self.schema_name = config.schema or default_schema(config.dataset)
+        self._encoder = encoder
+        self.fingerprints: dict[str, str] = {}
+        self.result = RunResult(run_dir=self.run_dir, manifest={})
+
+    # -- stage driver
+    def stage(self, name: str, stage_fingerprint: str, work: Callable[[], tuple[list[str], dict]], bar=None) -> None:
+        self.fingerprints[name] = stage_fingerprint
+        if bar is not None:
+            bar.set_description(f"run: {name}")
+        if self.manifest.is_done(name, stage_fingerprint):
+            self.manifest.mark_skipped(name)
+            self.result.reused.append(name)
+            self.log.event("stage", stage=name, status="reused")
+        else:
+            self.hooks.before(name)
+            started = self.manifest.start(name, stage_fingerprint)
+            self.log.event("stage", stage=name, status="started")
+            outputs, info = work()
+            self.hooks.outputs_written(name)
+            record = self.manifest.finish(name, started, outputs=outputs, info=info)
+            self.result.ran.append(name)
+            self.log.event("stage", stage=name, status="done", seconds=record["seconds"], **info)
+            self.log.say(f"clipengine run: {name} done in {record['seconds']:.1f} s")
+            self.hooks.after(name)
+        if bar is not None:
+            bar.update(1)
+
+    def encoder(self):
+        """The encoder (image + text towers), created once per process on first need."""
+        if self._encoder is None:
+            from clipengine import envs
+
+            if self.model.model == "conse":
+                from clipengine.bindings.conse import create_conse_encoder
+                from clipengine.encode import resolve_device
+
+                self._encoder = create_conse_encoder(
+                    device=resolve_device(self.config.encode.device), precision=self.config.encode.precision,
+                    num_threads=envs.num_threads(), cache_dir=envs.cache_dir(),
+                )
+            else:
+                from clipengine.encode import create_encoder
+
+                self._encoder = create_encoder(replace(self.config.encode, model=self.model))
+        return self._encoder
+
+    def text_encoder(self):
+        if self._encoder is not None:
+            return self._encoder
+        from clipengine.encode import read_model_record, text_encoder_from_dir
+
+        if read_model_record(self.run_dir).get("source") == "conse":
+            return self.encoder()  # with the class-embedding cache; same weights (model.json checked by id)
+        return text_encoder_from_dir(self.run_dir, device=self.config.encode.device)
+
+    # -- the stages
+    def run(self) -> RunResult:
+        from clipengine.datasets.base import describe_files, hash_listing
+        from clipengine.progress import progress_bar
+
+        started = time.perf_counter()
+        self.manifest = Manifest(self.run_dir)
+        items = self.dataset.list_items()
+        listing_hash = hash_listing(items)
+        dataset_fp = self.dataset.fingerprint(items)
+        self.model, notice = choose_model(self.config, self.manifest.data.get("model_choice"))
+        if notice:
+            self.result.notices.append(notice)
+            self.log.say(notice)
+            self.log.event("notice", message=notice)
+        from clipengine.schemas import load_schema
+
+        schema = load_schema(self.schema_name)
+        self.manifest.update(
+            dataset={"name": self.config.dataset, "root": str(self.dataset.root) if self.dataset.root else None,
+                     "settings": self.dataset.settings(), "items": items.height,
+                     "skipped_inputs": self.dataset.skipped},
+            inputs=describe_files(self.dataset.input_files()) + [{"listing": f"{items.height} items",
+                                                                   "sha256": listing_hash}],
+            schema={"name": schema.name, "hash": schema.hash, "source": schema.source},
+            config=_jsonable(dataclasses.asdict(replace(self.config, out=self.run_dir))),
+            model_choice={"model": self.model.model, "weights": str(self.model.weights) if self.model.weights else None,
+                          "pretrained": self.model.pretrained, "auto": self.config.auto_model, "notice": notice},
+            versions=package_versions(),
+            started=now_iso(),
+        )
+        enc = self.config.encode
+        encode_fp = fingerprint("encode", listing_hash, dataclasses.asdict(self.model), enc.backend, enc.device,
+                                enc.precision, enc.box_margin, enc.max_pixels, getattr(enc, "output_dtype", None))
+        truth = self.dataset.load_truth()
+        has_truth = truth is not None
+        annotate_cfg = replace(self.config.annotate, schema=self.schema_name, progress=self.progress)
+        annotate_fp = fingerprint("annotate", encode_fp, schema.hash, annotate_cfg.strategy, has_truth)
+        errors_fp = fingerprint("errors", dataset_fp)
+        eval_fp = fingerprint("eval", annotate_fp, errors_fp, self.dataset.truth_mapping()) if has_truth else None
+        features = self._features(schema)
+        slice_settings = {k: v for k, v in dataclasses.asdict(self.config.slices).items() if k != "progress"}
+        slices_fp = fingerprint("slices", annotate_fp, errors_fp, slice_settings, features)
+        summary_fp = fingerprint("summary", slices_fp, eval_fp)
+        report_fp = fingerprint("report", summary_fp)
+
+        bar = progress_bar(len(STAGES), "run", enabled=self.progress, unit="stage")
+        try:
+            self.stage("encode", encode_fp, lambda: self._encode(items), bar)
+            self.stage("errors", errors_fp, self._errors, bar)
+            self.stage("annotate", annotate_fp, lambda: self._annotate(schema, annotate_cfg, has_truth), bar)
+            if has_truth:
+                self.stage("eval", eval_fp, lambda: self._eval(schema, truth), bar)
+            else:
+                bar.update(1)
+            self.stage("slices", slices_fp, lambda: self._slices(features), bar)
+            self.stage("summary", summary_fp, self._summary, bar)
+            if self.config.report and _report_available():
+                self.stage("report", report_fp, self._report, bar)
+            else:
+                bar.update(1)
+        finally:
+            bar.close()
+        self.result.seconds = time.perf_counter() - started
+        self.manifest.update(finished=now_iso(), ran=self.result.ran, reused=self.result.reused)
+        self.result.manifest = self.manifest.data
+        return self.result
+
+    def _encode(self, items) -> tuple[list[str], dict]:
+        config = replace(self.config.encode, model=self.model, progress=self.progress)
+        encode_items = _executor(self.config)
+        # ray: each actor loads the model itself; the driver hands on only an encoder it was given
+        encoder = self.encoder() if self.config.executor == "local" else self._encoder
+        done = encode_items(items, self.run_dir, config, encoder=encoder)
+        if done.encoded == 0:
+            raise ClipengineError(
+                f"none of the {items.height} items could be decoded; reasons in {self.run_dir / 'skipped.parquet'}"
+            )
+        self.manifest.update(model=done.model_record)
+        return list(ENCODE_OUTPUTS), {"encoded": done.encoded, "skipped": done.skipped,
+                                      "newly_encoded": done.newly_encoded, "reused_rows": done.reused}
+
+    def _errors(self) -> tuple[list[str], dict]:
+        from clipengine.atomic import write_parquet
+
+        errors = self.dataset.load_errors()
+        write_parquet(self.run_dir / ERRORS_FILE, errors)
+        return [ERRORS_FILE], {"rows": errors.height, "error_mean": float(errors["error"].mean() or 0.0),
+                               "skipped_inputs": len(self.dataset.skipped)}
+
+    def _annotate(self, schema, config, has_truth: bool) -> tuple[list[str], dict]:
+        import polars as pl
+
+        from clipengine.annotate import (
+            annotate_strategies,
+            logit_scale_of,
+            metadata_record,
+            read_embeddings_dir,
+            resolve_schema,
+        )
+        from clipengine.atomic import write_parquet
+
+        stored = read_embeddings_dir(self.run_dir)
+        resolved = resolve_schema(config, schema)
+        encoder = self.text_encoder()
+        scale = logit_scale_of(encoder, stored.record)
+        strategies = ["schema", "naive"] if has_truth else ["schema"]
+        frames = annotate_strategies(stored.embeddings, resolved, encoder, strategies, replace(config, strategy=None),
+                                     model_id=stored.model_id or None, logit_scale=scale)
+        keys = stored.items.select([c for c in ("path", "box") if c in stored.items.columns])
+        meta = metadata_record(resolved, stored.model_id, scale)
+        write_parquet(self.run_dir / METADATA_FILE, pl.concat([keys, frames["schema"]], how="horizontal"), metadata=meta)
+        outputs = [METADATA_FILE]
+        if has_truth:
+            naive = resolve_schema(replace(config, strategy="naive"), schema)
+            write_parquet(self.run_dir / NAIVE_METADATA_FILE, pl.concat([keys, frames["naive"]], how="horizontal"),
+                          metadata=metadata_record(naive, stored.model_id, scale))
+            outputs.append(NAIVE_METADATA_FILE)
+        return outputs, {"rows": stored.items.height, "schema": resolved.name, "schema_hash": resolved.hash}
+
+    def _eval(self, schema, truth) -> tuple[list[str], dict]:
+        import polars as pl
+
+        from clipengine.evaluate import CSV_FILE, MARKDOWN_FILE, _own_strategy_name, label_quality
+
+        own = _own_strategy_name(schema)
+        frames = {"naive": pl.read_parquet(self.run_dir / NAIVE_METADATA_FILE),
+                  own: pl.read_parquet(self.run_dir / METADATA_FILE)}
+        names = set(schema.attribute_names)
+        mapping = {a: spec for a, spec in self.dataset.truth_mapping().items() if a in names}
+        report = label_quality(frames, truth, mapping, schema=schema)
+        report.write(self.run_dir)
+        accuracy = {a: round(float(q.accuracy), 4) for (a, s), q in report.results.items()
+                    if s == own and q.accuracy is not None}
+        return [CSV_FILE, MARKDOWN_FILE], {"matched_rows": report.matched_rows, "accuracy": accuracy}
+
+    def _features(self, schema) -> list[str]:
+        names = set(schema.attribute_names)
+        extra = [GIVEN_PREFIX + f if f in names else f for f in self.dataset.error_features()]
+        return list(schema.attribute_names) + extra
+
+    def _slices(self, features: list[str]) -> tuple[list[str], dict]:
+        import polars as pl
+
+        from clipengine.slices import find_slices_with_config, write_slices
+
+        metadata = pl.read_parquet(self.run_dir / METADATA_FILE)
+        errors = pl.read_parquet(self.run_dir / ERRORS_FILE)
+        keys = [k for k in ("path", "box") if k in metadata.columns and k in errors.columns]
+        attributes = [c for c in metadata.columns if c not in keys]
+        errors = errors.rename({c: GIVEN_PREFIX + c for c in errors.columns if c in attributes})
+        frame = metadata.join(errors, on=keys, how="inner", nulls_equal=True, maintain_order="left")
+        if frame.height == 0:
+            raise ClipengineError(f"{self.run_dir}: no encoded item has an error row (check the dataset's ids)")
+        config = self.config.slices
+        if hasattr(config, "progress"):
+            config = replace(config, progress=self.progress)
+        result = find_slices_with_config(frame, error="error", config=config, features=features)
+        write_slices(result, self.run_dir)
+        return ["slices.parquet", "slices.json"], {
+            "rows": result.n_rows, "error_mean": result.error_mean, "slices": len(result),
+            "significant": int(result.significant.sum()) if len(result) else 0,
+            "skipped_features": result.skipped_features,
+        }
+
+    def _summary(self) -> tuple[list[str], dict]:
+        from clipengine.atomic import write_text
+        from clipengine.summary import SUMMARY_FILE, build_summary
+
+        write_text(self.run_dir / SUMMARY_FILE, build_summary(self.run_dir, self.manifest.data))
+        return [SUMMARY_FILE], {}
+
+    def _report(self) -> tuple[list[str], dict]:
+        from clipengine.report import write_report
+
+        path = write_report(self.run_dir)
+        return [Path(path).relative_to(self.run_dir.resolve()).as_posix()
+                if Path(path).is_absolute() else Path(path).name], {}
+
+
+def _report_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("clipengine.report") is not None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path):
+    """One job per run directory at a time (an advisory lock released by the OS if killed)."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ClipengineError(f"{run_dir} is in use by another clipengine run") from None
+        yield
+
+
+def _executor(config: RunConfig):
+    """The encode function of ``config.executor`` with its options bound; for Ray, checks it is installed."""
+    from clipengine.executors import create_executor
+
+    encode_items = create_executor(config.executor, address=config.ray_address, num_workers=config.ray_workers,
+                                   gpus_per_worker=config.gpus_per_worker, cpus_for_decode=config.cpus_for_decode)
+    if config.executor == "ray":
+        from clipengine.executors.ray import import_ray
+
+        import_ray()
+    return encode_items
+
+
+def run_job(config: RunConfig, *, encoder=None, hooks: Hooks | None = None, log: RunLog | None = None) -> RunResult:
+    """Run (or resume) the whole job of ``config``; returns what ran and what was reused.
+
+    ``encoder``: an already created ``Encoder`` to use instead of creating one from the config
+    (its ``model_record`` identifies it); ``hooks``: test seams (:class:`Hooks`).
+    """
+    _executor(config)  # a wrong executor or option fails before any work starts
+    job = _Job(config, encoder=encoder, hooks=hooks, log=log)
+    with _locked(job.run_dir):
+        result = job.run()
+    job.log.event("run", status="ok", run_dir=str(job.run_dir), ran=result.ran, reused=result.reused,
+                  seconds=round(result.seconds, 3))
+    return result

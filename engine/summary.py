@@ -1,0 +1,138 @@
+"""``summary.md``: the run in one page of Markdown, read from the run directory's files.
+
+Top slices with their statistics, label quality (when ground truth exists), counts and the
+stage timings. It is one of the two run files with timings and dates (with ``manifest.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SUMMARY_FILE = "summary.md"
+TOP_SLICES = 10
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def _sci(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.2g}" if value >= 1e-3 else f"{value:.1e}"
+
+
+def _slice_text(predicates: dict) -> str:
+    return " AND ".join(f"{name} = {'(null)' if value is None else value}" for name, value in predicates.items())
+
+
+def _slices_section(run_dir: Path) -> list[str]:
+    path = run_dir / "slices.json"
+    if not path.is_file():
+        return ["No slices (slices.json is missing)."]
+    data = json.loads(path.read_text(encoding="utf-8"))
+    records = data.get("slices", data if isinstance(data, list) else [])
+    summary = data if isinstance(data, dict) else {}
+    lines = []
+    if summary:
+        lines.append(
+            f"{summary.get('n_rows', '–')} items, overall error rate {_pct(summary.get('error_mean'))}; "
+            f"{summary.get('n_evaluated', '–')} candidate slices evaluated over "
+            f"{len(summary.get('features', []))} features."
+        )
+        skipped = summary.get("skipped_features") or {}
+        if skipped:
+            lines.append("Features left out: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()) + ".")
+        lines.append("")
+    if not records:
+        return lines + ["SliceLine found no slice with an error rate above the overall rate."]
+    if not any(r.get("significant") for r in records):
+        lines += ["**No slice is significant** at the chosen q-value; the slices below may be noise.", ""]
+    lines += [
+        "| # | slice | size | errors | error rate | 95 % CI | q-value | significant |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for rank, record in enumerate(records[:TOP_SLICES], start=1):
+        lines.append(
+            f"| {rank} | {_slice_text(record.get('predicates', {}))} | {record.get('size')} | "
+            f"{_fmt(record.get('error_sum'), 0) if isinstance(record.get('error_sum'), float) and record['error_sum'].is_integer() else _fmt(record.get('error_sum'))} | "
+            f"{_pct(record.get('error_mean'))} | {_pct(record.get('ci_low'))} – {_pct(record.get('ci_high'))} | "
+            f"{_sci(record.get('q_value'))} | {'yes' if record.get('significant') else 'no'} |"
+        )
+    return lines
+
+
+def _label_quality_section(run_dir: Path) -> list[str]:
+    path = run_dir / "label_quality.csv"
+    if not path.is_file():
+        return []
+    import polars as pl
+
+    table = pl.read_csv(path)
+    overall = table.filter(pl.col("class") == "(all)")
+    accuracy_columns = [c for c in table.columns if c.endswith("_accuracy")]
+    f1_columns = [c for c in table.columns if c.endswith("_f1")]
+    if overall.height == 0 or not accuracy_columns:
+        return []
+    strategies = [c[: -len("_accuracy")] for c in accuracy_columns]
+    lines = ["## Label quality (zero-shot attributes vs ground truth)", "",
+             "| attribute | n | " + " | ".join(f"{s} accuracy" for s in strategies) + " | "
+             + " | ".join(f"{s} macro F1" for s in strategies) + " |",
+             "|" + " --- |" * (2 + 2 * len(strategies))]
+    for row in overall.iter_rows(named=True):
+        lines.append(f"| {row['attribute']} | {row['support']} | "
+                     + " | ".join(_fmt(row[c]) for c in accuracy_columns) + " | "
+                     + " | ".join(_fmt(row[c]) for c in f1_columns) + " |")
+    return lines + ["", "Per-class precision / recall / F1: `label_quality.md`.", ""]
+
+
+def build_summary(run_dir: str | Path, manifest: dict) -> str:
+    """The Markdown text of ``summary.md`` for ``run_dir`` and its manifest."""
+    run_dir = Path(run_dir)
+    dataset = manifest.get("dataset") or {}
+    model = manifest.get("model") or {}
+    schema = manifest.get("schema") or {}
+    stages = manifest.get("stages") or {}
+    encode = stages.get("encode") or {}
+    lines = [f"# clipengine run: {dataset.get('name', '–')}", ""]
+    facts = [
+        ("dataset", f"{dataset.get('name', '–')}" + (f" ({dataset['root']})" if dataset.get("root") else "")),
+        ("items", f"{encode.get('encoded', '–')} encoded, {encode.get('skipped', 0)} skipped"),
+        ("model", f"{model.get('model_id', '–')} ({model.get('backend', '–')}, {model.get('precision', '–')})"),
+        ("schema", f"{schema.get('name', '–')} ({str(schema.get('hash', ''))[:12]})"),
+    ]
+    notice = (manifest.get("model_choice") or {}).get("notice")
+    if notice:
+        facts.append(("note", notice))
+    skipped_inputs = dataset.get("skipped_inputs") or []
+    if skipped_inputs:
+        facts.append(("inputs left out", f"{len(skipped_inputs)} (see manifest.json → dataset.skipped_inputs)"))
+    lines += [f"- **{k}**: {v}" for k, v in facts]
+    lines += ["", "## Top slices", ""] + _slices_section(run_dir) + [""]
+    lines += _label_quality_section(run_dir)
+    skipped_path = run_dir / "skipped.parquet"
+    if skipped_path.is_file():
+        import polars as pl
+
+        skipped = pl.read_parquet(skipped_path)
+        if skipped.height:
+            reasons = skipped.with_columns(pl.col("reason").str.split(":").list.first().alias("r")).group_by("r").len()
+            lines += ["## Items not encoded", ""]
+            lines += [f"- {r}: {n}" for r, n in sorted(reasons.iter_rows())] + [""]
+    lines += ["## Stages", "", "| stage | seconds | this run | finished |", "| --- | --- | --- | --- |"]
+    for name, record in stages.items():
+        if name in ("summary", "report"):
+            continue
+        lines.append(f"| {name} | {_fmt(record.get('seconds'), 1)} | {'ran' if record.get('ran') else 'reused'} | "
+                     f"{record.get('finished', '–')} |")
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+
+from tests.bindings.reference import cosine, open_clip_reference
+
+TEXTS = ["a photo of a cat", "an astronaut"]
+
+
+def _decode(paths, size):
+    from clipengine.images import ImageSpec, load_image
+
+    spec = ImageSpec(image_size=size, fast_jpeg=False)  # bit-identical to open_clip's preprocess
+    return np.stack([load_image(p, None, spec) for p in paths])
+
+
+def _towers(saved):
+    from clipengine.models import load_model, resolve_model
+
+    return load_model(resolve_model(saved.model_config))
+
+
+def test_tiny_onnx_matches_open_clip_eager_and_is_exported_once(tiny_clip, sample_photos, monkeypatch):
+    import onnx
+
+    from clipengine import envs
+    from clipengine.bindings import onnx_export
+    from clipengine.bindings.onnxruntime import OnnxRuntimeEncoder
+
+    towers = _towers(tiny_clip)
+    cache = envs.cache_dir()  # the session's private cache: other tests reuse this export
+    encoder = OnnxRuntimeEncoder(towers, cache_dir=cache)
+    assert encoder.onnx_path.parent == cache / "onnx" and encoder.onnx_path.is_file()
+    graph = onnx.load(str(encoder.onnx_path))
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    batch_dim = graph.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value  # dynamic batch
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+
+    reference, reference_text = open_clip_reference(tiny_clip, sample_photos, TEXTS)
+    pixels = _decode(sample_photos, 32)
+    got = encoder.encode_images(pixels)
+    assert got.dtype == np.float32 and cosine(got, reference).min() >= 0.99999
+    np.testing.assert_allclose(encoder.encode_images(pixels[:1]), got[:1], atol=1e-5)  # batch 1 = batch 5
+    assert cosine(encoder.encode_texts(TEXTS), reference_text).min() >= 0.99999
+
+    # a second encoder of the same weights reuses the cached graph
+    def refuse(*args, **kwargs):
+        raise AssertionError("exported twice")
+
+    monkeypatch.setattr(onnx_export, "export_image_onnx", refuse)
+    again = OnnxRuntimeEncoder(_towers(tiny_clip), cache_dir=cache)
+    assert again.onnx_path == encoder.onnx_path
+
+
+def test_cache_key_follows_weights_and_settings(tiny_clip, tmp_path):
+    from tests.fixtures_models import TINY_ARCHITECTURE, save_random_model
+
+    from clipengine.bindings.onnx_export import image_onnx_path
+
+    towers = _towers(tiny_clip)
+    other = _towers(save_random_model(TINY_ARCHITECTURE, tmp_path, "tiny-clip", seed=5))
+    assert image_onnx_path(towers, tmp_path) != image_onnx_path(other, tmp_path)
+    assert image_onnx_path(towers, tmp_path) != image_onnx_path(towers, tmp_path, opset=17)
+    assert image_onnx_path(towers, tmp_path) == image_onnx_path(_towers(tiny_clip), tmp_path)
+
+
+def test_create_encoder_with_onnxruntime_records_it(tiny_clip):
+    from clipengine.config import EncodeConfig
+    from clipengine.encode import create_encoder
+
+    encoder = create_encoder(EncodeConfig(model=tiny_clip.model_config, device="cpu", backend="onnxruntime"))
+    assert encoder.model_record["backend"] == "onnxruntime" and encoder.model_record["precision"] == "fp32"
+    with pytest.raises(Exception, match="fp32"):
+        create_encoder(EncodeConfig(model=tiny_clip.model_config, device="cpu", backend="onnxruntime", precision="bf16"))
+
+
+@pytest.mark.slow
+def test_vit_b32_onnx_matches_open_clip_eager(vit_b32_checkpoint, sample_photos, tmp_path):
+    from clipengine.bindings.onnxruntime import OnnxRuntimeEncoder
+
+    photos = sample_photos[:3]
+    reference, _ = open_clip_reference(vit_b32_checkpoint, photos)
+    encoder = OnnxRuntimeEncoder(_towers(vit_b32_checkpoint), cache_dir=tmp_path)
+    assert cosine(encoder.encode_images(_decode(photos, 224)), reference).min() >= 0.99999
