@@ -468,7 +468,7 @@ def load_model(spec: ModelSpec):
     tokenizer = _open_clip_tokenizer(spec.architecture, context_length)
     return ModelTowers(
         image_tower=model.visual,
-        text_tower=_OpenClipText(model),
+        text_tower=_open_clip_text_tower(model),
         tokenize=tokenizer,
         image_size=spec.image_size,
         embed_dim=int(spec.architecture["embed_dim"]),
@@ -504,7 +504,7 @@ def _text_module_class():
     return OpenClipText
 
 
-def _OpenClipText(model):
+def _open_clip_text_tower(model):
     return _text_module_class()(model)
 
 
