@@ -40,7 +40,8 @@ class ModelTowers:
     ``image_tower``: torch module, (N, 3, S, S) float32 normalized with ``mean``/``std`` → (N, D) float32
     (not yet L2-normalized). ``text_tower``: torch module, (M, L) int64 token ids → (M, D) float32.
     ``tokenize``: M strings → (M, L) int64 torch tensor. ``key`` identifies architecture + weights
-    (a content hash): caches of exported graphs and engines are keyed on it.
+    (a content hash): caches of exported graphs and engines are keyed on it. ``logit_scale``:
+    the model's learned multiplier of cosine similarities before a softmax.
     """
 
     image_tower: Any
@@ -52,3 +53,4 @@ class ModelTowers:
     std: tuple[float, float, float]
     key: str
     name: str = ""
+    logit_scale: float = 100.0  # CLIP's learned temperature, exp(model.logit_scale)

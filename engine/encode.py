@@ -103,6 +103,7 @@ def create_encoder(config: EncodeConfig, *, towers=None):
         "precision": precision,
         "embed_dim": int(encoder.embed_dim),
         "image_size": int(encoder.image_size),
+        "logit_scale": towers.logit_scale,
     }
     return encoder
 
@@ -117,7 +118,10 @@ def _create_family_encoder(family: str, device: str, precision: str | None):
         factory = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as error:
         raise ClipengineError(f"--model {family}: its module {module_name} is not available ({error})") from None
-    encoder = factory(device=device, precision=precision or "fp32")
+    try:
+        encoder = factory(device=device, precision=precision, num_threads=envs.num_threads(), cache_dir=envs.cache_dir())
+    except ValueError as error:  # bindings cannot raise the engine's error type
+        raise ClipengineError(f"--model {family}: {error}") from None
     record = dict(getattr(encoder, "model_record", None) or {})
     record.setdefault("model_id", family)
     record.setdefault("source", family)
@@ -158,8 +162,9 @@ def text_encoder_from_dir(emb_dir: str | os.PathLike, *, device: str = "auto"):
     if source in MODEL_FAMILIES:
         return _create_family_encoder(source, device, record.get("precision"))
     spec = spec_from_record(record)
-    encoder = bindings.load_backend("torch")(load_model(spec), device=device, precision="fp32", num_threads=envs.num_threads())
-    encoder.model_record = {**record, "backend": "torch", "device": device}
+    towers = load_model(spec)
+    encoder = bindings.load_backend("torch")(towers, device=device, precision="fp32", num_threads=envs.num_threads())
+    encoder.model_record = {**record, "backend": "torch", "device": device, "logit_scale": towers.logit_scale}
     return encoder
 
 

@@ -163,29 +163,16 @@ class _Job:
     def encoder(self):
         """The encoder (image + text towers), created once per process on first need."""
         if self._encoder is None:
-            from clipengine import envs
+            from clipengine.encode import create_encoder
 
-            if self.model.model == "conse":
-                from clipengine.bindings.conse import create_conse_encoder
-                from clipengine.encode import resolve_device
-
-                self._encoder = create_conse_encoder(
-                    device=resolve_device(self.config.encode.device), precision=self.config.encode.precision,
-                    num_threads=envs.num_threads(), cache_dir=envs.cache_dir(),
-                )
-            else:
-                from clipengine.encode import create_encoder
-
-                self._encoder = create_encoder(replace(self.config.encode, model=self.model))
+            self._encoder = create_encoder(replace(self.config.encode, model=self.model))
         return self._encoder
 
     def text_encoder(self):
         if self._encoder is not None:
             return self._encoder
-        from clipengine.encode import read_model_record, text_encoder_from_dir
+        from clipengine.encode import text_encoder_from_dir
 
-        if read_model_record(self.run_dir).get("source") == "conse":
-            return self.encoder()  # with the class-embedding cache; same weights (model.json checked by id)
         return text_encoder_from_dir(self.run_dir, device=self.config.encode.device)
 
     # -- the stages
