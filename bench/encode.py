@@ -135,7 +135,8 @@ def run_clipengine(args) -> dict:
 
     backend, precision, device = CONFIGS[args.config]
     config = EncodeConfig(model=ModelConfig(model="ViT-B-32", weights=Path(args.weights)), backend=backend,
-                          precision=precision, device=device, batch_size=args.batch_size, progress=False)
+                          precision=precision, device=device, batch_size=args.batch_size, workers=args.workers,
+                          progress=False)
     started = time.perf_counter()
     encoder = create_encoder(config)
     setup_seconds = time.perf_counter() - started
@@ -178,6 +179,8 @@ def spawn(role: str, args, work: Path, config: str | None = None) -> dict:
     command = [sys.executable, __file__, "--role", role, "--result", str(result), "--out-dir", str(out_dir),
                "--weights", str(args.weights), "--listing", str(args.listing), "--batch-size", str(args.batch_size),
                "--model-batches", str(args.model_batches), "--threads", str(args.threads)]
+    if args.workers is not None:
+        command += ["--workers", str(args.workers)]
     if config:
         command += ["--config", config]
     env = {**os.environ, "CLIPENGINE_NUM_THREADS": str(args.threads), "CLIPENGINE_CACHE_DIR": str(work / "cache")}
@@ -294,6 +297,7 @@ def parse(argv=None):
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="batch size everywhere [32]")
     parser.add_argument("--model-batches", type=int, default=DEFAULT_MODEL_BATCHES, help="timed model-only batches [3]")
     parser.add_argument("--threads", type=int, default=None, help="compute threads [all cores]")
+    parser.add_argument("--workers", type=int, default=None, help="clipengine decode workers [its default]")
     parser.add_argument("--configs", default=None, help=f"comma list of {', '.join(CONFIGS)} [all available]")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     # worker mode (internal)

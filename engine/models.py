@@ -476,7 +476,7 @@ def load_model(spec: ModelSpec):
         std=tuple(float(x) for x in spec.preprocess["std"]),
         key=spec.model_id,
         name=spec.name,
-        logit_scale=float(model.logit_scale.exp()),
+        logit_scale=float(model.logit_scale.detach().exp()),
     )
 
 
@@ -566,5 +566,5 @@ def _load_hf(spec: ModelSpec):
         std=tuple(float(x) for x in spec.preprocess["std"]),
         key=spec.model_id,
         name=spec.name,
-        logit_scale=float(model.logit_scale.exp()),
+        logit_scale=float(model.logit_scale.detach().exp()),
     )

@@ -113,7 +113,7 @@ def build_summary(run_dir: str | Path, manifest: dict) -> str:
     ]
     notice = (manifest.get("model_choice") or {}).get("notice")
     if notice:
-        facts.append(("note", notice))
+        facts.append(("note", notice.removeprefix("notice: ")))
     skipped_inputs = dataset.get("skipped_inputs") or []
     if skipped_inputs:
         facts.append(("inputs left out", f"{len(skipped_inputs)} (see manifest.json → dataset.skipped_inputs)"))
