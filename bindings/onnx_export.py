@@ -114,17 +114,10 @@ def export_image_onnx(towers: ModelTowers, destination: str | os.PathLike, *, op
 
 def ensure_image_onnx(towers: ModelTowers, cache_dir: str | os.PathLike, *, opset: int = OPSET) -> Path:
     """The cached image graph of ``towers``, exported now if absent (one process exports; others wait)."""
-    import fcntl
+    from clipengine.bindings.cache import ensure_built
 
     path = image_onnx_path(towers, cache_dir, opset=opset)
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.is_file():
-            export_image_onnx(towers, path, opset=opset)
-    return path
+    return ensure_built(path, lambda destination: export_image_onnx(towers, destination, opset=opset))
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -135,19 +135,12 @@ def build_plan(onnx_path: str | os.PathLike, destination: str | os.PathLike, set
 def ensure_plan(onnx_path: str | os.PathLike, cache_dir: str | os.PathLike, settings: PlanSettings,
                 *, device_index: int = 0) -> Path:
     """The cached plan for ``onnx_path`` + ``settings`` on this GPU and TensorRT, built now if absent."""
-    import fcntl
+    from clipengine.bindings.cache import ensure_built
 
     trt = _trt()
     key = plan_cache_key(file_sha256(onnx_path), settings, tensorrt_version=trt.__version__, gpu=gpu_identity(device_index))
     path = Path(cache_dir) / "tensorrt" / f"{Path(onnx_path).stem}-{settings.precision}-{key}.plan"
-    if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.is_file():
-            build_plan(onnx_path, path, settings)
-    return path
+    return ensure_built(path, lambda destination: build_plan(onnx_path, destination, settings))
 
 
 class TensorRTEncoder:

@@ -180,7 +180,7 @@ def item_keys(items) -> list[str]:
     return keys
 
 
-def _check_items(items) -> None:
+def check_items(items) -> None:
     if "path" not in items.columns:
         raise ClipengineError("items: a 'path' column is required")
     if items["path"].null_count():
@@ -206,7 +206,7 @@ def encode_items(items, out_dir: str | os.PathLike, config: EncodeConfig, *, enc
     started = time.perf_counter()
     if config.output_dtype not in OUTPUT_DTYPES:
         raise ClipengineError(f"output dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {config.output_dtype!r}")
-    _check_items(items)
+    check_items(items)
     keys = item_keys(items)
     if len(set(keys)) != len(keys):
         seen, dupes = set(), []
@@ -279,7 +279,7 @@ def encode_items(items, out_dir: str | os.PathLike, config: EncodeConfig, *, enc
     for row, i in enumerate(encoded_index):
         embeddings[row] = done[keys[i]]
     embeddings = embeddings.astype(config.output_dtype, copy=False)
-    digest = _rows_digest(embeddings)
+    digest = rows_digest(embeddings)
 
     encoded_frame = items[encoded_index] if encoded_index else items.clear()
     skipped_index = sorted(i for i in skipped if keys[i] not in done)
@@ -313,7 +313,16 @@ def encode_items(items, out_dir: str | os.PathLike, config: EncodeConfig, *, enc
     )
 
 
-def _rows_digest(embeddings: np.ndarray) -> str:
+def remove_shard_folder(folder: Path) -> None:
+    """Delete a folder of shard files once their rows are in the final outputs."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        path.unlink(missing_ok=True)
+    folder.rmdir()
+
+
+def rows_digest(embeddings: np.ndarray) -> str:
     digest = hashlib.sha256(f"{embeddings.shape}{embeddings.dtype}".encode())
     digest.update(np.ascontiguousarray(embeddings).data)
     return digest.hexdigest()
@@ -333,7 +342,7 @@ def _load_finished(out_dir: Path, identity: dict) -> dict[str, np.ndarray]:
         if json.loads(meta.get("clipengine.identity", "{}")) != identity:
             return {}
         embeddings = np.load(emb_path, allow_pickle=False)
-        if _rows_digest(embeddings) != meta.get("clipengine.embeddings_sha256"):
+        if rows_digest(embeddings) != meta.get("clipengine.embeddings_sha256"):
             return {}  # a pair from an interrupted finalization: not trusted
         previous = pl.read_parquet(items_path)
     except Exception:  # unreadable leftovers are re-encoded, never trusted
@@ -394,11 +403,7 @@ class _ShardStore:
                 np.savez(handle, keys=np.asarray(keys, dtype=str), rows=np.asarray(rows, np.float32))
 
     def clear(self) -> None:
-        if not self.folder.is_dir():
-            return
-        for path in self.folder.iterdir():
-            path.unlink(missing_ok=True)
-        self.folder.rmdir()
+        remove_shard_folder(self.folder)
 
 
 def items_from_input(source: str | os.PathLike, *, boxes: str | os.PathLike | None = None):

@@ -222,9 +222,7 @@ def _label_relative_rows(sims, class_offsets, scale, labels, probs, margins):
     """``sims`` (r, C - A): per attribute, cosines of its classes 2.. minus its class 1's."""
     n = sims.shape[0]
     n_attributes = class_offsets.shape[0] - 1
-    max_classes = 1
-    for a in range(n_attributes):
-        max_classes = max(max_classes, class_offsets[a + 1] - class_offsets[a])
+    max_classes = max(1, np.max(np.diff(class_offsets))) if n_attributes else 1
     n_tasks = (n + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(n_tasks):
         logits = np.empty(max_classes, dtype=np.float64)
@@ -294,9 +292,7 @@ def _label_fused_rows(block, relative, class_offsets, scale, labels, probs, marg
     n, d = block.shape
     n_rows = relative.shape[0]
     n_attributes = class_offsets.shape[0] - 1
-    max_classes = 1
-    for a in range(n_attributes):
-        max_classes = max(max_classes, class_offsets[a + 1] - class_offsets[a])
+    max_classes = max(1, np.max(np.diff(class_offsets))) if n_attributes else 1
     n_tasks = (n + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(n_tasks):
         sims = np.empty(max(n_rows, 1), dtype=np.float32)
@@ -345,9 +341,7 @@ def _label_rows(sims, prompt_offsets, class_offsets, reduce, top_m, scale, label
     """``sims`` (r, P): cosines to every prompt row; classes reduce their segments first."""
     n = sims.shape[0]
     n_attributes = class_offsets.shape[0] - 1
-    max_classes = 1
-    for a in range(n_attributes):
-        max_classes = max(max_classes, class_offsets[a + 1] - class_offsets[a])
+    max_classes = max(1, np.max(np.diff(class_offsets))) if n_attributes else 1
     n_tasks = (n + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(n_tasks):
         scratch = np.empty(MAX_TOP_M, dtype=np.float64)

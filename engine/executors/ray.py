@@ -93,7 +93,7 @@ def encode_items(
     """
     import polars as pl
 
-    from clipengine.encode import OUTPUT_DTYPES, _check_items, item_keys
+    from clipengine.encode import OUTPUT_DTYPES, check_items, item_keys
 
     started = time.perf_counter()
     ray = import_ray()
@@ -103,7 +103,7 @@ def encode_items(
         raise ClipengineError(f"items_per_shard must be ≥ 1, got {items_per_shard}")
     if cpus_for_decode <= 0 or cpus_per_worker <= 0:
         raise ClipengineError("--cpus-for-decode and CPUs per worker must be > 0")
-    _check_items(items)
+    check_items(items)
     keys = item_keys(items)
     _check_unique(keys)
     out_dir = Path(out_dir).absolute()
@@ -215,7 +215,7 @@ def open_finished(out_dir: Path, identity: dict) -> FinishedRun:
     import polars as pl
 
     from clipengine.atomic import read_parquet_metadata
-    from clipengine.encode import EMBEDDINGS_FILE, ITEMS_FILE, _rows_digest, item_keys
+    from clipengine.encode import EMBEDDINGS_FILE, ITEMS_FILE, rows_digest, item_keys
 
     items_path, emb_path = out_dir / ITEMS_FILE, out_dir / EMBEDDINGS_FILE
     if not (items_path.is_file() and emb_path.is_file()):
@@ -225,7 +225,7 @@ def open_finished(out_dir: Path, identity: dict) -> FinishedRun:
         if json.loads(meta.get("clipengine.identity", "{}")) != identity:
             return FinishedRun()
         embeddings = np.load(emb_path, mmap_mode="r", allow_pickle=False)
-        if _rows_digest(embeddings) != meta.get("clipengine.embeddings_sha256"):
+        if rows_digest(embeddings) != meta.get("clipengine.embeddings_sha256"):
             return FinishedRun()  # a pair from an interrupted finalization: not trusted
         previous = pl.read_parquet(items_path)
     except Exception:  # unreadable leftovers are re-encoded, never trusted
@@ -245,7 +245,7 @@ def write_outputs(pl, items, keys, boxes, out_dir: Path, config, record: dict, i
     from numpy.lib.format import open_memmap
 
     from clipengine.atomic import atomic_path, write_json, write_parquet
-    from clipengine.encode import EMBEDDINGS_FILE, ITEMS_FILE, MODEL_FILE, SKIPPED_FILE, _rows_digest
+    from clipengine.encode import EMBEDDINGS_FILE, ITEMS_FILE, MODEL_FILE, SKIPPED_FILE, rows_digest
 
     encoded_index: list[int] = []
     skipped_index: list[int] = []
@@ -277,7 +277,7 @@ def write_outputs(pl, items, keys, boxes, out_dir: Path, config, record: dict, i
                 row += 1
                 cursor += 1
         embeddings.flush()
-        digest = _rows_digest(embeddings)
+        digest = rows_digest(embeddings)
         del embeddings
 
     skipped_frame = pl.DataFrame(
@@ -493,11 +493,9 @@ class ShardStore:
             return dict(zip(data["keys"].tolist(), np.asarray(data["rows"], np.float32)))
 
     def clear(self) -> None:
-        if not self.folder.is_dir():
-            return
-        for path in self.folder.iterdir():
-            path.unlink(missing_ok=True)
-        self.folder.rmdir()
+        from clipengine.encode import remove_shard_folder
+
+        remove_shard_folder(self.folder)
 
 
 def write_shard(path: Path, keys: list[str], rows: np.ndarray, skipped: list[tuple[str, str]], identity: dict) -> None:
