@@ -8,10 +8,13 @@ Output directory:
   pair is never taken for a finished one.
 - ``skipped.parquet``: ``path`` [, ``box``], ``reason`` for items that could not be decoded.
 - ``model.json``: the model record (architecture, weights + sha256, ``model_id``, backend, precision).
+- ``item_stats.npy``: (N, 2) int64, each row's file size and modification time (ns) when it was
+  encoded: a file rewritten in place since then is encoded again rather than reused.
 - ``shards/`` while running: every ``shard_size`` items or ``shard_seconds`` the finished embeddings
-  are written as one atomic ``.npz`` (keys + rows). A run killed at any moment (SIGKILL included)
-  resumes from the shards; a rerun over a superset of items reuses the finished outputs (same
-  ``model_id`` and precision) and encodes only the new items. Skipped items are retried on rerun.
+  are written as one atomic ``.npz`` (keys + rows + file stats). A run killed at any moment (SIGKILL
+  included) resumes from the shards; a rerun over a superset of items reuses the finished outputs
+  (same ``model_id`` and precision, same file size and mtime) and encodes only the new or changed
+  items. Skipped items are retried on rerun.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ MODEL_FILE = "model.json"
 EMBEDDINGS_FILE = "embeddings.npy"
 ITEMS_FILE = "items.parquet"
 SKIPPED_FILE = "skipped.parquet"
+STATS_FILE = "item_stats.npy"
 SHARDS_DIR = "shards"
 OUTPUT_DTYPES = ("float32", "float16")
 
@@ -180,6 +184,24 @@ def item_keys(items) -> list[str]:
     return keys
 
 
+def file_stats(files) -> np.ndarray:
+    """(N, 2) int64: each file's size and modification time in ns; (-1, -1) when it cannot be read.
+    A finished row is reused only while its file's stats are unchanged (contents are not hashed:
+    that would read every image twice)."""
+    seen: dict[str, tuple[int, int]] = {}
+    out = np.empty((len(files), 2), np.int64)
+    for i, name in enumerate(files):
+        name = os.fspath(name)
+        if name not in seen:
+            try:
+                stat = os.stat(name)
+                seen[name] = (stat.st_size, stat.st_mtime_ns)
+            except OSError:
+                seen[name] = (-1, -1)
+        out[i] = seen[name]
+    return out
+
+
 def check_items(items) -> None:
     if "path" not in items.columns:
         raise ClipengineError("items: a 'path' column is required")
@@ -224,13 +246,15 @@ def encode_items(items, out_dir: str | os.PathLike, config: EncodeConfig, *, enc
     record.update(embed_dim=int(encoder.embed_dim), image_size=int(encoder.image_size), dtype=config.output_dtype)
     identity = {"model_id": record.get("model_id"), "precision": record.get("precision"), "embed_dim": record["embed_dim"]}
 
-    done = _load_finished(out_dir, identity)  # key -> (D,) row, from a previous finished run
+    files = (items["file"] if "file" in items.columns else items["path"]).to_list()
+    stats = file_stats(files)  # taken before decoding: a file changed while the job runs is redone next time
+    done = _load_finished(out_dir, identity)  # key -> ((D,) row, (2,) file stats or None)
     shards = _ShardStore(out_dir / SHARDS_DIR, identity)
     done.update(shards.load())
+    _drop_changed(done, keys, stats)
     reused = sum(1 for key in keys if key in done)
     todo = [i for i, key in enumerate(keys) if key not in done]
 
-    files = (items["file"] if "file" in items.columns else items["path"]).to_list()
     boxes = items["box"].to_list() if "box" in items.columns else None
     spec = ImageSpec.from_preprocess_cfg(
         record.get("preprocess") or {"size": encoder.image_size}, fast_jpeg=not config.exact_decode
@@ -240,6 +264,7 @@ def encode_items(items, out_dir: str | os.PathLike, config: EncodeConfig, *, enc
     bar = progress_bar(len(todo), "encode", enabled=config.progress, unit="img")
     pending_keys: list[str] = []
     pending_rows: list[np.ndarray] = []
+    pending_stats: list[np.ndarray] = []
     last_flush = time.monotonic()
     try:
         batches = iter_batches(
@@ -259,25 +284,27 @@ def encode_items(items, out_dir: str | os.PathLike, config: EncodeConfig, *, enc
                 rows = encoder.encode_images(batch.images)  # (B, D) float32, normalized
                 pending_keys.extend(keys[todo[i]] for i in batch.indices)
                 pending_rows.append(np.asarray(rows, np.float32))
+                pending_stats.append(stats[[todo[i] for i in batch.indices]])
                 newly += len(batch.indices)
             bar.update(len(batch.indices) + len(batch.skipped))
             if len(pending_keys) >= config.shard_size or (
                 pending_keys and time.monotonic() - last_flush >= config.shard_seconds
             ):
-                shards.write(pending_keys, np.concatenate(pending_rows))
-                pending_keys, pending_rows, last_flush = [], [], time.monotonic()
+                shards.write(pending_keys, np.concatenate(pending_rows), np.concatenate(pending_stats))
+                pending_keys, pending_rows, pending_stats, last_flush = [], [], [], time.monotonic()
         if pending_keys:
-            shards.write(pending_keys, np.concatenate(pending_rows))
-            pending_keys, pending_rows = [], []
+            shards.write(pending_keys, np.concatenate(pending_rows), np.concatenate(pending_stats))
+            pending_keys, pending_rows, pending_stats = [], [], []
     finally:
         bar.close()
 
     done.update(shards.load())
+    _drop_changed(done, keys, stats)
     encoded_index = [i for i, key in enumerate(keys) if key in done]
     dim = record["embed_dim"]
     embeddings = np.zeros((len(encoded_index), dim), np.float32)
     for row, i in enumerate(encoded_index):
-        embeddings[row] = done[keys[i]]
+        embeddings[row] = done[keys[i]][0]
     embeddings = embeddings.astype(config.output_dtype, copy=False)
     digest = rows_digest(embeddings)
 
@@ -294,6 +321,7 @@ def encode_items(items, out_dir: str | os.PathLike, config: EncodeConfig, *, enc
     record.update(n_items=len(encoded_index), n_skipped=len(skipped_index))
     # items.parquet last: its digest of embeddings.npy marks the set as finished
     save_npy(out_dir / EMBEDDINGS_FILE, embeddings)
+    save_npy(out_dir / STATS_FILE, stats[encoded_index] if encoded_index else np.empty((0, 2), np.int64))
     write_parquet(out_dir / SKIPPED_FILE, skipped_frame)
     write_json(out_dir / MODEL_FILE, record)
     write_parquet(
@@ -328,8 +356,27 @@ def rows_digest(embeddings: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _load_finished(out_dir: Path, identity: dict) -> dict[str, np.ndarray]:
-    """key → row of a previous finished run in ``out_dir`` with the same identity; {} otherwise."""
+def _drop_changed(done: dict, keys: list[str], stats: np.ndarray) -> None:
+    """Forget finished rows whose file was rewritten since it was encoded (rows recorded without
+    stats, by an older clipengine, are kept)."""
+    for i, key in enumerate(keys):
+        entry = done.get(key)
+        if entry is not None and entry[1] is not None and tuple(entry[1]) != tuple(stats[i]):
+            del done[key]
+
+
+def _load_stats(path: Path, rows: int) -> np.ndarray | None:
+    """The (rows, 2) int64 file stats of a finished set, or None when absent or not matching."""
+    try:
+        stats = np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    return stats if stats.shape == (rows, 2) and stats.dtype == np.int64 else None
+
+
+def _load_finished(out_dir: Path, identity: dict) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """key → (row, file stats or None) of a previous finished run in ``out_dir`` with the same
+    identity; {} otherwise."""
     import polars as pl
 
     from clipengine.atomic import read_parquet_metadata
@@ -350,12 +397,14 @@ def _load_finished(out_dir: Path, identity: dict) -> dict[str, np.ndarray]:
     keys = item_keys(previous)
     if len(keys) != len(embeddings):
         return {}
-    return {key: embeddings[i].astype(np.float32) for i, key in enumerate(keys)}
+    stats = _load_stats(out_dir / STATS_FILE, len(keys))
+    return {key: (embeddings[i].astype(np.float32), None if stats is None else stats[i]) for i, key in enumerate(keys)}
 
 
 class _ShardStore:
     """Finished rows of the running job: ``shards/state.json`` (identity) + ``shard-NNNNNN.npz``
-    files, each written atomically with ``keys`` (K,) str and ``rows`` (K, D) float32."""
+    files, each written atomically with ``keys`` (K,) str, ``rows`` (K, D) float32 and ``stats``
+    (K, 2) int64 (the files' size and mtime, see ``file_stats``)."""
 
     def __init__(self, folder: Path, identity: dict):
         self.folder = folder
@@ -379,20 +428,22 @@ class _ShardStore:
     def _files(self) -> list[Path]:
         return sorted(self.folder.glob("shard-*.npz")) if self.folder.is_dir() else []
 
-    def load(self) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
+    def load(self) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """key → (row, file stats or None for a shard written without them)."""
+        out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
         for path in self._files():
             try:
                 with np.load(path, allow_pickle=False) as data:
                     keys, rows = data["keys"], data["rows"]
+                    stats = data["stats"] if "stats" in data.files else [None] * len(keys)
             except Exception:
                 path.unlink(missing_ok=True)  # cannot happen with atomic writes; never trust it anyway
                 continue
-            for key, row in zip(keys.tolist(), rows):
-                out[key] = row
+            for key, row, stat in zip(keys.tolist(), rows, stats):
+                out[key] = (row, stat)
         return out
 
-    def write(self, keys: list[str], rows: np.ndarray) -> None:
+    def write(self, keys: list[str], rows: np.ndarray, stats: np.ndarray) -> None:
         from clipengine.atomic import atomic_path
 
         self._ensure()
@@ -400,7 +451,8 @@ class _ShardStore:
         number = int(files[-1].stem.split("-")[1]) + 1 if files else 0
         with atomic_path(self.folder / f"shard-{number:06d}.npz") as tmp:
             with open(tmp, "wb") as handle:
-                np.savez(handle, keys=np.asarray(keys, dtype=str), rows=np.asarray(rows, np.float32))
+                np.savez(handle, keys=np.asarray(keys, dtype=str), rows=np.asarray(rows, np.float32),
+                         stats=np.asarray(stats, np.int64))
 
     def clear(self) -> None:
         remove_shard_folder(self.folder)

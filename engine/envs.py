@@ -10,6 +10,7 @@ the rest of the package calls these functions instead of reading ``os.environ``.
 | CLIPENGINE_NUM_THREADS | CPU threads for torch / ONNX Runtime / Numba | all cores |
 | CLIPENGINE_FASHION_MNIST_DIR | Fashion-MNIST idx files | ``/usr/share/datasets/fashion-mnist`` |
 | CUDA_VISIBLE_DEVICES | read only to decide whether to probe CUDA at all | unset |
+| HF_ENDPOINT | the Hugging Face hub open_clip downloads weights from (probed before a download) | ``https://huggingface.co`` |
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def offline() -> bool:
         if os.environ.get(name, "").strip().lower() in _TRUE:
             return True
     return False
+
+
+def hf_endpoint() -> str:
+    """Base URL of the Hugging Face hub (huggingface_hub reads the same variable)."""
+    return os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co"
 
 
 def num_threads() -> int:

@@ -11,7 +11,10 @@ to the device: the output is ``(S, S, 3) uint8``.
 the decoded region stays ≥ ``DRAFT_MIN_FACTOR`` (2) × its resize target, then resizes only the
 window the center crop keeps. It changes only JPEGs whose region's short side is ≥ 4·S (896 px at
 S=224); measured against the exact path: max abs diff ≤ 14 levels, mean ≤ 0.25, embedding cosine
-≥ 0.99999. ``fast_jpeg=False`` is bit-exact to open_clip on every file.
+≥ 0.99999. ``ImageSpec.fast_resize`` (on by default) resizes RGB images with torch's vectorized antialiased
+uint8 kernel instead of PIL's scalar one: the same filter, within 1 level of PIL when shrinking
+and 2 when enlarging (mean difference under 0.02 levels), about 3× faster; resizing was over half the CPU time of decoding a 800×600
+JPEG. ``fast_jpeg=False, fast_resize=False`` (``--exact-decode``) is bit-exact to open_clip on every file.
 
 Where clipengine deliberately differs from open_clip (which feeds PIL's raw decode on):
 - EXIF orientation is applied (``ImageOps.exif_transpose``): pixels are what a person sees;
@@ -40,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -59,6 +63,7 @@ from .errors import ClipengineError
 # At factor 1 the max diff reaches 59 and the mean 0.7, hence 2.
 DRAFT_MIN_FACTOR = 2.0
 DEFAULT_FAST_JPEG = True
+DEFAULT_FAST_RESIZE = True
 DEFAULT_POOL = "thread"
 
 IMAGE_EXTENSIONS = frozenset(
@@ -83,13 +88,15 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 class ImageSpec:
     """How the model wants its pixels: square side ``image_size`` (S), resize interpolation,
     open_clip ``resize_mode`` (shortest | longest | squash), pad colour for ``longest``, and
-    whether JPEGs may be decoded at reduced DCT scale (``fast_jpeg``; not bit-exact)."""
+    whether JPEGs may be decoded at reduced DCT scale (``fast_jpeg``) and RGB images resized on
+    torch's vectorized kernel (``fast_resize``); neither is bit-exact."""
 
     image_size: int
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
     fill_color: int = 0
     fast_jpeg: bool = DEFAULT_FAST_JPEG
+    fast_resize: bool = DEFAULT_FAST_RESIZE
 
     def __post_init__(self):
         if not isinstance(self.image_size, int) or self.image_size < 1:
@@ -103,9 +110,11 @@ class ImageSpec:
             raise ClipengineError(f"resize_mode must be one of {list(_RESIZE_MODES)}, got {self.resize_mode!r}")
 
     @classmethod
-    def from_preprocess_cfg(cls, cfg: Mapping[str, Any] | Any, *, fast_jpeg: bool = DEFAULT_FAST_JPEG) -> "ImageSpec":
+    def from_preprocess_cfg(cls, cfg: Mapping[str, Any] | Any, *, fast_jpeg: bool = DEFAULT_FAST_JPEG,
+                            fast_resize: bool | None = None) -> "ImageSpec":
         """From an open_clip preprocess cfg (a dict with ``size``, ``interpolation``, ``resize_mode``,
-        ``fill_color``, or a ``PreprocessCfg``). Non-square sizes are rejected (encoders take S×S)."""
+        ``fill_color``, or a ``PreprocessCfg``). Non-square sizes are rejected (encoders take S×S).
+        ``fast_resize`` None follows ``fast_jpeg``: ``fast_jpeg=False`` alone asks for the bit-exact path."""
         if not isinstance(cfg, Mapping):
             cfg = {k: getattr(cfg, k) for k in ("size", "interpolation", "resize_mode", "fill_color") if hasattr(cfg, k)}
         size = cfg.get("size", cfg.get("image_size", 224))
@@ -120,14 +129,16 @@ class ImageSpec:
             resize_mode=cfg.get("resize_mode") or "shortest",
             fill_color=int(cfg.get("fill_color") or 0),
             fast_jpeg=fast_jpeg,
+            fast_resize=fast_jpeg if fast_resize is None else fast_resize,
         )
 
     @classmethod
-    def from_model(cls, model: Any, *, fast_jpeg: bool = DEFAULT_FAST_JPEG) -> "ImageSpec":
+    def from_model(cls, model: Any, *, fast_jpeg: bool = DEFAULT_FAST_JPEG,
+                   fast_resize: bool | None = None) -> "ImageSpec":
         """From a loaded open_clip model (its ``visual.preprocess_cfg``, else ``visual.image_size``)."""
         from open_clip import get_model_preprocess_cfg  # heavy: only when a model is at hand
 
-        return cls.from_preprocess_cfg(get_model_preprocess_cfg(model), fast_jpeg=fast_jpeg)
+        return cls.from_preprocess_cfg(get_model_preprocess_cfg(model), fast_jpeg=fast_jpeg, fast_resize=fast_resize)
 
 
 class SkippedImage(Exception):
@@ -251,15 +262,45 @@ def _process(image: Image.Image, box, spec: ImageSpec, margin: float, max_pixels
         )
         image = image.resize(output, _RESAMPLE[spec.interpolation], box=_clip_box(fractional, image.size))
     else:
-        # bit-exact with open_clip: crop, then resize the whole region like torchvision's Resize
+        # open_clip's geometry: crop, then resize the whole region like torchvision's Resize
         if region != (0, 0, image.size[0], image.size[1]):
             image = image.crop(region)
         if target != image.size:
-            image = image.resize(target, _RESAMPLE[spec.interpolation])
+            if spec.fast_resize and image.mode == "RGB":
+                image = _resize_vectorized(image, target, spec.interpolation)
+            else:  # bit-exact with open_clip
+                image = image.resize(target, _RESAMPLE[spec.interpolation])
     image = _center_crop(image, spec)
     if image.mode != "RGB":
         image = image.convert("RGB")
     return np.array(image, dtype=np.uint8)  # writable (asarray of a PIL image is read-only)
+
+
+def _resize_vectorized(image: Image.Image, size: tuple[int, int], interpolation: str) -> Image.Image:
+    """``image.resize(size, interpolation)`` for RGB on torch's vectorized uint8 antialiased kernel:
+    the same filter as PIL's (within 1 level shrinking, 2 enlarging), about 3× faster than PIL's scalar code."""
+    import torch
+
+    _limit_worker_torch_threads(torch)
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)  # channels-last
+    resized = torch.nn.functional.interpolate(pixels, size=(size[1], size[0]), mode=interpolation, antialias=True)
+    return Image.fromarray(resized[0].permute(1, 2, 0).contiguous().numpy(), "RGB")
+
+
+_worker_threads_limited = threading.local()
+
+
+def _limit_worker_torch_threads(torch) -> None:
+    """One torch thread inside a decode worker thread: otherwise every worker opens its own OpenMP
+    team of all cores (measured: half the throughput of two single-threaded workers). The calling
+    (main) thread keeps its setting: the model may be running there."""
+    if getattr(_worker_threads_limited, "done", False):
+        return
+    if threading.current_thread() is not threading.main_thread():
+        # OpenMP's thread count is per thread, so the main thread keeps its own; torch also makes it
+        # the default of threads started later, and clipengine never runs a model in such a thread
+        torch.set_num_threads(1)
+    _worker_threads_limited.done = True
 
 
 def _orientation(image: Image.Image) -> int:

@@ -266,6 +266,16 @@ def _download_pretrained(model: str, tag: str, tag_cfg: dict, offline: bool) -> 
                 f"no weights for --model {model} --pretrained {tag} (offline and not in the cache); " + weights_help(model)
             )
         return checkpoint
+    cached = _cached_pretrained(tag_cfg)
+    if cached is not None:
+        return cached
+    host = _download_host(tag_cfg)
+    if host and not _reachable(host):
+        # without this, the hub client retries with back-off for ~20 s before giving up
+        raise ClipengineError(
+            f"no weights for --model {model} --pretrained {tag} (no network: {host} unreachable, and not in "
+            "the cache); " + weights_help(model)
+        )
     try:
         checkpoint = open_clip.download_pretrained(tag_cfg)
     except Exception as error:  # network, offline mode, missing cache: all the same to the user
@@ -274,6 +284,27 @@ def _download_pretrained(model: str, tag: str, tag_cfg: dict, offline: bool) -> 
     if not checkpoint:
         raise ClipengineError(f"no weights for --model {model} --pretrained {tag}; " + weights_help(model))
     return Path(checkpoint)
+
+
+def _download_host(tag_cfg: dict) -> str | None:
+    """The host an open_clip pretrained tag downloads from (the hub, or its plain URL's host)."""
+    from urllib.parse import urlparse
+
+    from clipengine import envs
+
+    url = envs.hf_endpoint() if tag_cfg.get("hf_hub") else tag_cfg.get("url", "")
+    return urlparse(url).hostname if url else None
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host`` opens within ``timeout`` seconds (DNS included)."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _cached_pretrained(tag_cfg: dict) -> Path | None:

@@ -1,8 +1,9 @@
-"""``clipengine bench``: a group with one subcommand per benchmark script in the source tree's ``bench/``.
+"""``clipengine bench``: a group with one subcommand per benchmark script in ``bench/``.
 
 Each script (``bench/<name>.py``) compares one stage with its peer in the same run; the subcommand
 runs it in a fresh Python process with the given arguments (``--help`` shows the script's own
-options). Benchmarks ship with the source tree, not with an installed wheel.
+options). ``bench/`` is installed with the package as ``clipengine.bench``, so this works from a
+wheel as well as from a source checkout.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ import click
 
 
 def bench_dir() -> Path:
-    """``bench/`` beside the package folders (engine/, kernels/, bindings/) of the source tree."""
-    return Path(__file__).resolve().parents[2] / "bench"
+    """The folder of the benchmark scripts: ``bench/``, installed as ``clipengine.bench``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("clipengine.bench")
+    return Path(spec.origin).parent if spec and spec.origin else Path(__file__).resolve().parents[2] / "bench"
 
 
 def _scripts() -> dict[str, Path]:

@@ -54,7 +54,7 @@ def _model_config(model, pretrained, weights):
 @click.option("--dtype", "output_dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="dtype of embeddings.npy.")
 @click.option("--exact-decode", is_flag=True,
-              help="Decode JPEGs at full size (pixels bit-identical to open_clip's preprocess; slower).")
+              help="Decode JPEGs at full size and resize with PIL (pixels bit-identical to open_clip's preprocess; slower).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def encode(source, out_dir, model, pretrained, weights, backend, device, precision, boxes, box_margin, batch_size,
            workers, shard_size, output_dtype, exact_decode, quiet):

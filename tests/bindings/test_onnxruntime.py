@@ -9,7 +9,7 @@ TEXTS = ["a photo of a cat", "an astronaut"]
 def _decode(paths, size):
     from clipengine.images import ImageSpec, load_image
 
-    spec = ImageSpec(image_size=size, fast_jpeg=False)  # bit-identical to open_clip's preprocess
+    spec = ImageSpec(image_size=size, fast_jpeg=False, fast_resize=False)  # bit-identical to open_clip's preprocess
     return np.stack([load_image(p, None, spec) for p in paths])
 
 

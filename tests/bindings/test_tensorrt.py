@@ -54,7 +54,7 @@ def test_the_graph_tensorrt_consumes_has_the_layers_kept_fp32(tiny_clip):
 def _decode(paths, size):
     from clipengine.images import ImageSpec, load_image
 
-    return np.stack([load_image(p, None, ImageSpec(image_size=size, fast_jpeg=False)) for p in paths])
+    return np.stack([load_image(p, None, ImageSpec(image_size=size, fast_jpeg=False, fast_resize=False)) for p in paths])
 
 
 @pytest.mark.gpu

@@ -6,11 +6,13 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from tests.bindings.reference import cosine, open_clip_reference
 
@@ -90,6 +92,46 @@ def test_superset_rerun_encodes_only_new_items(tiny_clip, sample_photos, tmp_pat
     other = save_random_model(TINY_ARCHITECTURE, tmp_path / "other", "tiny-clip", seed=3)
     third = encode_items(items, out, _config(other))
     assert (third.newly_encoded, third.reused) == (5, 0)
+
+
+def test_a_file_rewritten_in_place_is_encoded_again(tiny_clip, sample_photos, tmp_path):
+    from clipengine.encode import encode_items
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    paths = [shutil.copy(p, folder / f"{i}{Path(p).suffix}") for i, p in enumerate(sample_photos[:3])]
+    items = pl.DataFrame({"path": [str(p) for p in paths]})
+    out = tmp_path / "emb"
+    encode_items(items, out, _config(tiny_clip))
+    before = np.load(out / "embeddings.npy")
+    assert np.load(out / "item_stats.npy").shape == (3, 2)
+    # the same path now holds another photo (new size and mtime)
+    Image.open(sample_photos[4]).convert("RGB").save(paths[1], format=Image.open(paths[0]).format or "PNG")
+    again = encode_items(items, out, _config(tiny_clip))
+    assert (again.newly_encoded, again.reused) == (1, 2)
+    after = np.load(out / "embeddings.npy")
+    np.testing.assert_array_equal(after[[0, 2]], before[[0, 2]])
+    assert not np.allclose(after[1], before[1])
+    fresh = encode_items(items, tmp_path / "fresh", _config(tiny_clip))
+    np.testing.assert_allclose(after, np.load(fresh.out_dir / "embeddings.npy"), atol=1e-6)
+
+
+def test_a_shard_of_a_since_rewritten_file_is_not_reused(tiny_clip, sample_photos, tmp_path):
+    from clipengine.encode import SHARDS_DIR, encode_items
+
+    out = tmp_path / "emb"
+    items = pl.DataFrame({"path": [str(p) for p in sample_photos[:2]]})
+    encode_items(items, out, _config(tiny_clip))
+    shard_dir = out / SHARDS_DIR  # an interrupted job's shard whose stats no longer match the file
+    shard_dir.mkdir()
+    (shard_dir / "state.json").write_text(
+        json.dumps(json.loads(pl.read_parquet_metadata(out / "items.parquet")["clipengine.identity"])))
+    np.savez(shard_dir / "shard-000000.npz", keys=np.asarray([str(sample_photos[2])]),
+             rows=np.ones((1, 32), np.float32), stats=np.asarray([[1, 1]], np.int64))
+    more = pl.DataFrame({"path": [str(p) for p in sample_photos[:3]]})
+    again = encode_items(more, out, _config(tiny_clip))
+    assert (again.newly_encoded, again.reused) == (1, 2)
+    assert not np.allclose(np.load(out / "embeddings.npy")[2], 1.0)
 
 
 def test_boxes_are_items(tiny_clip, sample_photos, tmp_path):

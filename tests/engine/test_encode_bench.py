@@ -17,7 +17,7 @@ def test_bench_group_lists_the_encode_benchmark():
 def test_encode_benchmark_runs_and_reports_ratios(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "clipengine", "bench", "encode", "--images", "6", "--batch-size", "3",
-         "--model-batches", "1", "--configs", "torch-bf16", "--json"],
+         "--model-batches", "1", "--rounds", "1", "--configs", "torch-bf16", "--json"],
         capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr

@@ -72,7 +72,7 @@ def large_jpeg(tmp_path_factory) -> str:
 @pytest.mark.parametrize("name", PHOTOS)
 def test_matches_open_clip_bit_exactly(photos, name, ext, size):
     path = photos[(name, ext)]
-    ours = load_image(path, None, ImageSpec(size, fast_jpeg=False))
+    ours = load_image(path, None, ImageSpec(size, fast_jpeg=False, fast_resize=False))
     assert ours.shape == (size, size, 3) and ours.dtype == np.uint8
     np.testing.assert_array_equal(ours, open_clip_pixels(path, size))
 
@@ -84,7 +84,7 @@ def test_matches_open_clip_bit_exactly(photos, name, ext, size):
 @pytest.mark.parametrize("name", ["rocket", "camera"])  # landscape RGB, square grayscale
 def test_matches_open_clip_resize_modes(photos, name, resize_mode, interpolation, fill_color):
     path = photos[(name, "jpg")]
-    spec = ImageSpec(224, interpolation=interpolation, resize_mode=resize_mode, fill_color=fill_color, fast_jpeg=False)
+    spec = ImageSpec(224, interpolation=interpolation, resize_mode=resize_mode, fill_color=fill_color, fast_jpeg=False, fast_resize=False)
     expected = open_clip_pixels(path, 224, resize_mode=resize_mode, interpolation=interpolation, fill_color=fill_color)
     np.testing.assert_array_equal(load_image(path, None, spec), expected)
 
@@ -93,11 +93,11 @@ def test_matches_open_clip_on_a_portrait_crop(photos, tmp_path):
     # tall image: the center crop runs along the height
     path = tmp_path / "tall.png"
     Image.fromarray(skdata.astronaut()[:, 100:337]).save(path)
-    np.testing.assert_array_equal(load_image(path, None, ImageSpec(224, fast_jpeg=False)), open_clip_pixels(path, 224))
+    np.testing.assert_array_equal(load_image(path, None, ImageSpec(224, fast_jpeg=False, fast_resize=False)), open_clip_pixels(path, 224))
 
 
 def test_fast_jpeg_stays_within_measured_tolerance(large_jpeg):
-    exact = load_image(large_jpeg, None, ImageSpec(224, fast_jpeg=False)).astype(np.int16)
+    exact = load_image(large_jpeg, None, ImageSpec(224, fast_jpeg=False, fast_resize=False)).astype(np.int16)
     fast = load_image(large_jpeg, None, ImageSpec(224, fast_jpeg=True)).astype(np.int16)
     difference = np.abs(fast - exact)
     assert difference.max() > 0  # draft decoding really happened
@@ -106,12 +106,33 @@ def test_fast_jpeg_stays_within_measured_tolerance(large_jpeg):
 
 def test_fast_jpeg_is_exact_when_the_image_is_small(photos):
     path = photos[("chelsea", "jpg")]  # 451×300: too small for a reduced decode at S=224
-    np.testing.assert_array_equal(load_image(path, None, ImageSpec(224, fast_jpeg=True)), open_clip_pixels(path, 224))
+    np.testing.assert_array_equal(load_image(path, None, ImageSpec(224, fast_jpeg=True, fast_resize=False)), open_clip_pixels(path, 224))
+
+
+@pytest.mark.parametrize("size", [224, 336])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea", "rocket"])
+def test_fast_resize_stays_within_a_level_or_two_of_open_clip(photos, name, interpolation, size):
+    path = photos[(name, "png")]
+    fast = load_image(path, None, ImageSpec(size, interpolation=interpolation, fast_jpeg=False, fast_resize=True))
+    expected = open_clip_pixels(path, size, interpolation=interpolation)
+    difference = np.abs(fast.astype(np.int16) - expected)
+    assert difference.max() <= (1 if min(Image.open(path).size) >= size else 2) and difference.mean() < 0.02
+
+
+def test_fast_resize_in_worker_threads_leaves_the_main_thread_s_torch_threads(photos):
+    import torch
+
+    before = torch.get_num_threads()
+    files = [photos[(name, "jpg")] for name in ("astronaut", "coffee", "rocket")] * 2
+    batches = list(iter_batches(files, None, ImageSpec(64), batch_size=2, workers=2))
+    assert sum(len(batch.indices) for batch in batches) == len(files)
+    assert torch.get_num_threads() == before
 
 
 def test_fast_jpeg_box_keeps_geometry(large_jpeg):
     box = [600.0, 200.0, 1800.0, 1400.0]
-    exact = load_image(large_jpeg, box, ImageSpec(112, fast_jpeg=False), box_margin=0.0).astype(np.int16)
+    exact = load_image(large_jpeg, box, ImageSpec(112, fast_jpeg=False, fast_resize=False), box_margin=0.0).astype(np.int16)
     fast = load_image(large_jpeg, box, ImageSpec(112, fast_jpeg=True), box_margin=0.0).astype(np.int16)
     assert np.abs(fast - exact).max() > 0
     assert np.abs(fast - exact).mean() < 0.5
@@ -124,7 +145,7 @@ def test_fast_jpeg_geometry_with_exif_rotation(tmp_path, resize_mode, box):
     exif = Image.Exif()
     exif[0x0112] = 6
     path = save(stored.transpose(Image.Transpose.ROTATE_90), tmp_path / "rotated.jpg", exif=exif, quality=92)
-    exact = load_image(path, box, ImageSpec(224, resize_mode=resize_mode, fast_jpeg=False)).astype(np.int16)
+    exact = load_image(path, box, ImageSpec(224, resize_mode=resize_mode, fast_jpeg=False, fast_resize=False)).astype(np.int16)
     fast = load_image(path, box, ImageSpec(224, resize_mode=resize_mode, fast_jpeg=True)).astype(np.int16)
     assert 0 < np.abs(fast - exact).max() <= 24 and np.abs(fast - exact).mean() < 0.5
 
@@ -137,9 +158,9 @@ def test_extreme_aspect_ratio_resizes_only_the_kept_window(tmp_path, monkeypatch
     # the windowed resize keeps open_clip's geometry: compare both on a photo, forcing the window path
     path = tmp_path / "wide.png"
     Image.fromarray(skdata.rocket()).save(path)
-    exact = load_image(path, None, ImageSpec(224, fast_jpeg=False)).astype(np.int16)
+    exact = load_image(path, None, ImageSpec(224, fast_jpeg=False, fast_resize=False)).astype(np.int16)
     monkeypatch.setattr(images, "_MAX_RESIZED_AREA", 1)
-    windowed = load_image(path, None, ImageSpec(224, fast_jpeg=False)).astype(np.int16)
+    windowed = load_image(path, None, ImageSpec(224, fast_jpeg=False, fast_resize=False)).astype(np.int16)
     assert np.abs(windowed - exact).max() <= 1 and np.abs(windowed - exact).mean() < 0.01
 
 
@@ -164,7 +185,7 @@ def test_spec_from_an_open_clip_model():
         vision_cfg={"image_size": 64, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
         text_cfg={"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1},
     )
-    assert ImageSpec.from_model(model, fast_jpeg=False) == ImageSpec(64, fast_jpeg=False)
+    assert ImageSpec.from_model(model, fast_jpeg=False, fast_resize=False) == ImageSpec(64, fast_jpeg=False, fast_resize=False)
     open_clip.set_model_preprocess_cfg(
         model, {"size": 96, "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear", "resize_mode": "longest"}
     )
@@ -184,7 +205,7 @@ def test_exif_orientation_is_applied(photos, tmp_path):
     exif[0x0112] = 6  # "rotate 90° clockwise to display"
     rotated = save(stored, tmp_path / "rotated.jpg", exif=exif, quality=95)
     reference = save(stored.transpose(Image.Transpose.ROTATE_270), tmp_path / "upright.png")
-    spec = ImageSpec(224, fast_jpeg=False)
+    spec = ImageSpec(224, fast_jpeg=False, fast_resize=False)
     ours = load_image(rotated, None, spec).astype(np.int16)
     # compare with an upright re-encoding of the same JPEG pixels (JPEG noise only)
     assert np.abs(ours - load_image(reference, None, spec).astype(np.int16)).mean() < 2.0
@@ -193,7 +214,7 @@ def test_exif_orientation_is_applied(photos, tmp_path):
 
 
 def test_grayscale_and_cmyk(photos, tmp_path):
-    spec = ImageSpec(128, fast_jpeg=False)
+    spec = ImageSpec(128, fast_jpeg=False, fast_resize=False)
     gray = load_image(photos[("camera", "png")], None, spec)
     assert gray.shape == (128, 128, 3) and (gray[..., 0] == gray[..., 2]).all()
     rgb = Image.fromarray(skdata.coffee())
@@ -208,14 +229,14 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
     path = save(Image.fromarray(ramp), tmp_path / "deep.png")
     with Image.open(path) as image:
         assert image.mode.startswith("I")
-    ours = load_image(path, None, ImageSpec(64, fast_jpeg=False))
+    ours = load_image(path, None, ImageSpec(64, fast_jpeg=False, fast_resize=False))
     np.testing.assert_array_equal(ours[..., 0], np.rint(ramp / 257.0).astype(np.uint8))
 
 
 def test_alpha_is_composited_over_white(tmp_path):
     rgba = np.zeros((40, 40, 4), dtype=np.uint8)
     rgba[:, :20] = (255, 0, 0, 255)  # opaque red on the left, fully transparent black on the right
-    spec = ImageSpec(40, fast_jpeg=False)
+    spec = ImageSpec(40, fast_jpeg=False, fast_resize=False)
     ours = load_image(save(Image.fromarray(rgba, "RGBA"), tmp_path / "a.png"), None, spec)
     assert (ours[:, :20] == (255, 0, 0)).all() and (ours[:, 20:] == 255).all()
     la = Image.fromarray(rgba[..., [0, 3]].copy(), "LA")
@@ -228,10 +249,10 @@ def test_palette_with_transparency(tmp_path):
     palette.putpalette([0, 0, 255] + [0, 255, 0] + [0, 0, 0] * 254)
     palette.paste(1, (0, 0, 15, 30))
     path = save(palette, tmp_path / "p.png", transparency=0)  # index 0 (blue) transparent
-    ours = load_image(path, None, ImageSpec(30, fast_jpeg=False))
+    ours = load_image(path, None, ImageSpec(30, fast_jpeg=False, fast_resize=False))
     assert (ours[:, :15] == (0, 255, 0)).all() and (ours[:, 15:] == 255).all()
     opaque = save(palette, tmp_path / "p-opaque.png")
-    ours = load_image(opaque, None, ImageSpec(30, fast_jpeg=False))
+    ours = load_image(opaque, None, ImageSpec(30, fast_jpeg=False, fast_resize=False))
     assert (ours[:, 15:] == (0, 0, 255)).all()
 
 
@@ -336,7 +357,7 @@ def test_one_bad_file_never_stops_a_batch(bad_files, photos):
 # ---- boxes -------------------------------------------------------------------------------------
 def test_box_crop_equals_cropping_first(photos, tmp_path):
     path = photos[("astronaut", "png")]
-    spec = ImageSpec(96, fast_jpeg=False)
+    spec = ImageSpec(96, fast_jpeg=False, fast_resize=False)
     with Image.open(path) as opened:
         whole = opened.copy()
     cropped = save(whole.crop((100, 40, 300, 340)), tmp_path / "crop.png")
@@ -497,7 +518,7 @@ def check_torch_path(device: str, photos, bad_files):
     boxes = [None] * len(files)
     boxes[0] = [50, 40, 400, 300]  # a box on a device-decoded JPEG
     boxes[2] = [600, 600, 700, 700]  # and one outside the image
-    spec = ImageSpec(224, fast_jpeg=False)
+    spec = ImageSpec(224, fast_jpeg=False, fast_resize=False)
     batches = list(iter_batches_torch(files, boxes, spec, device=device, batch_size=6, workers=2, box_margin=0.1))
     skipped = dict(s for b in batches for s in b.skipped)
     decoded = [i for b in batches for i in b.indices.tolist()]

@@ -71,6 +71,21 @@ def test_offline_without_weights_gives_one_error_listing_three_ways():
     assert "Hugging Face CLIP directory" in message
 
 
+def test_an_unreachable_hub_fails_at_once_without_the_offline_flag(monkeypatch, tmp_path):
+    import open_clip
+
+    from clipengine.models import resolve_model
+
+    def no_download(*args, **kwargs):  # the hub client would retry with back-off for ~20 s
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(open_clip, "download_pretrained", no_download)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # .invalid never resolves (RFC 2606)
+    with pytest.raises(ClipengineError, match="no network: hub.invalid unreachable") as error:
+        resolve_model(ModelConfig(model="ViT-B-32", pretrained="laion2b_s34b_b79k"), offline=False)
+    assert "\n" not in str(error.value)
+
+
 def test_offline_error_from_the_cli_is_one_line(tmp_path, capsys):
     from clipengine.cli import main
 
