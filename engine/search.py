@@ -1,4 +1,13 @@
-"""Text → image retrieval over stored embeddings: exact top-k by cosine similarity."""
+"""Text → image retrieval over stored embeddings: exact top-k by cosine similarity.
+
+Two exact paths, picked by :func:`choose_path`: on the CPU over at least :data:`INDEX_MIN_ROWS` rows, an int8
+screening pass with a proven bound, then an exact re-rank of the few rows it cannot rule out
+(:mod:`clipengine.kernels.quantized`; its index is built once and kept in ``EMB_DIR/search_index/``); otherwise,
+and on the GPU, the chunked float32 GEMM (:mod:`clipengine.kernels.topk`). Both return the brute force's top k
+(equal scores: the lower row first). The number of queries does not change the pick: up to 16 queries share one
+int8 scan, and on 1M × 512 rows (2 cores) the int8 path was faster per query than one float32 GEMM pass at
+every batch size measured (1 to 64 queries).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +20,7 @@ import polars as pl
 from clipengine.errors import ClipengineError
 
 DEFAULT_K = 20
+INDEX_MIN_ROWS = 100_000  # below this the float32 pass takes a few ms: no index file is worth it
 
 
 def search(
@@ -21,12 +31,16 @@ def search(
     text_encoder=None,
     device: str = "auto",
     chunk_rows: int | None = None,
+    index: str = "auto",
+    progress: bool = True,
 ) -> pl.DataFrame:
     """The ``k`` items of ``emb_dir`` most similar to each query text, best first.
 
     Columns: ``query`` (str), ``rank`` (1-based), ``path`` (and ``box`` when the items have
     boxes), ``score`` (cosine similarity, Float32), ``row`` (row of ``embeddings.npy``).
     ``text_encoder`` defaults to the text tower of the model in ``emb_dir/model.json``.
+    ``index``: ``"auto"`` (see :func:`choose_path`), ``"int8"`` (the int8 screening on the CPU whatever
+    N) or ``"none"`` (the float32 pass); ``progress``: the bar while the index is built (once).
     """
     from clipengine.annotate import read_embeddings_dir, resolve_device
 
@@ -35,6 +49,8 @@ def search(
         raise ClipengineError("search: every query must be a non-empty text")
     if k < 1:
         raise ClipengineError(f"search: -k must be ≥ 1, got {k}")
+    if index not in ("auto", "int8", "none"):
+        raise ClipengineError(f"search: index must be 'auto', 'int8' or 'none', got {index!r}")
     stored = read_embeddings_dir(emb_dir)
     if text_encoder is None:
         from clipengine.encode import text_encoder_from_dir
@@ -46,8 +62,25 @@ def search(
             f"the text tower gives {query_embeddings.shape[1]}-d embeddings but {stored.path} holds "
             f"{stored.embeddings.shape[1]}-d ones: search needs the model that encoded them"
         )
+    device = resolve_device(device)
+    quantized = None
+    if choose_path(stored.embeddings.shape[0], device, index) == "int8":
+        from clipengine.search_index import open_search_index
+
+        quantized = open_search_index(stored.path, stored.embeddings, progress=progress)
     return search_embeddings(stored.embeddings, stored.items, queries, query_embeddings, k,
-                             device=resolve_device(device), chunk_rows=chunk_rows)
+                             device=device, chunk_rows=chunk_rows, quantized=quantized)
+
+
+def choose_path(n_rows: int, device: str, index: str = "auto") -> str:
+    """``"int8"`` (screening + exact re-rank) or ``"float32"`` (chunked GEMM) for a search over ``n_rows``.
+
+    ``auto``: int8 on the CPU over at least :data:`INDEX_MIN_ROWS` rows (a query reads N × D bytes instead of
+    4 N × D); float32 otherwise. ``int8`` forces it on the CPU; ``none`` never uses it.
+    """
+    if device != "cpu" or index == "none" or n_rows == 0:
+        return "float32"
+    return "int8" if index == "int8" or n_rows >= INDEX_MIN_ROWS else "float32"
 
 
 def search_embeddings(
@@ -59,15 +92,23 @@ def search_embeddings(
     *,
     device: str = "cpu",
     chunk_rows: int | None = None,
+    quantized=None,
 ) -> pl.DataFrame:
     """Rank ``items`` (N rows, ``path`` [, ``box``]) by (N, D) ``embeddings`` against (Q, D) ``query_embeddings``.
 
-    All queries share one pass over the embeddings (a GEMM per chunk), so a batch of queries costs
-    little more than one: one float32 pass over N × D is memory bound."""
-    from clipengine.kernels.topk import DEFAULT_CHUNK_ROWS, topk_search
+    With ``quantized`` (the :class:`~clipengine.kernels.quantized.QuantizedRows` of ``embeddings``) on the CPU:
+    the int8 screening, then an exact re-rank. Otherwise all queries share one float32 pass (a GEMM per
+    chunk), so a batch of queries costs little more than one: that pass over N × D is memory bound."""
+    if quantized is not None and device == "cpu":
+        from clipengine.kernels.quantized import topk_quantized
 
-    index, score = topk_search(embeddings, query_embeddings, k, chunk_rows=chunk_rows or DEFAULT_CHUNK_ROWS,
-                               device=device)
+        _set_numba_threads()
+        index, score = topk_quantized(quantized, embeddings, query_embeddings, k)
+    else:
+        from clipengine.kernels.topk import DEFAULT_CHUNK_ROWS, topk_search
+
+        index, score = topk_search(embeddings, query_embeddings, k, chunk_rows=chunk_rows or DEFAULT_CHUNK_ROWS,
+                                   device=device)
     n_hits = index.shape[1]
     flat = index.reshape(-1)
     keys = items.select([c for c in ("path", "box") if c in items.columns])[flat]
@@ -84,3 +125,11 @@ def search_embeddings(
         ],
         how="horizontal",
     )
+
+
+def _set_numba_threads() -> None:
+    import numba
+
+    from clipengine import envs
+
+    numba.set_num_threads(max(1, min(envs.num_threads(), numba.config.NUMBA_NUM_THREADS)))

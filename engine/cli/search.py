@@ -11,10 +11,14 @@ import click
 @click.option("-k", "k", type=click.IntRange(min=1), default=20, show_default=True, help="Results per query.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def search(emb_dir, queries, k, as_json, device):
+@click.option("--index", type=click.Choice(["auto", "int8", "none"]), default="auto", show_default=True,
+              help="auto: on the CPU over ≥ 100,000 items, an int8 screening copy (built once into "
+                   "EMB_DIR/search_index/) then an exact re-rank; none: one float32 pass. Both are exact.")
+def search(emb_dir, queries, k, as_json, device, index):
     """Rank the items of EMB_DIR by similarity to each text query (exact, cosine).
 
-    Uses the text tower of the model that made EMB_DIR (its model.json).
+    Uses the text tower of the model that made EMB_DIR (its model.json). Results equal a brute-force
+    scan on every path (equal scores: the earlier item first).
 
     \b
     Example:
@@ -25,7 +29,7 @@ def search(emb_dir, queries, k, as_json, device):
 
     from clipengine.search import search as run_search
 
-    frame = run_search(emb_dir, list(queries), k, device=device)
+    frame = run_search(emb_dir, list(queries), k, device=device, index=index)
     if as_json:
         click.echo(json.dumps(frame.to_dicts(), ensure_ascii=False, indent=1))
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import polars as pl
@@ -69,7 +70,7 @@ def test_bad_queries(emb_dir):
         search(emb_dir, "x", k=0, device="cpu")
 
 
-def test_cli_search_json(emb_dir, capsys):
+def test_cli_search_json(emb_dir, capsys, tmp_path):
     from clipengine.cli import main
 
     with pytest.raises(SystemExit) as code:
@@ -82,4 +83,24 @@ def test_cli_search_json(emb_dir, capsys):
         main(["search", str(emb_dir), "an astronaut", "-k", "2", "--device", "cpu"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "an astronaut" and len(lines) == 3
+    own_dir = shutil.copytree(emb_dir, tmp_path / "emb")  # the module's emb_dir stays without an index
+    with pytest.raises(SystemExit) as code:
+        main(["search", str(own_dir), "an astronaut", "-k", "3", "--json", "--device", "cpu", "--index", "int8"])
+    assert code.value.code == 0 and (own_dir / "search_index" / "index.json").is_file()
+    screened = json.loads(capsys.readouterr().out)
+    assert [r["row"] for r in screened] == [r["row"] for r in records]
+    np.testing.assert_allclose([r["score"] for r in screened], [r["score"] for r in records], atol=1e-6)
 
+
+def test_search_through_the_int8_index_equals_brute_force(tiny_clip, emb_dir):
+    queries = ["a child holding an umbrella", "an astronaut"]
+    plain = search(emb_dir, queries, k=7, device="cpu", index="none")
+    assert not (emb_dir / "search_index").exists()
+    screened = search(emb_dir, queries, k=7, device="cpu", index="int8", progress=False)
+    assert (emb_dir / "search_index" / "index.json").is_file()
+    assert screened.columns == plain.columns
+    assert screened["row"].to_list() == plain["row"].to_list()
+    assert screened["path"].to_list() == plain["path"].to_list()
+    np.testing.assert_allclose(screened["score"].to_numpy(), plain["score"].to_numpy(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ClipengineError, match="index must be"):
+        search(emb_dir, "x", index="fast", device="cpu")
