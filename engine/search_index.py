@@ -3,11 +3,13 @@
 ``EMB_DIR/search_index/`` holds ``codes.npy`` (N, D) int8, ``scales.npy`` and ``residuals.npy`` (N,) float32
 (see :mod:`clipengine.kernels.quantized`) and ``index.json``, written last: the format, ``max_norm``, and the
 key of the embeddings file it was built from (size, mtime_ns, shape, dtype). An index whose key does not
-match the current ``embeddings.npy`` is stale: it is rebuilt, never used. Safe to delete.
+match the current ``embeddings.npy`` is stale: it is rebuilt, never used. Safe to delete. When
+``EMB_DIR`` cannot be written (a shared read-only dataset), the index goes under the cache directory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -30,26 +32,41 @@ def index_key(embeddings_path: str | os.PathLike, embeddings: np.ndarray) -> dic
             "dtype": str(embeddings.dtype)}
 
 
+def index_folders(emb_dir: str | os.PathLike) -> list[Path]:
+    """Where the index of ``emb_dir`` may live, in order: ``emb_dir/search_index/``, then (for a
+    folder that cannot be written) a folder of the cache directory named after ``emb_dir``'s real path."""
+    from clipengine import envs
+
+    real = os.path.realpath(emb_dir)
+    name = hashlib.sha256(real.encode()).hexdigest()[:16]
+    return [Path(emb_dir) / INDEX_DIR, envs.cache_dir() / "search-index" / name]
+
+
 def open_search_index(emb_dir: str | os.PathLike, embeddings: np.ndarray, *, progress: bool = True):
     """The :class:`~clipengine.kernels.quantized.QuantizedRows` of ``emb_dir/embeddings.npy``, memory-mapped.
 
-    Built (once, with a progress bar) when missing or stale. Returns None when the folder cannot be
-    written (the caller then searches the float32 rows).
+    Built (once, with a progress bar) when missing or stale, in the first of :func:`index_folders`
+    that can be written. Returns None when none can (the caller then searches the float32 rows).
     """
-    folder = Path(emb_dir) / INDEX_DIR
     key = index_key(Path(emb_dir) / "embeddings.npy", embeddings)
-    index = load_search_index(folder, key)
-    if index is not None:
-        return index
-    try:
-        build_search_index(folder, key, embeddings, progress=progress)
-    except OSError as error:
-        print(f"clipengine: cannot write the search index in {folder} ({error.strerror or error}); "
-              "searching the float32 rows", file=sys.stderr)
-        return None
-    except ValueError as error:  # non-finite rows
-        raise ClipengineError(f"{Path(emb_dir) / 'embeddings.npy'}: {error}") from None
-    return load_search_index(folder, key)
+    folders = index_folders(emb_dir)
+    for folder in folders:
+        index = load_search_index(folder, key)
+        if index is not None:
+            return index
+    errors = []
+    for folder in folders:
+        try:
+            build_search_index(folder, key, embeddings, progress=progress)
+        except OSError as error:
+            errors.append(f"{folder}: {error.strerror or error}")
+            continue
+        except ValueError as error:  # non-finite rows
+            raise ClipengineError(f"{Path(emb_dir) / 'embeddings.npy'}: {error}") from None
+        return load_search_index(folder, key)
+    print(f"clipengine: cannot write the search index ({'; '.join(errors)}); searching the float32 rows",
+          file=sys.stderr)
+    return None
 
 
 def load_search_index(folder: str | os.PathLike, key: dict):

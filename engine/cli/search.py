@@ -13,7 +13,7 @@ import click
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--index", type=click.Choice(["auto", "int8", "none"]), default="auto", show_default=True,
               help="auto: on the CPU over ≥ 100,000 items, an int8 screening copy (built once into "
-                   "EMB_DIR/search_index/) then an exact re-rank; none: one float32 pass. Both are exact.")
+                   "EMB_DIR/search_index/, or the cache directory when EMB_DIR is read-only) then an exact re-rank; none: one float32 pass. Both are exact.")
 def search(emb_dir, queries, k, as_json, device, index):
     """Rank the items of EMB_DIR by similarity to each text query (exact, cosine).
 

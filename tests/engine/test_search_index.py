@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -81,6 +83,25 @@ def test_unwritable_folder_falls_back(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(search_index, "build_search_index", refuse)
     assert open_search_index(tmp_path, emb) is None
     assert "cannot write the search index" in capsys.readouterr().err
+
+
+def test_read_only_folder_keeps_its_index_in_the_cache_dir(tmp_path, monkeypatch):
+    emb = write_embeddings(tmp_path, 5)
+    build = search_index.build_search_index
+
+    def refuse_the_data_folder(folder, *args, **kwargs):
+        if Path(folder) == tmp_path / search_index.INDEX_DIR:
+            raise PermissionError(13, "Permission denied")
+        return build(folder, *args, **kwargs)
+
+    monkeypatch.setattr(search_index, "build_search_index", refuse_the_data_folder)
+    index = open_search_index(tmp_path, emb, progress=False)
+    cached = search_index.index_folders(tmp_path)[1]
+    assert index is not None and (cached / "index.json").is_file()
+    assert not (tmp_path / search_index.INDEX_DIR / "index.json").exists()
+    np.testing.assert_array_equal(index.codes, quantize_rows(np.asarray(emb)).codes)
+    monkeypatch.setattr(search_index, "build_search_index", None)  # the second open only reads
+    assert open_search_index(tmp_path, emb, progress=False) is not None
 
 
 def test_non_finite_rows_are_a_clear_error(tmp_path):
