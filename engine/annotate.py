@@ -197,22 +197,37 @@ def label_arrays(embeddings, schema: Schema, text_encoder, config: AnnotateConfi
 def label_with_prompts(embeddings, schema: Schema, prompts: np.ndarray, logit_scale: float, config: AnnotateConfig):
     """Label (N, D) ``embeddings`` given the schema's (P, D) prompt embeddings (``schema.prompts()`` order)."""
     from clipengine.class_embeddings import build_class_side
+
+    check_prompt_embeddings(schema, prompts, embeddings.shape[1])
+    labels, probs, margins = label_with_class_side(embeddings, build_class_side(schema, prompts), logit_scale, config,
+                                                   name=schema.name)
+    check_finite_labels(probs)
+    return labels, probs, margins
+
+
+def check_prompt_embeddings(schema: Schema, prompts: np.ndarray, image_dim: int) -> None:
+    """(P, D) ``prompts`` must be one row per prompt of ``schema``, as wide as the image embeddings."""
+    if prompts.shape[0] != len(schema.prompts()):
+        raise ClipengineError(f"schema '{schema.name}' has {len(schema.prompts())} prompts but {prompts.shape[0]} embeddings")
+    if prompts.shape[1] != image_dim:
+        raise ClipengineError(
+            f"the text tower gives {prompts.shape[1]}-d embeddings but the images are {image_dim}-d: "
+            "annotate needs the model that encoded them"
+        )
+
+
+def label_with_class_side(embeddings, side, logit_scale: float, config: AnnotateConfig, *, name: str = ""):
+    """``labels`` (N, A) int32, ``probs``/``margins`` (N, A) float32 of (N, D) ``embeddings`` against a
+    prepared :class:`clipengine.class_embeddings.ClassSide` (what an encode worker reuses for every shard).
+    Rows holding NaN give NaN probabilities (see :func:`check_finite_labels`)."""
     from clipengine.kernels.similarity import label_segments
     from clipengine.progress import progress_bar
 
-    if prompts.shape[0] != len(schema.prompts()):
-        raise ClipengineError(f"schema '{schema.name}' has {len(schema.prompts())} prompts but {prompts.shape[0]} embeddings")
-    if prompts.shape[1] != embeddings.shape[1]:
-        raise ClipengineError(
-            f"the text tower gives {prompts.shape[1]}-d embeddings but the images are {embeddings.shape[1]}-d: "
-            "annotate needs the model that encoded them"
-        )
-    side = build_class_side(schema, prompts)
     device = resolve_device(config.device)
     _set_numba_threads()
-    bar = progress_bar(embeddings.shape[0], f"annotate ({schema.name})", enabled=config.progress, unit="img")
+    bar = progress_bar(embeddings.shape[0], f"annotate ({name})", enabled=config.progress, unit="img")
     try:
-        labels, probs, margins = label_segments(
+        return label_segments(
             embeddings,
             side.matrix,
             side.prompt_offsets,
@@ -226,10 +241,36 @@ def label_with_prompts(embeddings, schema: Schema, prompts: np.ndarray, logit_sc
         )
     finally:
         bar.close()
+
+
+def check_finite_labels(probs: np.ndarray) -> None:
+    """A ``ClipengineError`` naming the rows (of the whole table) whose embeddings held NaN or inf."""
     bad = np.flatnonzero(np.isnan(probs).any(axis=1))
     if bad.size:
         raise ClipengineError(f"embeddings rows {bad[:5].tolist()} hold NaN or infinite values; re-encode them")
-    return labels, probs, margins
+
+
+def metadata_table(items: pl.DataFrame, schema: Schema, labels: np.ndarray, probs: np.ndarray,
+                   margins: np.ndarray) -> pl.DataFrame:
+    """What ``metadata.parquet`` holds: the key columns of ``items`` (``path`` [, ``box``]; N rows) then
+    :func:`metadata_frame` of the (N, A) label arrays."""
+    return pl.concat([key_columns(items), metadata_frame(schema, labels, probs, margins)], how="horizontal")
+
+
+def key_columns(items: pl.DataFrame) -> pl.DataFrame:
+    """The columns of ``items`` that identify an item: ``path`` [, ``box``]."""
+    return items.select([c for c in KEY_COLUMNS if c in items.columns])
+
+
+def write_metadata(path: str | os.PathLike, items: pl.DataFrame, schema: Schema, labels: np.ndarray,
+                   probs: np.ndarray, margins: np.ndarray, *, model_id: str, logit_scale: float) -> pl.DataFrame:
+    """Write :func:`metadata_table` to ``path`` (atomically) with :func:`metadata_record`'s Parquet
+    metadata; every executor's annotation ends here."""
+    from clipengine.atomic import write_parquet
+
+    table = metadata_table(items, schema, labels, probs, margins)
+    write_parquet(path, table, metadata=metadata_record(schema, model_id, logit_scale))
+    return table
 
 
 def metadata_frame(schema: Schema, labels: np.ndarray, probs: np.ndarray, margins: np.ndarray) -> pl.DataFrame:
@@ -273,8 +314,7 @@ def annotate_dir(
         thresholds = read_thresholds(config.thresholds, schema)
         frame = apply_thresholds(frame, thresholds, schema)
         meta[META_THRESHOLDS] = json.dumps(thresholds)
-    keys = stored.items.select([c for c in KEY_COLUMNS if c in stored.items.columns])
-    out = pl.concat([keys, frame], how="horizontal")
+    out = pl.concat([key_columns(stored.items), frame], how="horizontal")
     destination = Path(out_path) if out_path is not None else stored.path / METADATA_FILE
     write_parquet(destination, out, metadata=meta)
     return out

@@ -44,7 +44,8 @@ class EncodeConfig:
     ≥ 0.9999 to fp32 (chosen by the backend); ``workers`` None means one decode worker per core.
     Finished work is written every ``shard_size`` items or ``shard_seconds`` (whichever first);
     ``output_dtype`` (float32 | float16) is the dtype of ``embeddings.npy``; ``exact_decode`` turns off
-    reduced-DCT JPEG decoding (then pixels are bit-identical to open_clip's preprocess, slower).
+    reduced-DCT JPEG decoding and the vectorized resize (then pixels are bit-identical to open_clip's
+    preprocess, slower).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -167,5 +168,6 @@ class RunConfig:
     ray_workers: int | None = None  # encoder actors (None: one per GPU, or per free CPU)
     gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_for_decode: float | None = None  # CPUs per decode task (None: 1)
+    ray_shards: str | None = None  # shard files' folder: a path or pyarrow filesystem URI (None: RUN/shards-ray)
     quiet: bool = False
     log_json: bool = False

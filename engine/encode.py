@@ -365,8 +365,8 @@ def _drop_changed(done: dict, keys: list[str], stats: np.ndarray) -> None:
             del done[key]
 
 
-def _load_stats(path: Path, rows: int) -> np.ndarray | None:
-    """The (rows, 2) int64 file stats of a finished set, or None when absent or not matching."""
+def read_item_stats(path: Path, rows: int) -> np.ndarray | None:
+    """The (rows, 2) int64 file stats of a finished set (``STATS_FILE``), or None when absent or not matching."""
     try:
         stats = np.load(path, allow_pickle=False)
     except (OSError, ValueError):
@@ -397,7 +397,7 @@ def _load_finished(out_dir: Path, identity: dict) -> dict[str, tuple[np.ndarray,
     keys = item_keys(previous)
     if len(keys) != len(embeddings):
         return {}
-    stats = _load_stats(out_dir / STATS_FILE, len(keys))
+    stats = read_item_stats(out_dir / STATS_FILE, len(keys))
     return {key: (embeddings[i].astype(np.float32), None if stats is None else stats[i]) for i, key in enumerate(keys)}
 
 

@@ -135,6 +135,7 @@ class _Job:
         self.schema_name = config.schema or default_schema(config.dataset)
         self._encoder = encoder
         self.fingerprints: dict[str, str] = {}
+        self.delivered: list[str] = []  # metadata files the executor wrote in its encode pass
         self.result = RunResult(run_dir=self.run_dir, manifest={})
 
     # -- stage driver
@@ -223,9 +224,12 @@ class _Job:
 
         bar = progress_bar(len(STAGES), "run", enabled=self.progress, unit="stage")
         try:
-            self.stage("encode", encode_fp, lambda: self._encode(items), bar)
+            targets = label_targets(schema, annotate_cfg, has_truth)
+            # an executor that labels in its encode pass does so only when the annotate stage must run
+            in_pass = None if self.manifest.is_done("annotate", annotate_fp) else (targets, annotate_cfg)
+            self.stage("encode", encode_fp, lambda: self._encode(items, in_pass), bar)
             self.stage("errors", errors_fp, self._errors, bar)
-            self.stage("annotate", annotate_fp, lambda: self._annotate(schema, annotate_cfg, has_truth), bar)
+            self.stage("annotate", annotate_fp, lambda: self._annotate(targets, annotate_cfg), bar)
             if has_truth:
                 self.stage("eval", eval_fp, lambda: self._eval(schema, truth), bar)
             else:
@@ -243,12 +247,20 @@ class _Job:
         self.result.manifest = self.manifest.data
         return self.result
 
-    def _encode(self, items) -> tuple[list[str], dict]:
+    def _encode(self, items, in_pass) -> tuple[list[str], dict]:
+        from clipengine.executors import ANNOTATES_IN_PASS, InPassAnnotation
+
         config = replace(self.config.encode, model=self.model, progress=self.progress)
         encode_items = _executor(self.config)
         # ray: each actor loads the model itself; the driver hands on only an encoder it was given
         encoder = self.encoder() if self.config.executor == "local" else self._encoder
-        done = encode_items(items, self.run_dir, config, encoder=encoder)
+        options = {}
+        if in_pass is not None and self.config.executor in ANNOTATES_IN_PASS:
+            targets, annotate_cfg = in_pass
+            options["annotation"] = InPassAnnotation(
+                targets=tuple(targets), text_encoder=self._text_encoder_for, config=replace(annotate_cfg, strategy=None))
+        done = encode_items(items, self.run_dir, config, encoder=encoder, **options)
+        self.delivered = [name for name, _ in in_pass[0]] if options else []
         if done.encoded == 0:
             raise ClipengineError(
                 f"none of the {items.height} items could be decoded; reasons in {self.run_dir / 'skipped.parquet'}"
@@ -265,35 +277,34 @@ class _Job:
         return [ERRORS_FILE], {"rows": errors.height, "error_mean": float(errors["error"].mean() or 0.0),
                                "skipped_inputs": len(self.dataset.skipped)}
 
-    def _annotate(self, schema, config, has_truth: bool) -> tuple[list[str], dict]:
-        import polars as pl
+    def _text_encoder_for(self, record: dict):
+        """A text tower of the model ``record`` names, on this machine (the Ray executor asks for it only
+        when the schema's prompt embeddings are not cached yet)."""
+        if self._encoder is not None:
+            return self._encoder
+        from clipengine.encode import create_encoder
 
-        from clipengine.annotate import (
-            annotate_strategies,
-            logit_scale_of,
-            metadata_record,
-            read_embeddings_dir,
-            resolve_schema,
-        )
-        from clipengine.atomic import write_parquet
+        return create_encoder(replace(self.config.encode, model=self.model, backend="torch", precision="fp32"))
 
+    def _annotate(self, targets, config) -> tuple[list[str], dict]:
+        from clipengine.annotate import label_arrays, logit_scale_of, read_embeddings_dir, write_metadata
+
+        outputs = [name for name, _ in targets]
+        schema = targets[0][1]
+        if self.delivered == outputs and all((self.run_dir / name).is_file() for name in outputs):
+            import polars as pl
+
+            rows = pl.scan_parquet(self.run_dir / outputs[0]).select(pl.len()).collect().item()
+            return outputs, {"rows": rows, "schema": schema.name, "schema_hash": schema.hash, "in_pass": True}
         stored = read_embeddings_dir(self.run_dir)
-        resolved = resolve_schema(config, schema)
         encoder = self.text_encoder()
         scale = logit_scale_of(encoder, stored.record)
-        strategies = ["schema", "naive"] if has_truth else ["schema"]
-        frames = annotate_strategies(stored.embeddings, resolved, encoder, strategies, replace(config, strategy=None),
-                                     model_id=stored.model_id or None, logit_scale=scale)
-        keys = stored.items.select([c for c in ("path", "box") if c in stored.items.columns])
-        meta = metadata_record(resolved, stored.model_id, scale)
-        write_parquet(self.run_dir / METADATA_FILE, pl.concat([keys, frames["schema"]], how="horizontal"), metadata=meta)
-        outputs = [METADATA_FILE]
-        if has_truth:
-            naive = resolve_schema(replace(config, strategy="naive"), schema)
-            write_parquet(self.run_dir / NAIVE_METADATA_FILE, pl.concat([keys, frames["naive"]], how="horizontal"),
-                          metadata=metadata_record(naive, stored.model_id, scale))
-            outputs.append(NAIVE_METADATA_FILE)
-        return outputs, {"rows": stored.items.height, "schema": resolved.name, "schema_hash": resolved.hash}
+        for name, target in targets:
+            labels, probs, margins = label_arrays(stored.embeddings, target, encoder, replace(config, strategy=None),
+                                                  model_id=stored.model_id or None, logit_scale=scale)
+            write_metadata(self.run_dir / name, stored.items, target, labels, probs, margins,
+                           model_id=stored.model_id, logit_scale=scale)
+        return outputs, {"rows": stored.items.height, "schema": schema.name, "schema_hash": schema.hash}
 
     def _eval(self, schema, truth) -> tuple[list[str], dict]:
         import polars as pl
@@ -355,6 +366,18 @@ class _Job:
                 if Path(path).is_absolute() else Path(path).name], {}
 
 
+def label_targets(schema, config, has_truth: bool) -> list[tuple[str, Any]]:
+    """The metadata files the annotate stage writes, each with its strategy-resolved schema:
+    ``metadata.parquet`` (the schema's strategies, or ``config.strategy``) and, with ground truth,
+    ``metadata_naive.parquet`` (the first prompt per class, for label-quality comparison)."""
+    from clipengine.annotate import resolve_schema
+
+    targets = [(METADATA_FILE, resolve_schema(config, schema))]
+    if has_truth:
+        targets.append((NAIVE_METADATA_FILE, resolve_schema(replace(config, strategy="naive"), schema)))
+    return targets
+
+
 def _report_available() -> bool:
     import importlib.util
 
@@ -390,7 +413,8 @@ def _executor(config: RunConfig):
     from clipengine.executors import create_executor
 
     encode_items = create_executor(config.executor, address=config.ray_address, num_workers=config.ray_workers,
-                                   gpus_per_worker=config.gpus_per_worker, cpus_for_decode=config.cpus_for_decode)
+                                   gpus_per_worker=config.gpus_per_worker, cpus_for_decode=config.cpus_for_decode,
+                                   shards=config.ray_shards)
     if config.executor == "ray":
         from clipengine.executors.ray import import_ray
 

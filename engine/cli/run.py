@@ -80,6 +80,8 @@ Example:
   clipengine run --dataset folder --root photos/ --schema scene --k 20
   clipengine run --config nightly.yaml --quiet --log-json
   clipengine run --dataset folder --root /shared/photos --out /shared/runs/nightly --executor ray --ray-address auto
+  clipengine run --dataset folder --root /shared/photos --executor ray --ray-address auto \\
+      --ray-shards s3://my-bucket/clipengine/nightly-shards
 """,
 )
 @click.option("--config", type=click.Path(dir_okay=False), is_eager=True, expose_value=False,
@@ -123,11 +125,18 @@ Example:
 @click.option("--ray-workers", type=int, default=None, help="ray: encoder actors [default: one per GPU, or per free CPU].")
 @click.option("--gpus-per-worker", type=float, default=None, help="ray: GPUs per encoder actor [default: 1 with GPUs, else 0].")
 @click.option("--cpus-for-decode", type=float, default=None, help="ray: CPUs per decode task [default: 1].")
+@click.option("--ray-shards", default=None, metavar="URI",
+              help="ray: where workers write their shard files (the checkpoints a restarted job skips): a folder, "
+                   "or a URI pyarrow opens on every worker and the driver — file:///mnt/nfs/shards, "
+                   "s3://bucket/prefix, gs://bucket/prefix, hdfs://namenode:8020/path. Committed by an atomic "
+                   "rename (local, NFS, HDFS) or by write-once objects + a completion marker (S3, GCS). "
+                   "The final files always land in RUN. [default: RUN/shards-ray]")
 @click.option("--quiet", is_flag=True, default=False, help="No progress bars or stage lines.")
 @click.option("--log-json", is_flag=True, default=False, help="JSON-lines events on stdout (machine-readable).")
 def run(dataset, root, out, schema, detections, predictions, errors_file, classes, iou, limit, seed, model, pretrained,
         weights, backend, device, precision, batch_size, workers, strategy, k, alpha, min_sup, max_level, bins, max_q,
-        no_report, executor, ray_address, ray_workers, gpus_per_worker, cpus_for_decode, quiet, log_json) -> None:
+        no_report, executor, ray_address, ray_workers, gpus_per_worker, cpus_for_decode, ray_shards, quiet,
+        log_json) -> None:
     from dataclasses import replace
 
     from clipengine.config import (
@@ -169,6 +178,7 @@ def run(dataset, root, out, schema, detections, predictions, errors_file, classe
         ray_workers=ray_workers,
         gpus_per_worker=gpus_per_worker,
         cpus_for_decode=cpus_for_decode,
+        ray_shards=ray_shards,
         quiet=quiet,
         log_json=log_json,
     )

@@ -3,8 +3,12 @@
 and writes the same run-directory files, so a job picks one by name.
 
 - ``local``: this process (decode threads + one encoder), :mod:`clipengine.executors.local`.
-- ``ray``: a Ray cluster (decode as CPU tasks, encoders in an actor pool, shard files as
-  checkpoints), :mod:`clipengine.executors.ray`; needs the ``clipengine[ray]`` extra.
+- ``ray``: a Ray cluster (decode as CPU tasks, encoders in an actor pool that also labels each
+  shard, shard files on any pyarrow filesystem as checkpoints), :mod:`clipengine.executors.ray`;
+  needs the ``clipengine[ray]`` extra.
+
+Executors in :data:`ANNOTATES_IN_PASS` also take ``annotation=InPassAnnotation(...)``: they label the
+rows in the encode pass and write the metadata files themselves (what the annotate stage would write).
 
 Modules are imported on first use: naming an executor imports nothing heavy.
 """
@@ -13,18 +17,33 @@ from __future__ import annotations
 
 import functools
 import importlib
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from clipengine.errors import ClipengineError
 
 # option of an executor -> its `clipengine run` flag (for messages)
-OPTION_FLAGS = {"address": "--ray-address", "num_workers": "--ray-workers"}
+OPTION_FLAGS = {"address": "--ray-address", "num_workers": "--ray-workers", "shards": "--ray-shards"}
 
 # executor name -> "module:function"
 EXECUTORS: dict[str, str] = {
     "local": "clipengine.executors.local:encode_items",
     "ray": "clipengine.executors.ray:encode_items",
 }
+ANNOTATES_IN_PASS = frozenset({"ray"})
+
+
+@dataclass(frozen=True)
+class InPassAnnotation:
+    """Labelling asked of the encode pass. ``targets``: (file name in the output folder, strategy-resolved
+    ``Schema``) per metadata file, e.g. ``("metadata.parquet", schema)``; ``text_encoder(model_record)``:
+    an encoder with ``encode_texts`` for that model, called on the driver only when the schema's prompt
+    embeddings are not cached; ``config``: the ``AnnotateConfig`` (``device``, ``chunk_rows``).
+    The files are those :func:`clipengine.annotate.write_metadata` writes."""
+
+    targets: tuple[tuple[str, Any], ...]
+    text_encoder: Callable[[dict], Any]
+    config: Any
 
 
 def load_executor(name: str) -> Callable[..., Any]:
@@ -51,4 +70,4 @@ def create_executor(name: str, **options: Any) -> Callable[..., Any]:
     return functools.partial(encode, **given)
 
 
-__all__ = ["EXECUTORS", "create_executor", "load_executor"]
+__all__ = ["ANNOTATES_IN_PASS", "EXECUTORS", "InPassAnnotation", "create_executor", "load_executor"]

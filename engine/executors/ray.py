@@ -2,53 +2,66 @@
 
 ::
 
-    shard plan (driver) ──from_items──▶ decode: CPU tasks (``num_cpus=cpus_for_decode``), retried
-        ──(K, S, S, 3) uint8──▶ encode: actor pool, one actor per GPU (or per CPU slot), model loaded
-        once per actor ──▶ RUN/shards-ray/shard-NNNNNN-<digest>.npz (atomic)
+    shard plan (driver) ──from_items──▶ decode: CPU tasks (``num_cpus=cpus_for_decode``)
+        ──(K, S, S, 3) uint8──▶ encode + label: actor pool, one actor per GPU (or per CPU slot), model
+        and class side loaded once per actor ──▶ SHARDS/shard-NNNNNN-<digest>.npz (committed atomically)
         ──▶ driver gathers by item key → embeddings.npy, items.parquet, skipped.parquet, model.json
+            (+ metadata.parquet, metadata_naive.parquet when asked to annotate in the pass)
 
 The gathered files are those of :func:`clipengine.encode.encode_items` (same rows in the same item
 order, same ``model.json``, same finished-set marker), so either executor resumes or extends the other's
-finished output directory.
+finished output directory. With ``annotation`` (an :class:`clipengine.executors.InPassAnnotation`),
+each actor also labels its shard's rows right after encoding them (:mod:`clipengine.executors.labels`)
+and the driver writes the metadata files the annotate stage would write.
 
 Shards are consecutive items, ``items_per_shard`` each; a shard file's name carries a digest of its
-items' keys and holds ``keys`` (K,) str, ``rows`` (K, D) float32, the skipped keys with their reasons
-and the model identity. They are the checkpoint: a restarted job over the same items runs only the
-shards without a file. Faults: a decode task whose process dies is retried (``max_retries``); an actor
-that dies is restarted (``max_restarts``) and its shard retried (``max_task_retries``); a shard file
-is written once, atomically, and gathered by key, so a retry never loses or duplicates a row. A bad
-image is skipped with the reason the local pipeline gives (:class:`clipengine.images.SkippedImage`).
+items' keys and holds ``keys`` (K,) str, ``rows`` (K, D) float32, the skipped keys with their reasons,
+the label arrays and the model identity. They live in ``shards`` — ``RUN/shards-ray`` or any folder or
+URI pyarrow opens (``s3://``, ``gs://``, ``hdfs://``, ``file://``; :mod:`clipengine.executors.shards`),
+read and written by the workers and the driver alike; the final files land in the local ``out_dir``.
+They are the checkpoint: a restarted job over the same items runs only the shards without a file.
+
+Faults: a decode task or an actor whose process dies is retried by Ray Data (an actor is restarted
+and its shard retried); every attempt at a shard is counted in the shard folder, and the attempt after
+``max_retries`` retries fails the job with :class:`ShardFailed` naming the shard — on every Ray version,
+whatever Ray Data's own retry defaults (unbounded for system failures). A shard is committed once,
+atomically, and gathered by key, so a retry never loses or duplicates a row. A bad image is skipped
+with the reason the local pipeline gives (:class:`clipengine.images.SkippedImage`).
 
 The gather streams shard by shard into a memory-mapped ``embeddings.npy``: the driver holds the
-item keys, never all N × D rows. Annotation is not part of the pass: the run job's annotate stage
-reads the gathered embeddings (an (N, D) · (D, C) product, small next to encoding).
+item keys and the (N, A) labels, never all N × D rows.
 
-The run directory must be on storage every node sees (one machine, NFS, a mounted bucket).
+Every worker must read the image files, and reach the shard folder: the default ``RUN/shards-ray``
+only on one machine or a shared mount; on a cluster without one, give a URI (``--ray-shards``).
 Needs the ``clipengine[ray]`` extra (``ray[data]``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from clipengine.errors import ClipengineError
+from clipengine.executors.shards import ShardIndex, ShardStore, open_filesystem, plan_shards
 
 DEFAULT_ITEMS_PER_SHARD = 256  # (256, 224, 224, 3) uint8 = 38 MB of pixels in flight per shard
 DEFAULT_CPUS_FOR_DECODE = 1.0
 DEFAULT_CPUS_PER_WORKER = 1.0  # an encoder actor's CPUs (its torch threads) on CPU-only clusters
-DEFAULT_MAX_RETRIES = 3
+DEFAULT_MAX_RETRIES = 3  # retries of a shard whose worker died, per stage (decode, encode)
 SHARDS_DIR = "shards-ray"
-STATE_FILE = "state.json"
 INSTALL_HINT = "pip install 'clipengine[ray]'  (that is: pip install 'ray[data]>=2.9')"
+
+
+class ShardFailed(RuntimeError):
+    """A shard could not be encoded: its worker died on every allowed attempt, or the encoder raised."""
 
 
 def import_ray():
@@ -75,6 +88,8 @@ def encode_items(
     num_workers: int | None = None,
     items_per_shard: int = DEFAULT_ITEMS_PER_SHARD,
     max_retries: int = DEFAULT_MAX_RETRIES,
+    shards: str | os.PathLike | None = None,
+    annotation=None,
     encoder_factory: Callable[[Any], Any] | None = None,
 ):
     """Encode ``items`` into ``out_dir`` on a Ray cluster; same arguments, files and
@@ -85,7 +100,10 @@ def encode_items(
     actor (None: 1 when the cluster has GPUs, else 0 = CPU actors of ``cpus_per_worker`` CPUs);
     ``num_workers`` encoder actors (None: every GPU, or every CPU slot left after one decode task);
     ``cpus_for_decode`` CPUs per decode task; ``items_per_shard`` items per shard file (the unit of
-    retry and resume); ``max_retries`` per decode task, actor restart and shard retry.
+    retry and resume); ``max_retries`` retries of a shard whose worker died, per stage, before the job
+    fails with :class:`ShardFailed`; ``shards`` the shard folder, a path or a pyarrow filesystem URI
+    (None: ``out_dir/shards-ray``); ``annotation`` an :class:`clipengine.executors.InPassAnnotation`:
+    the actors label each shard too and the metadata files are written next to the encode outputs.
 
     ``encoder``: used only for its ``model_record`` (which model the rows must come from); actors
     build their own with ``encoder_factory(config)`` (default :func:`clipengine.encode.create_encoder`,
@@ -103,11 +121,15 @@ def encode_items(
         raise ClipengineError(f"items_per_shard must be ≥ 1, got {items_per_shard}")
     if cpus_for_decode <= 0 or cpus_per_worker <= 0:
         raise ClipengineError("--cpus-for-decode and CPUs per worker must be > 0")
+    if max_retries < 0:
+        raise ClipengineError(f"max_retries must be ≥ 0, got {max_retries}")
     check_items(items)
     keys = item_keys(items)
     _check_unique(keys)
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
+    location = str(shards) if shards is not None else str(out_dir / SHARDS_DIR)
+    open_filesystem(location)  # an unknown scheme or missing driver fails before the cluster starts
     if encoder_factory is None:
         from clipengine.encode import create_encoder as encoder_factory
 
@@ -118,34 +140,46 @@ def encode_items(
         record = _record_of(encoder) if encoder is not None else _probe_model(ray, config, encoder_factory, resources)
         record.update(dtype=config.output_dtype)
         identity = identity_of(record)
-        return _run(ray, pl, items, keys, out_dir, config, record, identity, resources, encoder_factory,
-                    items_per_shard=items_per_shard, max_retries=max_retries, started=started)
+        store = ShardStore(location, identity).open()
+        labeller = None
+        if annotation is not None:
+            from clipengine.executors.labels import prepare_labeller
+
+            labeller = prepare_labeller(annotation, record, config.output_dtype)
+        return _run(ray, pl, items, keys, out_dir, config, record, identity, resources, encoder_factory, store,
+                    labeller, items_per_shard=items_per_shard, max_retries=max_retries, started=started)
 
 
-def _run(ray, pl, items, keys, out_dir, config, record, identity, resources, factory, *, items_per_shard,
-         max_retries, started):
+def _run(ray, pl, items, keys, out_dir, config, record, identity, resources, factory, store, labeller, *,
+         items_per_shard, max_retries, started):
     from clipengine.encode import EncodeResult
     from clipengine.images import ImageSpec
     from clipengine.progress import progress_bar
 
-    previous = open_finished(out_dir, identity)  # rows of a previous finished run, memory-mapped
-    store = ShardStore(out_dir / SHARDS_DIR, identity)
+    from clipengine.encode import file_stats
+
     plan = plan_shards(keys, items_per_shard)
     files = [os.path.abspath(f) for f in (items["file"] if "file" in items.columns else items["path"]).to_list()]
     boxes = items["box"].to_list() if "box" in items.columns else None
+    stats = file_stats(files)  # (N, 2) size, mtime_ns: rows of files rewritten since are encoded again
+    previous = open_finished(out_dir, identity, keys, stats)  # rows of a previous finished run, memory-mapped
 
     finished: dict[str, ShardIndex] = {}  # shard name -> its keys and skips (rows stay on disk)
     tasks = []  # one row per shard still to encode
     todo_items = 0
+    committed = store.names()
     for _number, name, positions in plan:
-        index = store.index(name)
-        if index is not None:
+        index = store.index(name) if name in committed else None
+        if index is not None and index.files_unchanged(keys, stats, positions):
             finished[name] = index
             continue
+        if index is not None:
+            store.remove(name)  # a file of it was rewritten since it was encoded: redo the shard
         todo = [i for i in positions if keys[i] not in previous.rows]
         if todo:
             payload = {"keys": [keys[i] for i in todo], "files": [files[i] for i in todo],
-                       "boxes": None if boxes is None else [boxes[i] for i in todo]}
+                       "boxes": None if boxes is None else [boxes[i] for i in todo],
+                       "stats": stats[todo].tolist()}
             tasks.append({"name": name, "payload": json.dumps(payload)})
             todo_items += len(todo)
     reused = sum(1 for key in keys if key in previous.rows) + sum(
@@ -156,45 +190,45 @@ def _run(ray, pl, items, keys, out_dir, config, record, identity, resources, fac
     newly = 0
     if tasks:
         store.prepare()
+        job = {"store": store.args(), "job": uuid.uuid4().hex[:12], "max_attempts": max_retries + 1}
         bar = progress_bar(todo_items, "encode (ray)", enabled=config.progress, unit="img")
         try:
-            with _quiet_ray_data(ray):
-                task_retries, actor_retries = _retry_options(ray, max_retries)
+            with _quiet_ray_data(ray), _bounded_actor_init(ray, max_retries):
                 dataset = ray.data.from_items(tasks, override_num_blocks=len(tasks))
                 dataset = dataset.map(
                     decode_shard,
-                    fn_kwargs={"spec": spec, "box_margin": config.box_margin, "max_pixels": config.max_pixels},
+                    fn_kwargs={"spec": spec, "box_margin": config.box_margin, "max_pixels": config.max_pixels,
+                               "job": job},
                     num_cpus=resources["cpus_for_decode"],
-                    **task_retries,
                 )
                 dataset = dataset.map(
                     ShardEncoder,
-                    fn_constructor_kwargs={"config": config, "factory": factory, "identity": identity,
-                                           "shard_dir": str(store.folder), "batch_size": config.batch_size},
+                    fn_constructor_kwargs={"config": config, "factory": factory, "job": job,
+                                           "batch_size": config.batch_size,
+                                           # shipped once: every actor gets the same object
+                                           "labeller": None if labeller is None else ray.put(labeller)},
                     compute=ray.data.ActorPoolStrategy(size=min(resources["num_workers"], len(tasks))),
                     num_cpus=resources["cpus_per_worker"],
                     num_gpus=resources["gpus_per_worker"],
                     runtime_env={"env_vars": {"CLIPENGINE_NUM_THREADS": str(resources["threads_per_worker"])}},
-                    **actor_retries,
                 )
                 for row in dataset.iter_rows():
                     newly += int(row["encoded"])
                     bar.update(int(row["encoded"]) + int(row["skipped"]))
         except Exception as error:
-            cause = getattr(error, "cause", None)
-            if isinstance(cause, ClipengineError):
-                raise ClipengineError(str(cause)) from None
+            _raise_cause(error)
             raise
         finally:
             bar.close()
         for task in tasks:
             index = store.index(task["name"])
             if index is None:  # the pipeline reported every shard done: its file must be there
-                raise RuntimeError(f"{store.folder / task['name']}: missing after the Ray pipeline finished")
+                raise RuntimeError(f"{store.location}/{task['name']}: missing after the Ray pipeline finished")
             finished[task["name"]] = index
 
     encoded, skipped = write_outputs(pl, items, keys, boxes, out_dir, config, record, identity, plan=plan,
-                                     previous=previous, store=store, finished=finished)
+                                     previous=previous, store=store, finished=finished, labeller=labeller,
+                                     stats=stats)
     store.clear()
     return EncodeResult(out_dir=out_dir, encoded=encoded, skipped=skipped, newly_encoded=newly, reused=reused,
                         seconds=time.perf_counter() - started, model_record=record)
@@ -202,20 +236,22 @@ def _run(ray, pl, items, keys, out_dir, config, record, identity, resources, fac
 
 class FinishedRun:
     """A previous finished output set of the same model: ``rows`` key → row number in
-    ``embeddings`` ((N, D), memory-mapped). Empty when there is none or it is not trusted."""
+    ``embeddings`` ((N, D), memory-mapped), for the items whose file is unchanged since. Empty when
+    there is none or it is not trusted."""
 
     def __init__(self, rows: dict[str, int] | None = None, embeddings: np.ndarray | None = None):
         self.rows = rows or {}
         self.embeddings = embeddings
 
 
-def open_finished(out_dir: Path, identity: dict) -> FinishedRun:
+def open_finished(out_dir: Path, identity: dict, keys: list[str], stats: np.ndarray) -> FinishedRun:
     """The finished set in ``out_dir`` if its identity matches and ``embeddings.npy`` has the digest
-    ``items.parquet`` recorded (the rule of :mod:`clipengine.encode`); rows are not read into memory."""
+    ``items.parquet`` recorded (the rule of :mod:`clipengine.encode`), less the rows whose file
+    (``stats`` of the current ``keys``) changed since; rows are not read into memory."""
     import polars as pl
 
     from clipengine.atomic import read_parquet_metadata
-    from clipengine.encode import EMBEDDINGS_FILE, ITEMS_FILE, rows_digest, item_keys
+    from clipengine.encode import EMBEDDINGS_FILE, ITEMS_FILE, STATS_FILE, item_keys, read_item_stats, rows_digest
 
     items_path, emb_path = out_dir / ITEMS_FILE, out_dir / EMBEDDINGS_FILE
     if not (items_path.is_file() and emb_path.is_file()):
@@ -230,22 +266,31 @@ def open_finished(out_dir: Path, identity: dict) -> FinishedRun:
         previous = pl.read_parquet(items_path)
     except Exception:  # unreadable leftovers are re-encoded, never trusted
         return FinishedRun()
-    keys = item_keys(previous)
-    if len(keys) != len(embeddings):
+    previous_keys = item_keys(previous)
+    if len(previous_keys) != len(embeddings):
         return FinishedRun()
-    return FinishedRun({key: i for i, key in enumerate(keys)}, embeddings)
+    rows = {key: i for i, key in enumerate(previous_keys)}
+    recorded = read_item_stats(out_dir / STATS_FILE, len(previous_keys))
+    if recorded is not None:  # None: written by an older clipengine, trusted as before
+        for key, current in zip(keys, stats):
+            row = rows.get(key)
+            if row is not None and tuple(recorded[row]) != tuple(current):
+                del rows[key]
+    return FinishedRun(rows, embeddings)
 
 
 def write_outputs(pl, items, keys, boxes, out_dir: Path, config, record: dict, identity: dict, *, plan,
-                  previous: FinishedRun, store: "ShardStore", finished: dict) -> tuple[int, int]:
+                  previous: FinishedRun, store: ShardStore, finished: dict, labeller=None,
+                  stats: np.ndarray) -> tuple[int, int]:
     """The finished set, as :func:`clipengine.encode.encode_items` writes it (same files, rows in item
     order, items.parquet last with the digest of embeddings.npy). Rows stream shard by shard from
     the shard files (and the previous finished set) into a memory-mapped ``embeddings.npy``, so the
-    driver never holds all N × D rows. Returns (encoded, skipped) counts."""
+    driver never holds all N × D rows. With a ``labeller``, the shards' labels are gathered alongside
+    (rows without any labelled here) and the metadata files written. Returns (encoded, skipped) counts."""
     from numpy.lib.format import open_memmap
 
-    from clipengine.atomic import atomic_path, write_json, write_parquet
-    from clipengine.encode import EMBEDDINGS_FILE, ITEMS_FILE, MODEL_FILE, SKIPPED_FILE, rows_digest
+    from clipengine.atomic import atomic_path, save_npy, write_json, write_parquet
+    from clipengine.encode import EMBEDDINGS_FILE, ITEMS_FILE, MODEL_FILE, SKIPPED_FILE, STATS_FILE, rows_digest
 
     encoded_index: list[int] = []
     skipped_index: list[int] = []
@@ -261,23 +306,35 @@ def write_outputs(pl, items, keys, boxes, out_dir: Path, config, record: dict, i
                 skipped_index.append(i)
                 reasons.append(index.skipped[key])
 
+    gather = None
+    if labeller is not None:
+        from clipengine.executors.labels import LabelGather
+
+        gather = LabelGather(labeller, len(encoded_index))
     with atomic_path(out_dir / EMBEDDINGS_FILE) as tmp:
         embeddings = open_memmap(tmp, mode="w+", dtype=np.dtype(config.output_dtype),
                                  shape=(len(encoded_index), record["embed_dim"]))  # (N, D)
         row = 0
         cursor = 0
         for _number, name, positions in plan:
-            shard_rows = store.rows(name) if name in finished else {}
+            shard = store.read(name) if name in finished else None
+            if name in finished and shard is None:
+                raise RuntimeError(f"{store.location}/{name}: vanished before the gather")
+            position = {key: i for i, key in enumerate(shard["keys"].tolist())} if shard is not None else {}
             while cursor < len(encoded_index) and encoded_index[cursor] < positions.stop:
                 key = keys[encoded_index[cursor]]
                 if key in previous.rows:
                     embeddings[row] = previous.embeddings[previous.rows[key]]
                 else:
-                    embeddings[row] = shard_rows[key]
+                    embeddings[row] = shard["rows"][position[key]]
+                    if gather is not None:
+                        gather.take(row, shard, position[key])
                 row += 1
                 cursor += 1
         embeddings.flush()
         digest = rows_digest(embeddings)
+        if gather is not None:
+            gather.finish(embeddings)
         del embeddings
 
     skipped_frame = pl.DataFrame(
@@ -289,11 +346,15 @@ def write_outputs(pl, items, keys, boxes, out_dir: Path, config, record: dict, i
         schema={"path": pl.String, **({"box": pl.List(pl.Float64)} if boxes is not None else {}), "reason": pl.String},
     )
     record.update(n_items=len(encoded_index), n_skipped=len(skipped_index))
+    encoded_items = items[encoded_index] if encoded_index else items.clear()
+    save_npy(out_dir / STATS_FILE, stats[encoded_index] if encoded_index else np.empty((0, 2), np.int64))
     write_parquet(out_dir / SKIPPED_FILE, skipped_frame)
     write_json(out_dir / MODEL_FILE, record)
+    if gather is not None:
+        gather.write(out_dir, encoded_items)
     write_parquet(
         out_dir / ITEMS_FILE,
-        items[encoded_index] if encoded_index else items.clear(),
+        encoded_items,
         metadata={"clipengine.embeddings_sha256": digest, "clipengine.identity": json.dumps(identity, sort_keys=True)},
     )
     return len(encoded_index), len(skipped_index)
@@ -363,31 +424,73 @@ def _quiet_ray_data(ray):
     level = logger.level
     logger.setLevel(logging.ERROR)
     with warnings.catch_warnings():
-        # the retry bounds below are still "ray_remote_args" until Ray 2.64 (see _retry_options);
-        # Ray Data's context warns about its own renamed settings
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.data\.")
         context = ray.data.DataContext.get_current()
-        saved = (context.enable_progress_bars, getattr(context, "print_on_execution_start", True))
-        context.enable_progress_bars, context.print_on_execution_start = False, False
+        names = ("enable_progress_bars", "print_on_execution_start")
+        saved = {name: getattr(context, name) for name in names if hasattr(context, name)}
+        for name in saved:
+            setattr(context, name, False)
         try:
             yield
         finally:
-            context.enable_progress_bars, context.print_on_execution_start = saved
+            for name, value in saved.items():
+                setattr(context, name, value)
             logger.setLevel(level)
 
 
-def _retry_options(ray, max_retries: int) -> tuple[dict, dict]:
-    """Bounded retries for decode tasks and encoder actors: a shard that keeps killing its worker
-    fails the job after ``max_retries`` instead of looping. Ray Data's own defaults (infinite
-    retries of system failures) apply from Ray 2.64 on, where these remote arguments go away."""
+@contextlib.contextmanager
+def _bounded_actor_init(ray, max_retries: int):
+    """An encoder actor that dies while loading the model (before any shard) is not counted by the
+    shards' attempts: bound it with Ray Data's ``max_consecutive_actor_init_deaths`` where the version
+    has it (restored afterwards). Retries of shards are bounded by :meth:`ShardStore.count_attempt`,
+    which needs no Ray setting (Ray Data's remote-argument retry bounds are deprecated in 2.60 and
+    gone in 2.64; its defaults retry a dying worker without end)."""
+    context = ray.data.DataContext.get_current()
+    name = "max_consecutive_actor_init_deaths"
+    if not hasattr(context, name):
+        yield
+        return
+    saved = getattr(context, name)
+    setattr(context, name, max_retries)
     try:
-        version = tuple(int(part) for part in ray.__version__.split(".")[:2])
-    except ValueError:
-        version = (0, 0)
-    if version >= (2, 64):
-        return {}, {}
-    return {"max_retries": max_retries}, {"max_restarts": max_retries, "max_task_retries": max_retries}
+        yield
+    finally:
+        setattr(context, name, saved)
+
+
+def _raise_cause(error: Exception) -> None:
+    """Re-raise the one-line error a worker raised (``ClipengineError``, :class:`ShardFailed`) without
+    Ray's wrapping and remote traceback; other errors are left to the caller."""
+    from ray.exceptions import RayError
+
+    seen, pending = set(), [error]
+    while pending:  # RayTaskError → .cause (UserCodeException) → __cause__ (what the worker raised) …
+        cause = pending.pop()
+        if cause is None or id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        if isinstance(cause, RayError):  # also Ray's dual-class wrappers of our errors: look inside
+            pass
+        elif isinstance(cause, ClipengineError):
+            raise ClipengineError(str(cause).strip().splitlines()[0]) from None
+        elif isinstance(cause, ShardFailed):
+            raise ShardFailed(str(cause).strip().splitlines()[0]) from None
+        pending += [getattr(cause, "cause", None), cause.__cause__]
+    for line in str(error).splitlines():  # Ray Data 2.60 sends only the text of the remote traceback
+        for kind in (ClipengineError, ShardFailed):
+            prefix = f"{kind.__module__}.{kind.__name__}: "
+            if line.startswith(prefix):
+                raise kind(line[len(prefix):]) from None
+
+
+def _check_attempts(job: dict, stage: str, name: str) -> ShardStore:
+    """Count this attempt at ``stage`` of shard ``name``; :class:`ShardFailed` past the job's bound."""
+    store = ShardStore(*job["store"])
+    attempts = store.count_attempt(job["job"], stage, name)
+    if attempts > job["max_attempts"]:
+        raise ShardFailed(f"shard {name}: its {stage} worker died {attempts - 1} times (retries allowed: "
+                          f"{job['max_attempts'] - 1}); giving up — the Ray worker logs say why (memory?)")
+    return store
 
 
 def _probe_model(ray, config, factory, resources: dict) -> dict:
@@ -399,9 +502,7 @@ def _probe_model(ray, config, factory, resources: dict) -> dict:
     try:
         return ray.get(probe.remote(config, factory))
     except Exception as error:
-        cause = getattr(error, "cause", None)
-        if isinstance(cause, ClipengineError):
-            raise ClipengineError(str(cause)) from None
+        _raise_cause(error)
         raise
 
 
@@ -429,105 +530,23 @@ def _check_unique(keys: list[str]) -> None:
     raise ClipengineError(f"items: {len(dupes)} duplicate items (same path and box), e.g. {dupes[0]!r}")
 
 
-# ---- shards -------------------------------------------------------------------------------------
-def plan_shards(keys: list[str], items_per_shard: int) -> list[tuple[int, str, range]]:
-    """Consecutive item ranges: (number, file name, positions). The name carries a digest of the
-    range's keys, so a shard file is only ever taken for the very same items."""
-    plan = []
-    for number, start in enumerate(range(0, len(keys), items_per_shard)):
-        positions = range(start, min(start + items_per_shard, len(keys)))
-        digest = hashlib.sha256("\n".join(keys[i] for i in positions).encode()).hexdigest()[:16]
-        plan.append((number, f"shard-{number:06d}-{digest}.npz", positions))
-    return plan
-
-
-class ShardIndex:
-    """What a shard file holds, without its rows: ``keys`` of the encoded items (in row order) and
-    ``skipped`` key → reason."""
-
-    def __init__(self, keys: list[str], skipped: dict[str, str]):
-        self.keys = keys
-        self.skipped = skipped
-
-
-class ShardStore:
-    """``RUN/shards-ray/``: ``state.json`` (the model identity) + one ``.npz`` per finished shard.
-    Shards of another model are removed on opening."""
-
-    def __init__(self, folder: Path, identity: dict):
-        self.folder = Path(folder)
-        self.identity = identity
-        if self.folder.is_dir():
-            try:
-                same = json.loads((self.folder / STATE_FILE).read_text(encoding="utf-8")) == identity
-            except (OSError, ValueError):
-                same = False
-            if not same:
-                self.clear()
-
-    def prepare(self) -> None:
-        from clipengine.atomic import write_json
-
-        if not (self.folder / STATE_FILE).is_file():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            write_json(self.folder / STATE_FILE, self.identity)
-
-    def index(self, name: str) -> ShardIndex | None:
-        """The finished shard ``name`` (None when absent, unreadable or of another model)."""
-        path = self.folder / name
-        if not path.is_file():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as data:  # an .npz reads only the arrays asked for
-                if json.loads(str(data["identity"])) != self.identity:
-                    return None
-                return ShardIndex(data["keys"].tolist(),
-                                  dict(zip(data["skipped_keys"].tolist(), data["skipped_reasons"].tolist())))
-        except Exception:  # atomic writes make this unreachable; never trust a bad file anyway
-            path.unlink(missing_ok=True)
-            return None
-
-    def rows(self, name: str) -> dict[str, np.ndarray]:
-        """key → (D,) float32 row of the finished shard ``name``."""
-        with np.load(self.folder / name, allow_pickle=False) as data:
-            return dict(zip(data["keys"].tolist(), np.asarray(data["rows"], np.float32)))
-
-    def clear(self) -> None:
-        from clipengine.encode import remove_shard_folder
-
-        remove_shard_folder(self.folder)
-
-
-def write_shard(path: Path, keys: list[str], rows: np.ndarray, skipped: list[tuple[str, str]], identity: dict) -> None:
-    """One finished shard, atomically: ``keys`` (K,), ``rows`` (K, D) float32, skips, identity."""
-    from clipengine.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(
-                handle,
-                keys=np.asarray(keys, dtype=str).reshape(len(keys)),
-                rows=np.asarray(rows, np.float32),
-                skipped_keys=np.asarray([k for k, _ in skipped], dtype=str).reshape(len(skipped)),
-                skipped_reasons=np.asarray([r for _, r in skipped], dtype=str).reshape(len(skipped)),
-                identity=np.asarray(json.dumps(identity, sort_keys=True)),
-            )
-
-
 # ---- what runs on the workers -------------------------------------------------------------------
-def decode_shard(row: dict, *, spec, box_margin: float, max_pixels: int) -> dict:
+def decode_shard(row: dict, *, spec, box_margin: float, max_pixels: int, job: dict) -> dict:
     """Ray task: one shard's files → its pixels (bytes of (K, S, S, 3) uint8) and skip records.
     Decoding is :func:`clipengine.images.iter_batches` in this task's own thread."""
     from clipengine.images import iter_batches
 
+    _check_attempts(job, "decode", row["name"])
+
     payload = json.loads(row["payload"])
-    keys, files, boxes = payload["keys"], payload["files"], payload["boxes"]
+    keys, files, boxes, stats = payload["keys"], payload["files"], payload["boxes"], payload["stats"]
     batch = next(iter(iter_batches(files, boxes, spec, batch_size=len(files), workers=0,
                                    box_margin=box_margin, max_pixels=max_pixels)))
     images = np.ascontiguousarray(batch.images, dtype=np.uint8)  # (K, S, S, 3)
     return {
         "name": row["name"],
         "keys": json.dumps([keys[i] for i in batch.indices.tolist()]),
+        "stats": json.dumps([stats[i] for i in batch.indices.tolist()]),
         "skipped": json.dumps([[keys[i], reason] for i, reason in batch.skipped]),
         "count": int(len(batch.indices)),
         "size": int(spec.image_size),
@@ -536,31 +555,54 @@ def decode_shard(row: dict, *, spec, box_margin: float, max_pixels: int) -> dict
 
 
 class ShardEncoder:
-    """Ray actor: loads the model once (``factory(config)``), then per shard encodes its pixels in
-    batches of ``batch_size`` and writes the shard file."""
+    """Ray actor: loads the model once (``factory(config)``) and takes the labeller once, then per
+    shard encodes its pixels in batches of ``batch_size``, labels the rows and commits the shard."""
 
-    def __init__(self, config, factory, identity: dict, shard_dir: str, batch_size: int):
+    def __init__(self, config, factory, job: dict, batch_size: int, labeller=None):
+        import ray
+
         self.encoder = factory(config)
-        self.identity = identity_of(_record_of(self.encoder))
-        if self.identity != identity:
-            raise ClipengineError(f"a Ray worker loaded model {self.identity}, not {identity} as the job's first "
-                                  "worker did; give every worker the same kind of device")
-        self.shard_dir = Path(shard_dir)
+        self.store = ShardStore(*job["store"])
+        if identity_of(_record_of(self.encoder)) != self.store.identity:
+            raise ClipengineError(f"a Ray worker loaded model {identity_of(_record_of(self.encoder))}, not "
+                                  f"{self.store.identity} as the job's first worker did; give every worker the same "
+                                  "kind of device")
+        self.job = job
         self.batch_size = max(1, int(batch_size))
+        self.labeller = ray.get(labeller) if isinstance(labeller, ray.ObjectRef) else labeller
 
     def __call__(self, row: dict) -> dict:
+        name = row["name"]
+        _check_attempts(self.job, "encode", name)
         count, size = int(row["count"]), int(row["size"])
         images = np.frombuffer(row["images"], dtype=np.uint8).reshape(count, size, size, 3)
-        parts = [np.asarray(self.encoder.encode_images(images[start:start + self.batch_size]), np.float32)
-                 for start in range(0, count, self.batch_size)]  # each (B, D) float32, L2-normalized
-        rows = np.concatenate(parts) if parts else np.zeros((0, self.identity["embed_dim"]), np.float32)
-        skipped = [tuple(pair) for pair in json.loads(row["skipped"])]
-        write_shard(self.shard_dir / row["name"], json.loads(row["keys"]), rows, skipped, self.identity)
-        return {"name": row["name"], "encoded": count, "skipped": len(skipped)}
+        try:
+            parts = [np.asarray(self.encoder.encode_images(images[start:start + self.batch_size]), np.float32)
+                     for start in range(0, count, self.batch_size)]  # each (B, D) float32, L2-normalized
+        except Exception as error:
+            first = (str(error).strip().splitlines() or [""])[0]
+            raise ShardFailed(f"shard {name}: encoding failed: {type(error).__name__}: {first}") from None
+        rows = np.concatenate(parts) if parts else np.zeros((0, self.store.identity["embed_dim"]), np.float32)
+        skipped = json.loads(row["skipped"])
+        keys = json.loads(row["keys"])
+        arrays = {
+            "keys": np.asarray(keys, dtype=str).reshape(len(keys)),
+            "rows": rows,
+            "stats": np.asarray(json.loads(row["stats"]), np.int64).reshape(len(keys), 2),
+            "skipped_keys": np.asarray([k for k, _ in skipped], dtype=str).reshape(len(skipped)),
+            "skipped_reasons": np.asarray([r for _, r in skipped], dtype=str).reshape(len(skipped)),
+        }
+        if self.labeller is not None:
+            arrays.update(self.labeller.label(rows), labels_key=np.asarray(self.labeller.key))
+        self.store.write(name, arrays)
+        return {"name": name, "encoded": count, "skipped": len(skipped)}
 
 
 __all__ = [
     "DEFAULT_ITEMS_PER_SHARD",
+    "SHARDS_DIR",
+    "ShardFailed",
+    "ShardIndex",
     "ShardStore",
     "decode_shard",
     "encode_items",
