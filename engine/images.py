@@ -288,15 +288,16 @@ def _resize_vectorized(image: Image.Image, size: tuple[int, int], interpolation:
 
 
 _worker_threads_limited = threading.local()
+_decode_process = False  # set in the processes of the decode pool (pool="process")
 
 
 def _limit_worker_torch_threads(torch) -> None:
-    """One torch thread inside a decode worker thread: otherwise every worker opens its own OpenMP
-    team of all cores (measured: half the throughput of two single-threaded workers). The calling
-    (main) thread keeps its setting: the model may be running there."""
+    """One torch thread inside a decode worker thread or process: otherwise every worker opens its
+    own OpenMP team of all cores (measured: half the throughput of two single-threaded workers). The
+    main thread of any other process keeps its setting: the model may be running there."""
     if getattr(_worker_threads_limited, "done", False):
         return
-    if threading.current_thread() is not threading.main_thread():
+    if _decode_process or threading.current_thread() is not threading.main_thread():
         # OpenMP's thread count is per thread, so the main thread keeps its own; torch also makes it
         # the default of threads started later, and clipengine never runs a model in such a thread
         torch.set_num_threads(1)
@@ -557,7 +558,13 @@ def _process_pool(workers: int):
     from concurrent.futures import ProcessPoolExecutor
 
     # spawn, not fork: the parent may hold torch/CUDA threads that a fork would copy half-locked
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_become_decode_process)
+
+
+def _become_decode_process() -> None:
+    global _decode_process
+    _decode_process = True
 
 
 def _decode_range(files, boxes, start, spec, box_margin, max_pixels, load) -> Batch:
