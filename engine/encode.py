@@ -356,12 +356,17 @@ def rows_digest(embeddings: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+def same_file(recorded, current) -> bool:
+    """Whether a row encoded when its file had the (2,) stats ``recorded`` still stands for the file
+    with stats ``current`` (see ``file_stats``); None (recorded by an older clipengine) is trusted."""
+    return recorded is None or tuple(recorded) == tuple(current)
+
+
 def _drop_changed(done: dict, keys: list[str], stats: np.ndarray) -> None:
-    """Forget finished rows whose file was rewritten since it was encoded (rows recorded without
-    stats, by an older clipengine, are kept)."""
+    """Forget finished rows whose file was rewritten since it was encoded."""
     for i, key in enumerate(keys):
         entry = done.get(key)
-        if entry is not None and entry[1] is not None and tuple(entry[1]) != tuple(stats[i]):
+        if entry is not None and not same_file(entry[1], stats[i]):
             del done[key]
 
 

@@ -251,7 +251,15 @@ def open_finished(out_dir: Path, identity: dict, keys: list[str], stats: np.ndar
     import polars as pl
 
     from clipengine.atomic import read_parquet_metadata
-    from clipengine.encode import EMBEDDINGS_FILE, ITEMS_FILE, STATS_FILE, item_keys, read_item_stats, rows_digest
+    from clipengine.encode import (
+        EMBEDDINGS_FILE,
+        ITEMS_FILE,
+        STATS_FILE,
+        item_keys,
+        read_item_stats,
+        rows_digest,
+        same_file,
+    )
 
     items_path, emb_path = out_dir / ITEMS_FILE, out_dir / EMBEDDINGS_FILE
     if not (items_path.is_file() and emb_path.is_file()):
@@ -274,7 +282,7 @@ def open_finished(out_dir: Path, identity: dict, keys: list[str], stats: np.ndar
     if recorded is not None:  # None: written by an older clipengine, trusted as before
         for key, current in zip(keys, stats):
             row = rows.get(key)
-            if row is not None and tuple(recorded[row]) != tuple(current):
+            if row is not None and not same_file(recorded[row], current):
                 del rows[key]
     return FinishedRun(rows, embeddings)
 

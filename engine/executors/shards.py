@@ -77,10 +77,12 @@ class ShardIndex:
     def files_unchanged(self, keys: list[str], stats: np.ndarray, positions: range) -> bool:
         """Whether every file encoded in this shard still has the stats it had then (``stats`` (N, 2)
         of the job's ``keys``; the shard covers ``positions``)."""
+        from clipengine.encode import same_file
+
         if self.stats is None:
             return True
-        now = {keys[i]: tuple(stats[i]) for i in positions}
-        return all(now.get(key) == tuple(recorded) for key, recorded in zip(self.keys, self.stats))
+        now = {keys[i]: stats[i] for i in positions}
+        return all(key in now and same_file(recorded, now[key]) for key, recorded in zip(self.keys, self.stats))
 
 
 class ShardStore:
