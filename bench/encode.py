@@ -39,6 +39,7 @@ DEFAULT_ROUNDS = 3
 CONFIGS = {  # name -> (backend, precision, device)
     "torch-fp32": ("torch", "fp32", "cpu"),
     "torch-bf16": ("torch", "bf16", "cpu"),
+    "torch-bf16-module": ("torch", "bf16", "cpu"),  # bf16 through open_clip's module forward, not fused
     "onnxruntime-fp32": ("onnxruntime", "fp32", "cpu"),
     "torch-cuda-fp16": ("torch", "fp16", "cuda"),
     "tensorrt-fp16": ("tensorrt", "fp16", "cuda"),
@@ -141,6 +142,10 @@ def run_clipengine(args) -> dict:
                           progress=False)
     started = time.perf_counter()
     encoder = create_encoder(config)
+    if args.config == "torch-bf16-module":  # what the fused CPU forward gains, in the same run
+        record = encoder.model_record
+        encoder = type(encoder)(encoder.towers, device=device, precision=precision, fused=False)
+        encoder.model_record = record
     setup_seconds = time.perf_counter() - started
     paths = Path(args.listing).read_text().split()
     pixels = decoded_set(paths, args.batch_size * (args.model_batches + 1))
@@ -205,7 +210,7 @@ def available_configs() -> list[str]:
     import importlib.util
 
     cuda = Path("/dev/nvidiactl").exists()
-    names = ["torch-fp32", "torch-bf16"]
+    names = ["torch-fp32", "torch-bf16", "torch-bf16-module"]
     if importlib.util.find_spec("onnxruntime"):
         names.append("onnxruntime-fp32")
     if cuda:

@@ -5,7 +5,7 @@ on first use, so that naming a backend never imports the others' heavy packages.
 
 | backend | devices | precisions | image tower | text tower |
 | --- | --- | --- | --- | --- |
-| ``torch`` | cpu, cuda | fp32, bf16, fp16 (cuda) | torch eager, inference mode | torch |
+| ``torch`` | cpu, cuda | fp32, bf16, fp16 (cuda) | torch eager, inference mode (CPU bf16: the fused forward of ``torch_vit_cpu``) | torch |
 | ``onnxruntime`` | cpu | fp32 | ONNX (exported once, cached) | torch fp32 |
 | ``tensorrt`` | cuda | fp16 (LayerNorm/softmax fp32), fp32 | TensorRT plan built from the same ONNX | torch on cuda |
 

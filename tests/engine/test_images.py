@@ -120,6 +120,33 @@ def test_fast_resize_stays_within_a_level_or_two_of_open_clip(photos, name, inte
     assert difference.max() <= (1 if min(Image.open(path).size) >= size else 2) and difference.mean() < 0.02
 
 
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash"])
+@pytest.mark.parametrize("box", [None, [40, 30, 400, 260], [100, 0, 290, 300]])
+@pytest.mark.parametrize("name", ["astronaut", "rocket"])
+def test_fast_resize_reading_pil_pixels_in_place_changes_nothing(photos, monkeypatch, name, box, resize_mode):
+    import clipengine.images as images
+
+    path = photos[(name, "jpg")]
+    spec = ImageSpec(96, resize_mode=resize_mode, fast_jpeg=False, fast_resize=True)
+    with Image.open(path) as image:
+        image.load()
+        view = images._rgbx_pixels(image)
+        assert view is not None and view.shape == (image.height, image.width, 4)
+        np.testing.assert_array_equal(view[..., :3], np.array(image))
+    in_place = load_image(path, box, spec, box_margin=0.0)
+    monkeypatch.setattr(images, "_rgbx_pixels", lambda image: None)  # as with an older Pillow
+    np.testing.assert_array_equal(in_place, load_image(path, box, spec, box_margin=0.0))
+    exact = load_image(path, box, ImageSpec(96, resize_mode=resize_mode, fast_jpeg=False, fast_resize=False), box_margin=0.0)
+    assert np.abs(in_place.astype(np.int16) - exact).max() <= 2
+
+
+def test_pixels_in_several_blocks_are_not_viewed_in_place():
+    import clipengine.images as images
+
+    assert images._rgbx_pixels(Image.new("RGB", (5000, 4000))) is None  # 80 MB: PIL splits the rows
+    assert images._rgbx_pixels(Image.new("L", (50, 40))) is None  # one byte per pixel: not RGBX
+
+
 def test_fast_resize_in_worker_threads_leaves_the_main_thread_s_torch_threads(photos):
     import torch
 

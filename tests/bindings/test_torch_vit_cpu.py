@@ -1,0 +1,107 @@
+"""The fused CPU forward against the module's own forward, for every open_clip ViT variant it covers."""
+
+import numpy as np
+import pytest
+import torch
+
+from clipengine.bindings.torch_vit_cpu import FusedVisionTransformer, unsupported_reason
+from tests.bindings.reference import cosine
+
+pytestmark = pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN"
+)
+
+
+def _vision(**overrides):
+    from open_clip.transformer import VisionTransformer
+
+    settings = dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_ratio=4.0, output_dim=24)
+    settings.update(overrides)
+    torch.manual_seed(0)
+    visual = VisionTransformer(**settings).eval().requires_grad_(False)
+    # random-init open_clip leaves norms at identity and LayerScale at 1e-5: perturb them so a
+    # forward that skipped or misplaced one would differ
+    with torch.no_grad():
+        for name, parameter in visual.named_parameters():
+            if "ln" in name or "gamma" in name or name.endswith("bias"):
+                parameter.add_(0.2 * torch.randn_like(parameter))
+    return visual
+
+
+def _variants():
+    from open_clip.transformer import LayerNormFp32, QuickGELU
+
+    return {
+        "plain": {},
+        "layer-scale": {"ls_init_value": 0.5},
+        "avg-pool": {"pool_type": "avg"},
+        "no-ln-pre": {"no_ln_pre": True},
+        "ln-after-pool": {"pool_type": "avg", "final_ln_after_pool": True},
+        "quick-gelu": {"act_layer": QuickGELU},
+        "gelu-tanh": {"act_layer": lambda: torch.nn.GELU(approximate="tanh")},
+        "layer-norm-fp32": {"norm_layer": LayerNormFp32},
+        "size-not-a-patch-multiple": {"image_size": 36},  # 36 = 4·8 + 4: the convolution drops the rest
+    }
+
+
+@pytest.mark.parametrize("variant", list(_variants()))
+def test_matches_module_forward(variant):
+    visual = _vision(**_variants()[variant])
+    assert unsupported_reason(visual) is None
+    size = visual.image_size[0]
+    pixels = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        reference = visual(pixels)
+        fused = FusedVisionTransformer(visual, torch.float32)(pixels)
+        assert fused.shape == reference.shape == (5, 24) and fused.dtype == torch.float32
+        torch.testing.assert_close(fused, reference, rtol=1e-4, atol=1e-4)
+        fused_bf16 = FusedVisionTransformer(visual, torch.bfloat16)(pixels.bfloat16())
+    assert fused_bf16.dtype == torch.bfloat16
+    assert cosine(fused_bf16.float().numpy(), reference.numpy()).min() >= 0.999
+
+
+def test_without_projection():
+    visual = _vision()
+    visual.proj = None
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(FusedVisionTransformer(visual, torch.float32)(pixels), visual(pixels), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"attentional_pool": True}, "attentional pooling"),
+        ({"output_tokens": True}, "token outputs"),
+        ({"block_type": "custom"}, "not the standard residual attention block"),
+        ({"qk_norm": True}, "not the standard residual attention block"),
+    ],
+)
+def test_names_what_it_cannot_fuse(change, reason):
+    visual = _vision(**change)
+    assert reason in unsupported_reason(visual)
+    with pytest.raises(ValueError, match="cannot fuse"):
+        FusedVisionTransformer(visual)
+
+
+def test_names_a_foreign_tower_and_an_unknown_activation():
+    assert "not an open_clip VisionTransformer" in unsupported_reason(torch.nn.Linear(3, 3))
+    visual = _vision()
+    visual.transformer.resblocks[1].mlp.gelu = torch.nn.SiLU()
+    assert unsupported_reason(visual) == "block 1: activation SiLU"
+
+
+def test_torch_encoder_fuses_bf16_on_cpu_only(tiny_clip, sample_photos):
+    from clipengine.bindings.torch import TorchEncoder
+    from clipengine.models import load_model, resolve_model
+
+    towers = load_model(resolve_model(tiny_clip.model_config))
+    fused = TorchEncoder(towers, precision="bf16")
+    module = TorchEncoder(towers, precision="bf16", fused=False)
+    fp32 = TorchEncoder(towers, precision="fp32")
+    assert fused.unfused_reason is None
+    assert module.unfused_reason == "fused=False" and fp32.unfused_reason == "only bf16 on the CPU is fused"
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    reference = fp32.encode_images(pixels)
+    assert cosine(fused.encode_images(pixels), reference).min() >= 0.999
+    assert cosine(fused.encode_images(pixels), module.encode_images(pixels)).min() >= 0.999
