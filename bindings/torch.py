@@ -63,6 +63,7 @@ class TorchEncoder:
             self.unfused_reason = unsupported_reason(self._image)
             if self.unfused_reason is None:
                 self._image = FusedVisionTransformer(self._image, self.dtype)
+        self.image_forward = "fused CPU forward" if self.unfused_reason is None else f"module ({self.unfused_reason})"
         # x_norm = (x / 255 - mean) / std = x * scale + shift, per channel
         std = torch.tensor(towers.std, dtype=torch.float32)
         mean = torch.tensor(towers.mean, dtype=torch.float32)

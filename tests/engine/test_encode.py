@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from clipengine.bindings import cpu_supports_bf16
 from tests.bindings.reference import cosine, open_clip_reference
 
 
@@ -59,6 +60,7 @@ def test_encode_cli_end_to_end(tiny_clip, photo_dir, tmp_path):
     assert paths == sorted(paths, key=lambda p: os.path.relpath(p, photo_dir)) and len(paths) == 5
     assert skipped["path"].to_list() == [str(photo_dir / "broken.jpg")] and skipped["reason"][0]
     assert record["backend"] == "torch" and record["precision"] == "fp32" and record["embed_dim"] == 32
+    assert record["image_forward"] == "module (only bf16 on the CPU is fused)"
     assert not (out / "shards").exists()
     # the same rows as open_clip's own preprocess + eager forward on the same weights
     reference, _ = open_clip_reference(tiny_clip, paths)
@@ -71,6 +73,18 @@ def test_encode_cli_end_to_end(tiny_clip, photo_dir, tmp_path):
 
     expected = text_encoder_from_dir(out, device="cpu").encode_texts(["a cat", "a dog"])
     np.testing.assert_allclose(np.array([r["embedding"] for r in rows]), expected, atol=1e-6)
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no bf16 instructions")
+def test_default_precision_on_a_bf16_cpu_runs_the_fused_forward(tiny_clip, photo_dir, tmp_path):
+    out = tmp_path / "emb"
+    _run_cli(["encode", str(photo_dir), "--out", str(out), "--model", str(tiny_clip.config_path),
+              "--weights", str(tiny_clip.weights_path), "--exact-decode", "--quiet"])
+    record = json.loads((out / "model.json").read_text())
+    assert (record["backend"], record["precision"], record["image_forward"]) == ("torch", "bf16", "fused CPU forward")
+    paths = pl.read_parquet(out / "items.parquet")["path"].to_list()
+    reference, _ = open_clip_reference(tiny_clip, paths)
+    assert cosine(np.load(out / "embeddings.npy"), reference).min() >= 0.999
 
 
 def test_superset_rerun_encodes_only_new_items(tiny_clip, sample_photos, tmp_path):
