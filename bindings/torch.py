@@ -4,8 +4,9 @@ uint8 NHWC batches go to the device as uint8 (4× fewer bytes than float) and ar
 normalized there with the model's mean/std. The image tower runs in the requested precision
 (bf16: a pure cast, on CPUs with AMX ~4× faster than fp32; fp16: autocast); the text tower runs in
 fp32 (prompts are few and annotate compares against them). On the CPU in bf16, a standard open_clip
-ViT runs through :mod:`clipengine.bindings.torch_vit_cpu` (same weights, fused oneDNN calls, 8–15 %
-faster); ``fused=False`` or any other tower keeps the module's own forward.
+ViT or transformers CLIP vision tower runs through :mod:`clipengine.bindings.torch_vit_cpu` (same
+weights, fused oneDNN calls, 8–15 % faster); ``fused=False`` or any other tower keeps the module's
+own forward (``image_forward`` says which ran).
 """
 
 from __future__ import annotations

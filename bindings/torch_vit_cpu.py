@@ -12,8 +12,10 @@ Measured (2-core AMX VM, random-init ViT-B/32, batch 32, interleaved per batch, 
 bf16 1.08–1.15× the module's forward, cosine to the module's fp32 output unchanged (0.99994); fp32
 within noise of the module (0.97–1.02×), so :class:`TorchEncoder` uses this path for bf16 only.
 
-Only the plain CLIP ViT is covered: :func:`unsupported_reason` names what a tower has outside it
-(attentional pooling, custom blocks, token outputs, ...), and the caller then keeps the module.
+Covered: open_clip's plain CLIP ViT, and a transformers ``CLIPModel``'s vision tower + projection
+(the engine's Hugging Face image tower holds it as ``tower.clip``). :func:`unsupported_reason` names
+what a tower has outside that (attentional pooling, custom blocks, token outputs, ...), and the
+caller then keeps the module.
 """
 
 from __future__ import annotations
@@ -35,18 +37,20 @@ def fused_linear_available() -> bool:
 
 def unsupported_reason(visual: Any) -> str | None:
     """None when :class:`FusedVisionTransformer` reproduces ``visual``'s forward, else why not."""
-    if type(visual).__name__ != "VisionTransformer" or not hasattr(visual, "transformer"):
-        return f"not an open_clip VisionTransformer ({type(visual).__name__})"
     if not fused_linear_available():
         return "this torch build has no oneDNN fused linear"
+    hf = _hf_vision(visual)
+    if hf is not None:
+        return _hf_unsupported_reason(*hf)
+    if type(visual).__name__ != "VisionTransformer" or not hasattr(visual, "transformer"):
+        return f"neither an open_clip VisionTransformer nor a transformers CLIPModel ({type(visual).__name__})"
     if getattr(visual, "attn_pool", None) is not None:
         return "attentional pooling"
     if getattr(visual, "output_tokens", False):
         return "token outputs"
     if visual.pool_type not in ("tok", "avg"):
         return f"pool type {visual.pool_type!r}"
-    conv = visual.conv1
-    if conv.bias is not None or conv.kernel_size != conv.stride or conv.padding != (0, 0) or conv.groups != 1:
+    if not _is_patch_convolution(visual.conv1):
         return "patch embedding is not a bias-free, non-overlapping convolution"
     if not getattr(visual.transformer, "batch_first", True):
         return "sequence-first transformer"
@@ -81,6 +85,39 @@ def _block_unsupported_reason(block) -> str | None:
     return None
 
 
+def _hf_vision(tower) -> tuple[Any, Any] | None:
+    """(CLIPVisionTransformer, visual projection) of a tower holding a transformers CLIPModel as
+    ``tower.clip``, else None."""
+    clip = getattr(tower, "clip", None)
+    if type(clip).__name__ != "CLIPModel":
+        return None
+    return clip.vision_model, clip.visual_projection
+
+
+def _hf_unsupported_reason(vision, projection) -> str | None:
+    if not _is_patch_convolution(vision.embeddings.patch_embedding):
+        return "patch embedding is not a bias-free, non-overlapping convolution"
+    if projection.bias is not None:
+        return "visual projection has a bias"
+    if not (_is_norm(vision.pre_layrnorm) and _is_norm(vision.post_layernorm)):
+        return "pre/post norms are not LayerNorm"
+    for index, layer in enumerate(vision.encoder.layers):
+        attention = layer.self_attn
+        if type(layer).__name__ != "CLIPEncoderLayer" or not all(
+            hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "out_proj")
+        ):
+            return f"block {index}: {type(layer).__name__} is not the standard CLIP encoder layer"
+        if not (_is_norm(layer.layer_norm1) and _is_norm(layer.layer_norm2)):
+            return f"block {index}: norm layers are not LayerNorm"
+        if _activation(layer.mlp.activation_fn) is None:
+            return f"block {index}: activation {type(layer.mlp.activation_fn).__name__}"
+    return None
+
+
+def _is_patch_convolution(conv) -> bool:
+    return conv.bias is None and conv.kernel_size == conv.stride and conv.padding == (0, 0) and conv.groups == 1
+
+
 def _is_norm(module, allow_identity: bool = False) -> bool:
     if allow_identity and isinstance(module, torch.nn.Identity):
         return True
@@ -91,8 +128,11 @@ def _activation(module) -> str | None:
     """"gelu" / "gelu_tanh" (fused into the matmul) or "quick_gelu" (applied after it); None: other."""
     if isinstance(module, torch.nn.GELU):
         return "gelu" if module.approximate == "none" else "gelu_tanh"
-    if type(module).__name__ == "QuickGELU":
+    name = type(module).__name__
+    if name in ("QuickGELU", "QuickGELUActivation"):  # open_clip's, transformers': x · sigmoid(1.702 x)
         return "quick_gelu"
+    if name == "GELUActivation" and getattr(module, "act", None) is torch.nn.functional.gelu:  # transformers' exact GELU
+        return "gelu"
     return None
 
 
@@ -147,46 +187,85 @@ class FusedVisionTransformer:
         if reason:
             raise ValueError(f"cannot fuse this image tower: {reason}")
         self.dtype = dtype
+        hf = _hf_vision(visual)
+        if hf is None:
+            self._take_open_clip(visual)
+        else:
+            self._take_hf(*hf)
 
-        def cast(tensor):
-            return None if tensor is None else tensor.detach().to(dtype).contiguous()
+    def _cast(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.detach().to(self.dtype).contiguous()
 
-        conv = visual.conv1
+    def _take_patches(self, conv, class_embedding, positional_embedding) -> None:
         self.patch = tuple(conv.kernel_size)
         self.width = conv.out_channels
-        self.patch_weight = cast(conv.weight.reshape(conv.out_channels, -1))  # (W, 3·P·P), rows (c, y, x)
-        self.class_embedding = cast(visual.class_embedding)  # (W,)
-        self.positional_embedding = cast(visual.positional_embedding)  # (1 + G, W)
-        self.norm_pre = _Norm.of(visual.ln_pre, dtype)
-        self.norm_post = _Norm.of(visual.ln_post, dtype)
+        self.patch_weight = self._cast(conv.weight.reshape(conv.out_channels, -1))  # (W, 3·P·P), rows (c, y, x)
+        self.class_embedding = self._cast(class_embedding)  # (W,)
+        self.positional_embedding = self._cast(positional_embedding)  # (1 + G, W)
+
+    def _take_open_clip(self, visual) -> None:
+        self._take_patches(visual.conv1, visual.class_embedding, visual.positional_embedding)
+        self.norm_pre = _Norm.of(visual.ln_pre, self.dtype)
+        self.norm_post = _Norm.of(visual.ln_post, self.dtype)
         self.pool = visual.pool_type
         self.final_norm_after_pool = bool(getattr(visual, "final_ln_after_pool", False))
-        self.proj = cast(visual.proj)  # (W, D) or None
-        self.blocks = [self._block(block, cast, dtype) for block in visual.transformer.resblocks]
-
-    @staticmethod
-    def _block(block, cast, dtype) -> _Block:
-        attention, mlp = block.attn, block.mlp
+        self.proj = self._cast(visual.proj)  # (W, D) or None
 
         def gamma(scale):
-            return None if isinstance(scale, torch.nn.Identity) else cast(scale.gamma)
+            return None if isinstance(scale, torch.nn.Identity) else self._cast(scale.gamma)
 
-        return _Block(
-            norm_attention=_Norm.of(block.ln_1, dtype),
-            qkv_weight=cast(attention.in_proj_weight),
-            qkv_bias=cast(attention.in_proj_bias),
-            out_weight=cast(attention.out_proj.weight),
-            out_bias=cast(attention.out_proj.bias),
-            scale_attention=gamma(block.ls_1),
-            norm_mlp=_Norm.of(block.ln_2, dtype),
-            fc_weight=cast(mlp.c_fc.weight),
-            fc_bias=cast(mlp.c_fc.bias),
-            proj_weight=cast(mlp.c_proj.weight),
-            proj_bias=cast(mlp.c_proj.bias),
-            scale_mlp=gamma(block.ls_2),
-            activation=_activation(mlp.gelu),
-            heads=attention.num_heads,
-        )
+        self.blocks = [
+            _Block(
+                norm_attention=_Norm.of(block.ln_1, self.dtype),
+                qkv_weight=self._cast(block.attn.in_proj_weight),
+                qkv_bias=self._cast(block.attn.in_proj_bias),
+                out_weight=self._cast(block.attn.out_proj.weight),
+                out_bias=self._cast(block.attn.out_proj.bias),
+                scale_attention=gamma(block.ls_1),
+                norm_mlp=_Norm.of(block.ln_2, self.dtype),
+                fc_weight=self._cast(block.mlp.c_fc.weight),
+                fc_bias=self._cast(block.mlp.c_fc.bias),
+                proj_weight=self._cast(block.mlp.c_proj.weight),
+                proj_bias=self._cast(block.mlp.c_proj.bias),
+                scale_mlp=gamma(block.ls_2),
+                activation=_activation(block.mlp.gelu),
+                heads=block.attn.num_heads,
+            )
+            for block in visual.transformer.resblocks
+        ]
+
+    def _take_hf(self, vision, projection) -> None:
+        embeddings = vision.embeddings
+        self._take_patches(embeddings.patch_embedding, embeddings.class_embedding, embeddings.position_embedding.weight)
+        self.norm_pre = _Norm.of(vision.pre_layrnorm, self.dtype)
+        self.norm_post = _Norm.of(vision.post_layernorm, self.dtype)
+        self.pool = "tok"
+        self.final_norm_after_pool = True  # transformers normalizes the pooled class token
+        self.proj = self._cast(projection.weight.t())  # (W, D)
+
+        def joined(attention, part):  # q, k, v projections as one (3W, W) matmul, in that order
+            tensors = [getattr(getattr(attention, f"{name}_proj"), part) for name in "qkv"]
+            return None if any(t is None for t in tensors) else self._cast(torch.cat(tensors))
+
+        self.blocks = [
+            _Block(
+                norm_attention=_Norm.of(layer.layer_norm1, self.dtype),
+                qkv_weight=joined(layer.self_attn, "weight"),
+                qkv_bias=joined(layer.self_attn, "bias"),
+                out_weight=self._cast(layer.self_attn.out_proj.weight),
+                out_bias=self._cast(layer.self_attn.out_proj.bias),
+                scale_attention=None,
+                norm_mlp=_Norm.of(layer.layer_norm2, self.dtype),
+                fc_weight=self._cast(layer.mlp.fc1.weight),
+                fc_bias=self._cast(layer.mlp.fc1.bias),
+                proj_weight=self._cast(layer.mlp.fc2.weight),
+                proj_bias=self._cast(layer.mlp.fc2.bias),
+                scale_mlp=None,
+                activation=_activation(layer.mlp.activation_fn),
+                heads=layer.self_attn.num_heads,
+            )
+            for layer in vision.encoder.layers
+        ]
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         n, channels, height, width = pixels.shape

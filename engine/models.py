@@ -565,6 +565,9 @@ def _load_hf(spec: ModelSpec):
     context_length = int(config.text_config.max_position_embeddings)
 
     class HFImage(torch.nn.Module):
+        """(N, 3, S, S) normalized → (N, D) projected image features. ``clip`` (the CLIPModel) is
+        what ``bindings.torch_vit_cpu`` reads to run this tower fused."""
+
         def __init__(self, clip):
             super().__init__()
             self.clip = clip

@@ -84,8 +84,53 @@ def test_names_what_it_cannot_fuse(change, reason):
         FusedVisionTransformer(visual)
 
 
+def _hf_tower(hidden_act: str):
+    """A random-init transformers CLIPModel held as ``tower.clip``, as the engine's Hugging Face image
+    tower holds it, with transformers' own image forward."""
+    transformers = pytest.importorskip("transformers")
+
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=100),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, hidden_act=hidden_act),
+        projection_dim=24,
+    )
+    torch.manual_seed(0)
+    clip = transformers.CLIPModel(config).eval().requires_grad_(False)
+    with torch.no_grad():
+        for name, parameter in clip.vision_model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                parameter.add_(0.2 * torch.randn_like(parameter))
+
+    class Tower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.clip = clip
+
+        def forward(self, pixels):
+            return self.clip.visual_projection(self.clip.vision_model(pixel_values=pixels).pooler_output)
+
+    return Tower().eval()
+
+
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
+def test_matches_transformers_clip_vision_forward(hidden_act):
+    tower = _hf_tower(hidden_act)
+    assert unsupported_reason(tower) is None
+    pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        reference = tower(pixels)
+        torch.testing.assert_close(FusedVisionTransformer(tower, torch.float32)(pixels), reference, rtol=1e-4, atol=1e-4)
+        fused_bf16 = FusedVisionTransformer(tower, torch.bfloat16)(pixels.bfloat16())
+    assert cosine(fused_bf16.float().numpy(), reference.numpy()).min() >= 0.999
+
+
+def test_names_what_it_cannot_fuse_in_a_transformers_tower():
+    assert unsupported_reason(_hf_tower("gelu_new")) == "block 0: activation NewGELUActivation"
+
+
 def test_names_a_foreign_tower_and_an_unknown_activation():
-    assert "not an open_clip VisionTransformer" in unsupported_reason(torch.nn.Linear(3, 3))
+    assert "neither an open_clip VisionTransformer nor a transformers CLIPModel" in unsupported_reason(torch.nn.Linear(3, 3))
     visual = _vision()
     visual.transformer.resblocks[1].mlp.gelu = torch.nn.SiLU()
     assert unsupported_reason(visual) == "block 1: activation SiLU"

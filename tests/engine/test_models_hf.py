@@ -59,3 +59,7 @@ def test_hf_directory_matches_transformers_forward(hf_clip_dir):
     got_texts = encoder.encode_texts(texts)
     assert (got_images * out.image_embeds.numpy()).sum(1).min() >= 0.99999
     assert (got_texts * out.text_embeds.numpy()).sum(1).min() >= 0.99999
+    # bf16 on the CPU runs the same weights through the fused forward
+    bf16 = TorchEncoder(load_model(spec), precision="bf16")
+    assert bf16.image_forward == "fused CPU forward"
+    assert (bf16.encode_images(images) * out.image_embeds.numpy()).sum(1).min() >= 0.999
