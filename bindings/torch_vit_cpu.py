@@ -1,4 +1,4 @@
-"""open_clip's standard ``VisionTransformer`` re-run on the CPU with fewer, fused oneDNN calls.
+"""A CLIP ViT image tower (open_clip's or transformers') re-run on the CPU with fewer, fused oneDNN calls.
 
 The same weights and the same arithmetic as the module's eager forward, restructured for the CPU:
 
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-_NORM_CLASSES = ("LayerNorm", "LayerNormFp32")  # torch's and open_clip's (which casts back), open_clip's fp32 one
-_QUICK_GELU_SLOPE = 1.702  # open_clip's QuickGELU: x · sigmoid(1.702 x)
+_NORM_CLASSES = ("LayerNorm", "LayerNormFp32")  # torch's and open_clip's LayerNorm (one name), open_clip's fp32 one
+_QUICK_GELU_SLOPE = 1.702  # QuickGELU (OpenAI's CLIP): x · sigmoid(1.702 x)
 
 
 def fused_linear_available() -> bool:
