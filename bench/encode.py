@@ -208,7 +208,8 @@ def run_paired(args) -> dict:
     def open_clip_pass() -> float:
         return open_clip_e2e(model, preprocess, paths, args.batch_size, out_dir / "open_clip")
 
-    clipengine_pass(), open_clip_pass()  # warm-up: thread pools, allocator, oneDNN primitives
+    clipengine_pass()  # warm-up of both: thread pools, allocator, oneDNN primitives
+    open_clip_pass()
     pairs = []
     for index in range(args.pairs):
         if index % 2:

@@ -53,17 +53,18 @@ class TorchEncoder:
         # bf16 has fp32's range, so a pure cast is safe and fastest (AMX on CPU)
         self._autocast = self.dtype == torch.float16 and self.device.type == "cuda"
         weight_dtype = torch.float32 if self._autocast else self.dtype
-        if weight_dtype != torch.float32 or self.device.type != "cpu":
-            image = copy.deepcopy(image).to(device=self.device, dtype=weight_dtype)
-        self._image = image.eval()
         # why the image tower runs as its module (None: it runs fused)
         self.unfused_reason: str | None = "fused=False" if not fused else "only bf16 on the CPU is fused"
         if fused and self.device.type == "cpu" and self.dtype == torch.bfloat16:
             from clipengine.bindings.torch_vit_cpu import FusedVisionTransformer, unsupported_reason
 
-            self.unfused_reason = unsupported_reason(self._image)
-            if self.unfused_reason is None:
-                self._image = FusedVisionTransformer(self._image, self.dtype)
+            self.unfused_reason = unsupported_reason(image)
+        if self.unfused_reason is None:  # takes its own bf16 copies of the image weights only
+            self._image = FusedVisionTransformer(image, self.dtype)
+        else:
+            if weight_dtype != torch.float32 or self.device.type != "cpu":
+                image = copy.deepcopy(image).to(device=self.device, dtype=weight_dtype)
+            self._image = image.eval()
         self.image_forward = "fused CPU forward" if self.unfused_reason is None else f"module ({self.unfused_reason})"
         # x_norm = (x / 255 - mean) / std = x * scale + shift, per channel
         std = torch.tensor(towers.std, dtype=torch.float32)

@@ -286,17 +286,13 @@ def _resize_crop_vectorized(image: Image.Image, region, target: tuple[int, int],
     :func:`_resize_vectorized` plus PIL crops, without three copies through PIL (a quarter less CPU)."""
     import torch
 
-    _limit_worker_torch_threads(torch)
     pixels = _rgbx_pixels(image)
     if pixels is None:
         pixels = np.array(image, dtype=np.uint8)  # (H, W, 3)
     left, top, right, bottom = region
     window = torch.from_numpy(pixels)[top:bottom, left:right].permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w)
     if target != (right - left, bottom - top):
-        window = window.contiguous(memory_format=torch.channels_last)  # the kernel's vectorized layout
-        window = torch.nn.functional.interpolate(
-            window, size=(target[1], target[0]), mode=spec.interpolation, antialias=True
-        )
+        window = _interpolate_uint8(window, target, spec.interpolation)
     x0, y0, x1, y1 = _crop_window(target, spec.image_size)
     return np.ascontiguousarray(window[0, :3, y0:y1, x0:x1].permute(1, 2, 0).numpy())
 
@@ -324,10 +320,19 @@ def _resize_vectorized(image: Image.Image, size: tuple[int, int], interpolation:
     the same filter as PIL's (within 1 level shrinking, 2 enlarging), about 3× faster than PIL's scalar code."""
     import torch
 
-    _limit_worker_torch_threads(torch)
     pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)  # channels-last
-    resized = torch.nn.functional.interpolate(pixels, size=(size[1], size[0]), mode=interpolation, antialias=True)
+    resized = _interpolate_uint8(pixels, size, interpolation)
     return Image.fromarray(resized[0].permute(1, 2, 0).contiguous().numpy(), "RGB")
+
+
+def _interpolate_uint8(window, size: tuple[int, int], interpolation: str):
+    """(1, C, h, w) uint8 tensor → (1, C, H, W) for ``size`` = (W, H), antialiased, on torch's
+    vectorized uint8 kernel (channels-last layout), one torch thread inside decode workers."""
+    import torch
+
+    _limit_worker_torch_threads(torch)
+    window = window.contiguous(memory_format=torch.channels_last)
+    return torch.nn.functional.interpolate(window, size=(size[1], size[0]), mode=interpolation, antialias=True)
 
 
 _worker_threads_limited = threading.local()
