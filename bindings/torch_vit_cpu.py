@@ -6,7 +6,9 @@ The same weights and the same arithmetic as the module's eager forward, restruct
   oneDNN's bf16 convolution of that shape ran 4× slower than the equal GEMM;
 - every linear layer calls oneDNN's ``mkldnn._linear_pointwise`` directly, with the MLP's GELU fused
   into the matmul as a post-op (``F.linear`` goes through ``addmm``: 14–16 % slower here on AMX);
-- attention is ``F.scaled_dot_product_attention`` on the (N, H, L, Dh) views of the fused QKV output.
+- attention is ``F.scaled_dot_product_attention`` on the (N, H, L, Dh) views of the fused QKV output;
+- with class-token pooling, the last block runs its query, attention output and MLP on the class token
+  only (every other token's output is discarded by the pool): ViT-B/32 does 6.5 % fewer FLOPs.
 
 Measured (2-core AMX VM, random-init ViT-B/32, batch 32, interleaved per batch, medians of 25–40):
 bf16 1.08–1.15× the module's forward, cosine to the module's fp32 output unchanged (0.99994); fp32
@@ -176,6 +178,13 @@ class _Block:
     activation: str
     heads: int
 
+    def split_query(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(W, W) query and (2W, W) key/value weights, with their biases, as contiguous copies."""
+        width = self.qkv_weight.shape[1]
+        bias = self.qkv_bias
+        return (self.qkv_weight[:width].contiguous(), None if bias is None else bias[:width].contiguous(),
+                self.qkv_weight[width:].contiguous(), None if bias is None else bias[width:].contiguous())
+
 
 class FusedVisionTransformer:
     """``visual``'s forward in ``dtype`` on the CPU: (N, 3, S, S) normalized pixels in ``dtype`` →
@@ -192,6 +201,8 @@ class FusedVisionTransformer:
             self._take_open_clip(visual)
         else:
             self._take_hf(*hf)
+        # only the class token leaves the last block when the pool takes it (a LayerNorm between is per token)
+        self.last_block_query = self.blocks[-1].split_query() if self.pool == "tok" and self.blocks else None
 
     def _cast(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None if tensor is None else tensor.detach().to(self.dtype).contiguous()
@@ -280,8 +291,12 @@ class FusedVisionTransformer:
             tokens = self.norm_pre(tokens)
         length = tokens.shape[1]
         x = tokens.reshape(n * length, self.width)  # (N·L, W) residual stream
-        for block in self.blocks:
+        blocks = self.blocks[:-1] if self.last_block_query is not None else self.blocks
+        for block in blocks:
             x = _run_block(block, x, n, length)
+        if self.last_block_query is not None:
+            x = _run_last_block_class_token(self.blocks[-1], self.last_block_query, x, n, length)
+            length = 1  # x is (N, W): the class token's row of each image
         x = x.reshape(n, length, self.width)
         if self.final_norm_after_pool:
             pooled = _pool(x, self.pool)
@@ -299,6 +314,25 @@ def _run_block(block: _Block, x: torch.Tensor, n: int, length: int) -> torch.Ten
     qkv = _linear(block.norm_attention(x), block.qkv_weight, block.qkv_bias)  # (N·L, 3W)
     q, k, v = qkv.reshape(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # 3 × (N, H, L, Dh)
     attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n * length, width)
+    return _finish_block(block, x, attended)
+
+
+def _run_last_block_class_token(block: _Block, query_split, x: torch.Tensor, n: int, length: int) -> torch.Tensor:
+    """The block's output on the class token only: (N·L, W) stream → (N, W). Keys and values come from
+    every token; the query, the attention's output projection and the MLP run on N rows, not N·L."""
+    width = x.shape[1]
+    heads = block.heads
+    query_weight, query_bias, kv_weight, kv_bias = query_split
+    normed = block.norm_attention(x)
+    k, v = _linear(normed, kv_weight, kv_bias).reshape(n, length, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
+    class_rows = normed.reshape(n, length, width)[:, 0].contiguous()  # (N, W)
+    q = _linear(class_rows, query_weight, query_bias).reshape(n, 1, heads, width // heads).transpose(1, 2)
+    attended = F.scaled_dot_product_attention(q, k, v).reshape(n, width)  # (N, H, 1, Dh) → (N, W)
+    return _finish_block(block, x.reshape(n, length, width)[:, 0], attended)
+
+
+def _finish_block(block: _Block, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """Attention output projection and residual, then the MLP and its residual, on (R, W) rows."""
     update = _linear(attended, block.out_weight, block.out_bias)
     x = x + (update * block.scale_attention if block.scale_attention is not None else update)
 
@@ -307,7 +341,7 @@ def _run_block(block: _Block, x: torch.Tensor, n: int, length: int) -> torch.Ten
         hidden = _linear(hidden, block.fc_weight, block.fc_bias)
         hidden = hidden * torch.sigmoid(_QUICK_GELU_SLOPE * hidden)
     else:
-        hidden = _linear(hidden, block.fc_weight, block.fc_bias, block.activation)  # (N·L, M), GELU fused
+        hidden = _linear(hidden, block.fc_weight, block.fc_bias, block.activation)  # (R, M), GELU fused
     update = _linear(hidden, block.proj_weight, block.proj_bias)
     return x + (update * block.scale_mlp if block.scale_mlp is not None else update)
 

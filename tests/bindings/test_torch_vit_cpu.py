@@ -37,6 +37,8 @@ def _variants():
         "avg-pool": {"pool_type": "avg"},
         "no-ln-pre": {"no_ln_pre": True},
         "ln-after-pool": {"pool_type": "avg", "final_ln_after_pool": True},
+        "class-token-ln-after-pool": {"final_ln_after_pool": True},
+        "one-block": {"layers": 1},  # its only block is the last: the class-token-only one
         "quick-gelu": {"act_layer": QuickGELU},
         "gelu-tanh": {"act_layer": lambda: torch.nn.GELU(approximate="tanh")},
         "layer-norm-fp32": {"norm_layer": LayerNormFp32},
