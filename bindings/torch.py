@@ -5,8 +5,9 @@ normalized there with the model's mean/std. The image tower runs in the requeste
 (bf16: a pure cast, on CPUs with AMX ~4× faster than fp32; fp16: autocast); the text tower runs in
 fp32 (prompts are few and annotate compares against them). On the CPU in bf16, a standard open_clip
 ViT or transformers CLIP vision tower runs through :mod:`clipengine.bindings.torch_vit_cpu` (same
-weights, fused oneDNN calls, 8–15 % faster); ``fused=False`` or any other tower keeps the module's
-own forward (``image_forward`` says which ran).
+weights, fused oneDNN calls, the normalization folded into the patch matmul, the last block on the
+class token only); ``fused=False`` or any other tower keeps the module's own forward
+(``image_forward`` says which ran).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class TorchEncoder:
             self.unfused_reason = unsupported_reason(image)
         if self.unfused_reason is None:  # takes its own bf16 copies of the image weights only
             self._image = FusedVisionTransformer(image, self.dtype)
+            self._image.fold_normalization(towers.mean, towers.std)  # it takes the uint8 pixels itself
         else:
             if weight_dtype != torch.float32 or self.device.type != "cpu":
                 image = copy.deepcopy(image).to(device=self.device, dtype=weight_dtype)
@@ -75,10 +77,7 @@ class TorchEncoder:
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
         """(N, S, S, 3) uint8 → (N, 3, S, S) normalized tensor on the device, in the model's dtype."""
-        images = np.ascontiguousarray(images)
-        if not images.flags.writeable:  # torch wants writable memory; decoded batches usually are
-            images = images.copy()
-        batch = torch.from_numpy(images)
+        batch = _as_tensor(images)
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         batch = batch.permute(0, 3, 1, 2).to(torch.float32)
@@ -91,7 +90,10 @@ class TorchEncoder:
         if len(images) == 0:
             return np.zeros((0, self.embed_dim), np.float32)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self._autocast):
-            features = self._image(self.preprocess(images)).float()
+            if self.unfused_reason is None:
+                features = self._image.encode_uint8(_as_tensor(images)).float()
+            else:
+                features = self._image(self.preprocess(images)).float()
             features = torch.nn.functional.normalize(features, dim=-1)
             return features.cpu().numpy()
 
@@ -109,6 +111,14 @@ class TorchEncoder:
                 features = self._text(tokens).float()
                 out.append(torch.nn.functional.normalize(features, dim=-1).cpu().numpy())
         return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def _as_tensor(images: np.ndarray) -> torch.Tensor:
+    """The uint8 batch as a CPU tensor sharing its memory (copied only when not contiguous or read-only)."""
+    images = np.ascontiguousarray(images)
+    if not images.flags.writeable:  # torch wants writable memory; decoded batches usually are
+        images = images.copy()
+    return torch.from_numpy(images)
 
 
 def _check_images(images: np.ndarray, size: int) -> np.ndarray:
