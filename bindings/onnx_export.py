@@ -5,8 +5,10 @@ The graph takes what the image pipeline produces and returns what the engine sto
     images: (N, S, S, 3) uint8 RGB  →  embeddings: (N, D) float32, rows L2-normalized
 
 with the uint8 → float cast, NHWC → NCHW and the model's mean/std inside the graph, so a runtime
-ships 4× fewer bytes to the device. Batch is dynamic; opset ``OPSET`` (≥ 17: LayerNormalization
-is one node, which TensorRT can keep in fp32). The file lives under
+ships 4× fewer bytes to the device. A class-token-pooled open_clip ViT is exported with its last
+block on the class token only (:mod:`clipengine.bindings.class_token`: same output, fewer FLOPs).
+Batch is dynamic; opset ``OPSET`` (≥ 17: LayerNormalization is one node, which TensorRT can keep
+in fp32). The file lives under
 ``<cache_dir>/onnx/<name>-<key>.onnx`` where ``key`` hashes the model key (architecture + weights
 content), the export settings and the torch version; deleting the folder is always safe.
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 from clipengine.bindings.base import ModelTowers
 
 OPSET = 18
-EXPORT_FORMAT = 1  # bump when the graph's inputs/outputs or wrapper change
+EXPORT_FORMAT = 2  # bump when the graph's inputs/outputs or wrapper change (2: class-token last block)
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
 
@@ -53,8 +55,19 @@ def image_onnx_path(towers: ModelTowers, cache_dir: str | os.PathLike, *, opset:
     return Path(cache_dir) / "onnx" / f"{safe}-{image_graph_key(towers, opset=opset)}.onnx"
 
 
+def image_graph_forward(towers: ModelTowers) -> str:
+    """What the exported graph runs as the image tower: "class-token last block" when the last block
+    runs on the class token only, else "module (why not)"."""
+    from clipengine.bindings.class_token import unprunable_reason
+
+    reason = unprunable_reason(towers.image_tower)
+    return "class-token last block" if reason is None else f"module ({reason})"
+
+
 def _image_graph_module(towers: ModelTowers):
     import torch
+
+    from clipengine.bindings.class_token import ClassTokenVisionTower, unprunable_reason
 
     class ImageGraph(torch.nn.Module):
         """(N, S, S, 3) uint8 → (N, D) float32 L2-normalized."""
@@ -72,7 +85,10 @@ def _image_graph_module(towers: ModelTowers):
             features = self.visual(pixels)
             return features / features.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
-    return ImageGraph(towers.image_tower, towers.mean, towers.std).eval()
+    visual = towers.image_tower
+    if unprunable_reason(visual) is None:
+        visual = ClassTokenVisionTower(visual)
+    return ImageGraph(visual, towers.mean, towers.std).eval()
 
 
 def export_image_onnx(towers: ModelTowers, destination: str | os.PathLike, *, opset: int = OPSET) -> Path:

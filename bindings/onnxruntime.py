@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from clipengine.bindings.base import ModelTowers
-from clipengine.bindings.onnx_export import INPUT_NAME, ensure_image_onnx
+from clipengine.bindings.onnx_export import INPUT_NAME, ensure_image_onnx, image_graph_forward
 
 
 def create_session(path: str | Path, *, num_threads: int | None = None) -> "ort.InferenceSession":
@@ -48,10 +48,12 @@ class OnnxRuntimeEncoder:
             raise ValueError("the onnxruntime backend runs on the CPU; use tensorrt or torch for cuda")
         if precision != "fp32":
             raise ValueError("the onnxruntime backend runs fp32 only")
+        self.image_forward: str | None = None  # what the graph runs as the image tower
         if onnx_path is None:
             if cache_dir is None:
                 raise ValueError("cache_dir (or onnx_path) is required to find or export the ONNX graph")
             onnx_path = ensure_image_onnx(towers, cache_dir)
+            self.image_forward = image_graph_forward(towers)
         self.onnx_path = Path(onnx_path)
         self.precision = precision
         self.image_size = int(towers.image_size)

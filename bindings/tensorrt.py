@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from clipengine.bindings.base import ModelTowers
-from clipengine.bindings.onnx_export import INPUT_NAME, OUTPUT_NAME, ensure_image_onnx, file_sha256
+from clipengine.bindings.onnx_export import INPUT_NAME, OUTPUT_NAME, ensure_image_onnx, file_sha256, image_graph_forward
 
 DEFAULT_MIN_BATCH = 1
 DEFAULT_OPT_BATCH = 256
@@ -172,10 +172,12 @@ class TensorRTEncoder:
         self.precision = precision
         self.towers = towers
         self.settings = settings or PlanSettings(image_size=self.image_size, precision=precision)
+        self.image_forward: str | None = None  # what the graph runs as the image tower
         if plan_path is None:
             if cache_dir is None:
                 raise ValueError("cache_dir (or plan_path) is required to find or build the plan")
             onnx_path = ensure_image_onnx(towers, cache_dir)
+            self.image_forward = image_graph_forward(towers)
             plan_path = ensure_plan(onnx_path, cache_dir, self.settings, device_index=self.device.index or 0)
         self.plan_path = Path(plan_path)
         self._logger = trt.Logger(trt.Logger.WARNING)

@@ -45,6 +45,12 @@ def unsupported_reason(visual: Any) -> str | None:
     """None when :class:`FusedVisionTransformer` reproduces ``visual``'s forward, else why not."""
     if not fused_linear_available():
         return "this torch build has no oneDNN fused linear"
+    return structure_unsupported_reason(visual)
+
+
+def structure_unsupported_reason(visual: Any) -> str | None:
+    """None when ``visual`` is a plain open_clip CLIP ViT or a transformers CLIPModel's vision tower
+    (what this module reproduces, whatever the torch build), else what it has outside that."""
     hf = _hf_vision(visual)
     if hf is not None:
         return _hf_unsupported_reason(*hf)

@@ -109,7 +109,7 @@ def create_encoder(config: EncodeConfig, *, towers=None):
         "image_size": int(encoder.image_size),
         "logit_scale": towers.logit_scale,
     }
-    if getattr(encoder, "image_forward", None):  # torch: which forward runs the image tower, and why
+    if getattr(encoder, "image_forward", None):  # which forward runs the image tower, and why
         encoder.model_record["image_forward"] = encoder.image_forward
     return encoder
 

@@ -6,49 +6,16 @@ import torch
 
 from clipengine.bindings.torch_vit_cpu import FusedVisionTransformer, unsupported_reason
 from tests.bindings.reference import cosine
+from tests.bindings.vit_variants import variants, vision
 
 pytestmark = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN"
 )
 
 
-def _vision(**overrides):
-    from open_clip.transformer import VisionTransformer
-
-    settings = dict(image_size=32, patch_size=8, width=64, layers=2, heads=4, mlp_ratio=4.0, output_dim=24)
-    settings.update(overrides)
-    torch.manual_seed(0)
-    visual = VisionTransformer(**settings).eval().requires_grad_(False)
-    # random-init open_clip leaves norms at identity and LayerScale at 1e-5: perturb them so a
-    # forward that skipped or misplaced one would differ
-    with torch.no_grad():
-        for name, parameter in visual.named_parameters():
-            if "ln" in name or "gamma" in name or name.endswith("bias"):
-                parameter.add_(0.2 * torch.randn_like(parameter))
-    return visual
-
-
-def _variants():
-    from open_clip.transformer import LayerNormFp32, QuickGELU
-
-    return {
-        "plain": {},
-        "layer-scale": {"ls_init_value": 0.5},
-        "avg-pool": {"pool_type": "avg"},
-        "no-ln-pre": {"no_ln_pre": True},
-        "ln-after-pool": {"pool_type": "avg", "final_ln_after_pool": True},
-        "class-token-ln-after-pool": {"final_ln_after_pool": True},
-        "one-block": {"layers": 1},  # its only block is the last: the class-token-only one
-        "quick-gelu": {"act_layer": QuickGELU},
-        "gelu-tanh": {"act_layer": lambda: torch.nn.GELU(approximate="tanh")},
-        "layer-norm-fp32": {"norm_layer": LayerNormFp32},
-        "size-not-a-patch-multiple": {"image_size": 36},  # 36 = 4·8 + 4: the convolution drops the rest
-    }
-
-
-@pytest.mark.parametrize("variant", list(_variants()))
+@pytest.mark.parametrize("variant", list(variants()))
 def test_matches_module_forward(variant):
-    visual = _vision(**_variants()[variant])
+    visual = vision(**variants()[variant])
     assert unsupported_reason(visual) is None
     size = visual.image_size[0]
     pixels = torch.randn(5, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -64,7 +31,7 @@ def test_matches_module_forward(variant):
 
 @pytest.mark.parametrize("variant", ["plain", "avg-pool", "size-not-a-patch-multiple"])
 def test_uint8_input_folds_the_normalization(variant):
-    visual = _vision(**_variants()[variant])
+    visual = vision(**variants()[variant])
     size = visual.image_size[0]
     mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
     images = torch.randint(0, 256, (5, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
@@ -85,7 +52,7 @@ def test_uint8_input_folds_the_normalization(variant):
 
 
 def test_without_projection():
-    visual = _vision()
+    visual = vision()
     visual.proj = None
     pixels = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
@@ -102,7 +69,7 @@ def test_without_projection():
     ],
 )
 def test_names_what_it_cannot_fuse(change, reason):
-    visual = _vision(**change)
+    visual = vision(**change)
     assert reason in unsupported_reason(visual)
     with pytest.raises(ValueError, match="cannot fuse"):
         FusedVisionTransformer(visual)
@@ -155,7 +122,7 @@ def test_names_what_it_cannot_fuse_in_a_transformers_tower():
 
 def test_names_a_foreign_tower_and_an_unknown_activation():
     assert "neither an open_clip VisionTransformer nor a transformers CLIPModel" in unsupported_reason(torch.nn.Linear(3, 3))
-    visual = _vision()
+    visual = vision()
     visual.transformer.resblocks[1].mlp.gelu = torch.nn.SiLU()
     assert unsupported_reason(visual) == "block 1: activation SiLU"
 
