@@ -464,7 +464,6 @@ def load_model(spec: ModelSpec):
         return _load_hf(spec)
     if spec.source != "open_clip":
         raise ClipengineError(f"model family {spec.source!r} is not an open_clip model")
-    import open_clip
     import torch
 
     from clipengine.bindings.base import ModelTowers

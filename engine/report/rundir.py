@@ -53,8 +53,6 @@ class RunData:
 
 def read_run(run_dir: str | Path) -> RunData:
     """Read ``run_dir``'s files; raise :class:`ClipengineError` when it holds no run at all."""
-    import polars as pl
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ClipengineError(f"{run_dir}: not a run directory (it does not exist)")
