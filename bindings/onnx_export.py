@@ -56,12 +56,12 @@ def image_onnx_path(towers: ModelTowers, cache_dir: str | os.PathLike, *, opset:
 
 
 def image_graph_forward(towers: ModelTowers) -> str:
-    """What the exported graph runs as the image tower: "class-token last block" when the last block
-    runs on the class token only, else "module (why not)"."""
+    """What the exported graph runs as the image tower: "ONNX graph, last block on the class token",
+    else "ONNX graph of the module (why the last block runs on every token)"."""
     from clipengine.bindings.class_token import unprunable_reason
 
     reason = unprunable_reason(towers.image_tower)
-    return "class-token last block" if reason is None else f"module ({reason})"
+    return "ONNX graph, last block on the class token" if reason is None else f"ONNX graph of the module ({reason})"
 
 
 def _image_graph_module(towers: ModelTowers):

@@ -6,8 +6,9 @@ normalized there with the model's mean/std. The image tower runs in the requeste
 fp32 (prompts are few and annotate compares against them). On the CPU in bf16, a standard open_clip
 ViT or transformers CLIP vision tower runs through :mod:`clipengine.bindings.torch_vit_cpu` (same
 weights, fused oneDNN calls, the normalization folded into the patch matmul, the last block on the
-class token only); ``fused=False`` or any other tower keeps the module's own forward
-(``image_forward`` says which ran).
+class token only). Elsewhere a class-token-pooled open_clip ViT runs as its module with the last
+block on the class token only (:mod:`clipengine.bindings.class_token`); ``fused=False`` keeps the
+module's own forward throughout (``image_forward`` says which ran).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from clipengine.bindings.base import ModelTowers
+from clipengine.bindings.class_token import ClassTokenVisionTower, unprunable_reason
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEXT_CHUNK = 256
@@ -63,11 +65,15 @@ class TorchEncoder:
         if self.unfused_reason is None:  # takes its own bf16 copies of the image weights only
             self._image = FusedVisionTransformer(image, self.dtype)
             self._image.fold_normalization(towers.mean, towers.std)  # it takes the uint8 pixels itself
+            self.image_forward = "fused CPU forward"
         else:
             if weight_dtype != torch.float32 or self.device.type != "cpu":
                 image = copy.deepcopy(image).to(device=self.device, dtype=weight_dtype)
             self._image = image.eval()
-        self.image_forward = "fused CPU forward" if self.unfused_reason is None else f"module ({self.unfused_reason})"
+            self.image_forward = f"module ({self.unfused_reason})"
+            if fused and unprunable_reason(image) is None:  # fused=False keeps the module's own forward
+                self._image = ClassTokenVisionTower(image).eval()
+                self.image_forward = f"module, last block on the class token ({self.unfused_reason})"
         # x_norm = (x / 255 - mean) / std = x * scale + shift, per channel
         std = torch.tensor(towers.std, dtype=torch.float32)
         mean = torch.tensor(towers.mean, dtype=torch.float32)

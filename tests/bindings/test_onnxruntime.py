@@ -35,7 +35,7 @@ def test_tiny_onnx_matches_open_clip_eager_and_is_exported_once(tiny_clip, sampl
     batch_dim = graph.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.dim_value  # dynamic batch
     assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
-    assert encoder.image_forward == "class-token last block"  # the parity below holds for the pruned graph
+    assert encoder.image_forward == "ONNX graph, last block on the class token"  # the parity below holds for the pruned graph
 
     reference, reference_text = open_clip_reference(tiny_clip, sample_photos, TEXTS)
     pixels = _decode(sample_photos, 32)
@@ -72,7 +72,7 @@ def test_create_encoder_with_onnxruntime_records_it(tiny_clip):
     encoder = create_encoder(EncodeConfig(model=tiny_clip.model_config, device="cpu", backend="onnxruntime"))
     record = encoder.model_record
     assert record["backend"] == "onnxruntime" and record["precision"] == "fp32"
-    assert record["image_forward"] == "class-token last block"
+    assert record["image_forward"] == "ONNX graph, last block on the class token"
     with pytest.raises(Exception, match="fp32"):
         create_encoder(EncodeConfig(model=tiny_clip.model_config, device="cpu", backend="onnxruntime", precision="bf16"))
 

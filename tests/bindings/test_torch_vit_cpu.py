@@ -137,6 +137,8 @@ def test_torch_encoder_fuses_bf16_on_cpu_only(tiny_clip, sample_photos):
     fp32 = TorchEncoder(towers, precision="fp32")
     assert fused.unfused_reason is None and fused.image_forward == "fused CPU forward"
     assert module.unfused_reason == "fused=False" and fp32.unfused_reason == "only bf16 on the CPU is fused"
+    assert module.image_forward == "module (fused=False)"
+    assert fp32.image_forward == "module, last block on the class token (only bf16 on the CPU is fused)"
     pixels = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     reference = fp32.encode_images(pixels)
     assert cosine(fused.encode_images(pixels), reference).min() >= 0.999
