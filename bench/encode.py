@@ -162,9 +162,9 @@ def run_clipengine(args) -> dict:
     started = time.perf_counter()
     encoder = create_encoder(config)
     if args.config == "torch-bf16-module":  # what the fused CPU forward gains, in the same run
-        record = encoder.model_record
+        record = dict(encoder.model_record)
         encoder = type(encoder)(encoder.towers, device=device, precision=precision, fused=False)
-        encoder.model_record = record
+        encoder.model_record = {**record, "image_forward": encoder.image_forward}
     setup_seconds = time.perf_counter() - started
     paths = Path(args.listing).read_text().split()
     pixels = decoded_set(paths, args.batch_size * (args.model_batches + 1))
