@@ -14,9 +14,11 @@ The same weights and the same arithmetic as the module's eager forward, restruct
 - with class-token pooling, the last block runs its query, attention output and MLP on the class token
   only (every other token's output is discarded by the pool): ViT-B/32 does 6.5 % fewer FLOPs.
 
-Measured (2-core AMX VM, random-init ViT-B/32, batch 32, interleaved per batch, medians of 25–40):
-bf16 1.08–1.15× the module's forward, cosine to the module's fp32 output unchanged (0.99994); fp32
-within noise of the module (0.97–1.02×), so :class:`TorchEncoder` uses this path for bf16 only.
+Measured (2-core AMX VM, random-init ViT-B/32, batch 32, uint8 in → embeddings out, interleaved per
+batch, medians of 30–40): bf16 1.18× the module's forward (1.08–1.15× before the uint8 input and
+the class-token last block, which gave 1.025× and 1.09× of their own), cosine to the module's fp32
+output 0.99994–0.99995 like the module's bf16. fp32 (before those two) was within noise of the
+module (0.97–1.02×), so :class:`TorchEncoder` uses this path for bf16 only.
 
 Covered: open_clip's plain CLIP ViT, and a transformers ``CLIPModel``'s vision tower + projection
 (the engine's Hugging Face image tower holds it as ``tower.clip``). :func:`unsupported_reason` names
