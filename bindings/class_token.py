@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from clipengine.bindings.torch_vit_cpu import structure_unsupported_reason
+from clipengine.bindings.torch_vit_cpu import hf_vision, structure_unsupported_reason
 
 
 def unprunable_reason(visual: Any) -> str | None:
     """None when :class:`ClassTokenVisionTower` reproduces ``visual``'s forward, else why not."""
-    if type(getattr(visual, "clip", None)).__name__ == "CLIPModel":
+    if hf_vision(visual) is not None:
         return "a transformers tower (its encoder layers take the whole sequence)"
     reason = structure_unsupported_reason(visual)
     if reason:

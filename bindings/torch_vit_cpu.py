@@ -53,7 +53,7 @@ def unsupported_reason(visual: Any) -> str | None:
 def structure_unsupported_reason(visual: Any) -> str | None:
     """None when ``visual`` is a plain open_clip CLIP ViT or a transformers CLIPModel's vision tower
     (what this module reproduces, whatever the torch build), else what it has outside that."""
-    hf = _hf_vision(visual)
+    hf = hf_vision(visual)
     if hf is not None:
         return _hf_unsupported_reason(*hf)
     if type(visual).__name__ != "VisionTransformer" or not hasattr(visual, "transformer"):
@@ -99,7 +99,7 @@ def _block_unsupported_reason(block) -> str | None:
     return None
 
 
-def _hf_vision(tower) -> tuple[Any, Any] | None:
+def hf_vision(tower) -> tuple[Any, Any] | None:
     """(CLIPVisionTransformer, visual projection) of a tower holding a transformers CLIPModel as
     ``tower.clip``, else None."""
     clip = getattr(tower, "clip", None)
@@ -208,7 +208,7 @@ class FusedVisionTransformer:
         if reason:
             raise ValueError(f"cannot fuse this image tower: {reason}")
         self.dtype = dtype
-        hf = _hf_vision(visual)
+        hf = hf_vision(visual)
         if hf is None:
             self._take_open_clip(visual)
         else:
