@@ -74,6 +74,9 @@ def load_classifier(device: str = "cpu"):
 
 def load_text_model(device: str = "cpu"):
     """all-MiniLM-L6-v2 from the files inside its wheel (no hub access)."""
+    from clipengine.bindings.hub_kernels import unshadow_hub_kernels
+
+    unshadow_hub_kernels()
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:

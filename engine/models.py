@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from clipengine.config import ModelConfig
+from clipengine.bindings.hub_kernels import unshadow_hub_kernels
 from clipengine.errors import ClipengineError
 
 # model family name -> "module:function(device=..., precision=...) -> Encoder"
@@ -140,7 +141,7 @@ def resolve_model(config: ModelConfig, *, offline: bool | None = None) -> ModelS
             raise ClipengineError(f"--model {model} is an architecture without weights; " + weights_help())
         return _spec(name, architecture, preprocess, weights, None, model)
 
-    import open_clip
+    open_clip = import_open_clip()
 
     architecture = open_clip.get_model_config(model)
     if architecture is None:
@@ -257,7 +258,7 @@ def _find_checkpoint(folder: Path) -> Path | None:
 
 
 def _download_pretrained(model: str, tag: str, tag_cfg: dict, offline: bool) -> Path:
-    import open_clip
+    open_clip = import_open_clip()
 
     if offline:
         checkpoint = _cached_pretrained(tag_cfg)
@@ -442,9 +443,17 @@ def save_checkpoint(model, path: Path) -> Path:
     return Path(path)
 
 
+def import_open_clip():
+    """The ``open_clip`` module, imported after :func:`unshadow_hub_kernels` (it imports transformers)."""
+    unshadow_hub_kernels()
+    import open_clip
+
+    return open_clip
+
+
 def build_open_clip_model(architecture: dict):
     """A random-init fp32 open_clip model of ``architecture`` (an open_clip model_cfg dict)."""
-    import open_clip
+    open_clip = import_open_clip()
 
     cfg = copy.deepcopy(architecture)
     custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
@@ -511,7 +520,7 @@ def load_model(spec: ModelSpec):
 
 
 def _open_clip_tokenizer(architecture: dict, context_length: int):
-    import open_clip
+    open_clip = import_open_clip()
 
     text_cfg = architecture.get("text_cfg", {})
     if text_cfg.get("hf_tokenizer_name"):
@@ -541,6 +550,7 @@ def _open_clip_text_tower(model):
 
 def _load_hf(spec: ModelSpec):
     """A local Hugging Face CLIP directory through ``transformers`` (weights from safetensors only)."""
+    unshadow_hub_kernels()
     try:
         import transformers
     except ImportError:

@@ -16,6 +16,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+from clipengine.bindings.hub_kernels import unshadow_hub_kernels  # noqa: E402
+
+unshadow_hub_kernels()  # the tests import open_clip and transformers themselves
+
 from tests.fixtures_models import sample_photos, tiny_clip, vit_b32_checkpoint  # noqa: E402,F401
 
 
