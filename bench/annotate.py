@@ -85,8 +85,8 @@ def main() -> None:
 
     from clipengine import envs
     from clipengine.class_embeddings import build_class_side
-    from clipengine.kernels.similarity import label_segments
     from clipengine.kernels.quantized import quantize_rows, topk_quantized
+    from clipengine.kernels.similarity import label_segments
     from clipengine.kernels.topk import topk_search
     from clipengine.schemas import load_schema
 

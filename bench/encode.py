@@ -77,10 +77,10 @@ def make_jpegs(folder: Path, count: int, seed: int = 0) -> list[str]:
 
 
 def make_weights(folder: Path) -> Path:
+    import open_clip
     import torch
 
     from clipengine.models import build_open_clip_model, save_checkpoint
-    import open_clip
 
     torch.manual_seed(0)
     return save_checkpoint(build_open_clip_model(open_clip.get_model_config("ViT-B-32")), folder / "ViT-B-32-random.safetensors")

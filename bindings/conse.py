@@ -23,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
+from clipengine.bindings.files import sha256_files
+
 DEFAULT_TOP_T = 10
 PRECISIONS = ("fp32", "bf16")  # bf16: the classifier under autocast (text model stays fp32)
 CLASS_TEMPLATE = "a photo of a {}."
@@ -91,15 +93,6 @@ def imagenet_class_names() -> list[str]:
     return list(IMAGENET_CLASSNAMES)
 
 
-def _hash_files(paths: Sequence[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 class ConseEncoder:
     """The ``Encoder`` protocol over ConSE: 224×224 uint8 images and texts → 384-d, L2-normalized.
 
@@ -128,7 +121,7 @@ class ConseEncoder:
         self.embed_dim = int((dimension or self._text_model.get_sentence_embedding_dimension)())
         self._classifier = None
         self._class_embeddings: np.ndarray | None = None  # (1000, D) float32, built on first image batch
-        self.weights_sha256 = _hash_files([classifier_weights_path(), text_model_dir() / "model.safetensors"])
+        self.weights_sha256 = sha256_files([classifier_weights_path(), text_model_dir() / "model.safetensors"])
         self.model_record = {
             "model_id": "conse-" + hashlib.sha256(
                 f"{self.weights_sha256}:{self.top_t}:{CLASS_TEMPLATE}:{precision}".encode()).hexdigest()[:16],

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from clipengine.bindings.base import ModelTowers
+from clipengine.bindings.files import atomic_path
 
 OPSET = 18
 EXPORT_FORMAT = 2  # bump when the graph's inputs/outputs or wrapper change (2: class-token last block)
@@ -120,25 +121,14 @@ def export_image_onnx(towers: ModelTowers, destination: str | os.PathLike, *, op
                 )
         graph = onnx.load(str(raw), load_external_data=True)  # one file: weights inlined (< 2 GB)
         onnx.checker.check_model(graph)
-        staged = Path(work) / "final.onnx"
-        onnx.save_model(graph, str(staged), save_as_external_data=False)
-        with open(staged, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(staged, destination)
+        with atomic_path(destination) as staged:
+            onnx.save_model(graph, str(staged), save_as_external_data=False)
     return destination
 
 
 def ensure_image_onnx(towers: ModelTowers, cache_dir: str | os.PathLike, *, opset: int = OPSET) -> Path:
     """The cached image graph of ``towers``, exported now if absent (one process exports; others wait)."""
-    from clipengine.bindings.cache import ensure_built
+    from clipengine.bindings.files import ensure_built
 
     path = image_onnx_path(towers, cache_dir, opset=opset)
     return ensure_built(path, lambda destination: export_image_onnx(towers, destination, opset=opset))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

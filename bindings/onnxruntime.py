@@ -14,7 +14,11 @@ import numpy as np
 import onnxruntime as ort
 
 from clipengine.bindings.base import ModelTowers
-from clipengine.bindings.onnx_export import INPUT_NAME, ensure_image_onnx, image_graph_forward
+from clipengine.bindings.onnx_export import (
+    INPUT_NAME,
+    ensure_image_onnx,
+    image_graph_forward,
+)
 
 
 def create_session(path: str | Path, *, num_threads: int | None = None) -> "ort.InferenceSession":

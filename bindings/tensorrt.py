@@ -28,7 +28,13 @@ from typing import Sequence
 import numpy as np
 
 from clipengine.bindings.base import ModelTowers
-from clipengine.bindings.onnx_export import INPUT_NAME, OUTPUT_NAME, ensure_image_onnx, file_sha256, image_graph_forward
+from clipengine.bindings.files import atomic_path, sha256_file
+from clipengine.bindings.onnx_export import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ensure_image_onnx,
+    image_graph_forward,
+)
 
 DEFAULT_MIN_BATCH = 1
 DEFAULT_OPT_BATCH = 256
@@ -121,24 +127,18 @@ def build_plan(onnx_path: str | os.PathLike, destination: str | os.PathLike, set
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build a plan from {onnx_path} ({settings})")
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.with_name(f".{destination.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(memoryview(serialized))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, destination)
+    with atomic_path(destination) as tmp:
+        tmp.write_bytes(memoryview(serialized))
     return destination
 
 
 def ensure_plan(onnx_path: str | os.PathLike, cache_dir: str | os.PathLike, settings: PlanSettings,
                 *, device_index: int = 0) -> Path:
     """The cached plan for ``onnx_path`` + ``settings`` on this GPU and TensorRT, built now if absent."""
-    from clipengine.bindings.cache import ensure_built
+    from clipengine.bindings.files import ensure_built
 
     trt = _trt()
-    key = plan_cache_key(file_sha256(onnx_path), settings, tensorrt_version=trt.__version__, gpu=gpu_identity(device_index))
+    key = plan_cache_key(sha256_file(onnx_path), settings, tensorrt_version=trt.__version__, gpu=gpu_identity(device_index))
     path = Path(cache_dir) / "tensorrt" / f"{Path(onnx_path).stem}-{settings.precision}-{key}.plan"
     return ensure_built(path, lambda destination: build_plan(onnx_path, destination, settings))
 

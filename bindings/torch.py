@@ -59,7 +59,10 @@ class TorchEncoder:
         # why the image tower runs as its module (None: it runs fused)
         self.unfused_reason: str | None = "fused=False" if not fused else "only bf16 on the CPU is fused"
         if fused and self.device.type == "cpu" and self.dtype == torch.bfloat16:
-            from clipengine.bindings.torch_vit_cpu import FusedVisionTransformer, unsupported_reason
+            from clipengine.bindings.torch_vit_cpu import (
+                FusedVisionTransformer,
+                unsupported_reason,
+            )
 
             self.unfused_reason = unsupported_reason(image)
         if self.unfused_reason is None:  # takes its own bf16 copies of the image weights only

@@ -266,7 +266,7 @@ def write_metadata(path: str | os.PathLike, items: pl.DataFrame, schema: Schema,
                    probs: np.ndarray, margins: np.ndarray, *, model_id: str, logit_scale: float) -> pl.DataFrame:
     """Write :func:`metadata_table` to ``path`` (atomically) with :func:`metadata_record`'s Parquet
     metadata; every executor's annotation ends here."""
-    from clipengine.atomic import write_parquet
+    from clipengine.bindings.files import write_parquet
 
     table = metadata_table(items, schema, labels, probs, margins)
     write_parquet(path, table, metadata=metadata_record(schema, model_id, logit_scale))
@@ -295,7 +295,7 @@ def annotate_dir(
     Rows: ``path`` (and ``box``) from ``items.parquet``, then the attribute columns. The Parquet
     file metadata records the model id, schema name, schema hash, strategies and logit scale.
     """
-    from clipengine.atomic import write_parquet
+    from clipengine.bindings.files import write_parquet
 
     config = config or AnnotateConfig()
     stored = read_embeddings_dir(emb_dir)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clipengine import envs
-from clipengine.atomic import save_npy
+from clipengine.bindings.files import save_npy
 from clipengine.schemas import Schema
 
 CACHE_FOLDER = "class-embeddings"

@@ -223,7 +223,7 @@ def encode_items(items, out_dir: str | os.PathLike, config: EncodeConfig, *, enc
     """
     import polars as pl
 
-    from clipengine.atomic import save_npy, write_json, write_parquet
+    from clipengine.bindings.files import save_npy, write_json, write_parquet
     from clipengine.images import ImageSpec, iter_batches
     from clipengine.progress import progress_bar
 
@@ -386,7 +386,7 @@ def _load_finished(out_dir: Path, identity: dict) -> dict[str, tuple[np.ndarray,
     identity; {} otherwise."""
     import polars as pl
 
-    from clipengine.atomic import read_parquet_metadata
+    from clipengine.bindings.files import read_parquet_metadata
 
     items_path, emb_path = out_dir / ITEMS_FILE, out_dir / EMBEDDINGS_FILE
     if not (items_path.is_file() and emb_path.is_file()):
@@ -426,7 +426,7 @@ class _ShardStore:
                 self.clear()
 
     def _ensure(self) -> None:
-        from clipengine.atomic import write_json
+        from clipengine.bindings.files import write_json
 
         if not (self.folder / "state.json").is_file():
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -451,7 +451,7 @@ class _ShardStore:
         return out
 
     def write(self, keys: list[str], rows: np.ndarray, stats: np.ndarray) -> None:
-        from clipengine.atomic import atomic_path
+        from clipengine.bindings.files import atomic_path
 
         self._ensure()
         files = self._files()

@@ -177,7 +177,7 @@ class EvalReport:
         return "\n".join(lines).rstrip() + "\n"
 
     def write(self, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-        from clipengine.atomic import write_text
+        from clipengine.bindings.files import write_text
 
         out_dir = Path(out_dir)
         csv_path, md_path = out_dir / CSV_FILE, out_dir / MARKDOWN_FILE
@@ -187,7 +187,7 @@ class EvalReport:
         if self.calibration:
             from dataclasses import asdict
 
-            from clipengine.atomic import write_json
+            from clipengine.bindings.files import write_json
 
             write_json(out_dir / THRESHOLDS_FILE, {s: [asdict(r) for r in rs] for s, rs in self.calibration.items()})
         return csv_path, md_path
@@ -476,7 +476,7 @@ def evaluate_files(
 ) -> EvalReport:
     """Evaluate one or more ``metadata.parquet`` files (one per strategy, same schema and model)."""
     from clipengine.annotate import META_MODEL_ID, META_SCHEMA_CONTENT, META_STRATEGY
-    from clipengine.atomic import read_parquet_metadata
+    from clipengine.bindings.files import read_parquet_metadata
 
     frames: dict[str, pl.DataFrame] = {}
     schema_content = None

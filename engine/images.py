@@ -53,7 +53,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import DEFAULT_BATCH_SIZE, DEFAULT_BOX_MARGIN, DEFAULT_MAX_PIXELS, DEFAULT_PREFETCH_BATCHES
+from .config import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BOX_MARGIN,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_PREFETCH_BATCHES,
+)
 from .errors import ClipengineError
 
 # JPEG draft (reduced-DCT) decoding is used only when the decoded region stays at least this many
@@ -138,7 +143,9 @@ class ImageSpec:
     def from_model(cls, model: Any, *, fast_jpeg: bool = DEFAULT_FAST_JPEG,
                    fast_resize: bool | None = None) -> "ImageSpec":
         """From a loaded open_clip model (its ``visual.preprocess_cfg``, else ``visual.image_size``)."""
-        from open_clip import get_model_preprocess_cfg  # heavy: only when a model is at hand
+        from open_clip import (
+            get_model_preprocess_cfg,  # heavy: only when a model is at hand
+        )
 
         return cls.from_preprocess_cfg(get_model_preprocess_cfg(model), fast_jpeg=fast_jpeg, fast_resize=fast_resize)
 

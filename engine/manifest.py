@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from clipengine.atomic import write_json
+from clipengine.bindings.files import write_json
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clipengine.config import ModelConfig
+from clipengine.bindings.files import sha256_file
 from clipengine.bindings.hub_kernels import unshadow_hub_kernels
+from clipengine.config import ModelConfig
 from clipengine.errors import ClipengineError
 
 # model family name -> "module:function(device=..., precision=...) -> Encoder"
@@ -185,7 +186,7 @@ def _spec(name, architecture, preprocess, checkpoint, pretrained, model_arg) -> 
         preprocess=preprocess,
         checkpoint=checkpoint,
         pretrained=pretrained,
-        weights_hash=hash_file(checkpoint) if checkpoint else None,
+        weights_hash=sha256_file(checkpoint) if checkpoint else None,
         model_arg=model_arg,
     )
 
@@ -239,7 +240,7 @@ def _resolve_directory(path: Path, weights: Path | None, model_arg: str) -> Mode
             architecture=hf_config,
             preprocess=preprocess,
             checkpoint=checkpoint,
-            weights_hash=hash_file(checkpoint),
+            weights_hash=sha256_file(checkpoint),
             model_arg=model_arg,
         )
     raise ClipengineError(f"--model {path}: a folder without open_clip_config.json or a Hugging Face config.json")
@@ -344,7 +345,7 @@ def spec_from_record(record: dict) -> ModelSpec:
             f"the weights this model record names ({record.get('weights')}) are gone; re-encode, or "
             + weights_help(record.get("name", "ViT-B-32"))
         )
-    digest = hash_file(weights)
+    digest = sha256_file(weights)
     if record.get("weights_sha256") and digest != record["weights_sha256"]:
         raise ClipengineError(f"{weights}: its content changed since the embeddings were made (sha256 differs)")
     preprocess = {k: tuple(v) if k in ("mean", "std") else v for k, v in record.get("preprocess", {}).items()}
@@ -358,24 +359,6 @@ def spec_from_record(record: dict) -> ModelSpec:
         weights_hash=digest,
         model_arg=record.get("model", record["name"]),
     )
-
-
-# ---- hashing --------------------------------------------------------------------------------
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def hash_file(path: Path) -> str:
-    """sha256 of a file's content (memoized per path/size/mtime within the process)."""
-    path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
 
 
 # ---- loading --------------------------------------------------------------------------------
@@ -435,7 +418,7 @@ def save_checkpoint(model, path: Path) -> Path:
     """Save a model's weights as safetensors (the format :func:`load_state_dict` reads first)."""
     from safetensors.torch import save_file
 
-    from clipengine.atomic import atomic_path
+    from clipengine.bindings.files import atomic_path
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
@@ -483,7 +466,11 @@ def load_model(spec: ModelSpec):
     state = load_state_dict(spec.checkpoint)
     try:
         from open_clip.factory import convert_state_dict
-        from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+        from open_clip.model import (
+            convert_to_custom_text_state_dict,
+            resize_pos_embed,
+            resize_text_pos_embed,
+        )
 
         state = convert_state_dict(model, state)
         if "positional_embedding" in state and not hasattr(model, "positional_embedding"):

@@ -270,7 +270,7 @@ class _Job:
                                       "newly_encoded": done.newly_encoded, "reused_rows": done.reused}
 
     def _errors(self) -> tuple[list[str], dict]:
-        from clipengine.atomic import write_parquet
+        from clipengine.bindings.files import write_parquet
 
         errors = self.dataset.load_errors()
         write_parquet(self.run_dir / ERRORS_FILE, errors)
@@ -287,7 +287,12 @@ class _Job:
         return create_encoder(replace(self.config.encode, model=self.model, backend="torch", precision="fp32"))
 
     def _annotate(self, targets, config) -> tuple[list[str], dict]:
-        from clipengine.annotate import label_arrays, logit_scale_of, read_embeddings_dir, write_metadata
+        from clipengine.annotate import (
+            label_arrays,
+            logit_scale_of,
+            read_embeddings_dir,
+            write_metadata,
+        )
 
         outputs = [name for name, _ in targets]
         schema = targets[0][1]
@@ -309,7 +314,12 @@ class _Job:
     def _eval(self, schema, truth) -> tuple[list[str], dict]:
         import polars as pl
 
-        from clipengine.evaluate import CSV_FILE, MARKDOWN_FILE, _own_strategy_name, label_quality
+        from clipengine.evaluate import (
+            CSV_FILE,
+            MARKDOWN_FILE,
+            _own_strategy_name,
+            label_quality,
+        )
 
         own = _own_strategy_name(schema)
         frames = {"naive": pl.read_parquet(self.run_dir / NAIVE_METADATA_FILE),
@@ -352,7 +362,7 @@ class _Job:
         }
 
     def _summary(self) -> tuple[list[str], dict]:
-        from clipengine.atomic import write_text
+        from clipengine.bindings.files import write_text
         from clipengine.summary import SUMMARY_FILE, build_summary
 
         write_text(self.run_dir / SUMMARY_FILE, build_summary(self.run_dir, self.manifest.data))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipengine.atomic import atomic_path, save_npy, write_json
+from clipengine.bindings.files import atomic_path, save_npy, write_json
 from clipengine.errors import ClipengineError
 
 INDEX_DIR = "search_index"

@@ -532,7 +532,7 @@ def find_slices_with_config(frame: pl.DataFrame, *, error: str, config: SliceCon
 def write_slices(result: SliceResult, out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``slices.parquet`` (one row per slice) and ``slices.json`` (summary + records)
     into ``out_dir`` atomically; deterministic (no timings)."""
-    from clipengine.atomic import write_json, write_parquet
+    from clipengine.bindings.files import write_json, write_parquet
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

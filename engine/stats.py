@@ -44,7 +44,7 @@ def mean_t_interval(total: np.ndarray, total_sq: np.ndarray, n: np.ndarray, conf
 def hypergeometric_p(successes, n, total_successes: float, n_rows: int) -> np.ndarray:
     """One-sided exact p-value P(X ≥ successes), X ~ Hypergeometric(n_rows, total_successes, n):
     is the slice's error count larger than a random subset of its size would give?"""
-    from clipengine.kernels.sliceline import hypergeometric_sf
+    from clipengine.kernels.hypergeom import hypergeometric_sf
 
     p = hypergeometric_sf(np.asarray(successes), np.asarray(n), int(round(total_successes)), int(n_rows))
     return np.clip(np.nan_to_num(p, nan=1.0), 0.0, 1.0)

@@ -125,7 +125,7 @@ def encode_text(texts, model, pretrained, weights, backend, device, precision, l
         encoder = create_encoder(config)
     embeddings = encoder.encode_texts(list(texts))
     if out_file:
-        from clipengine.atomic import save_npy
+        from clipengine.bindings.files import save_npy
 
         save_npy(out_file, embeddings)
         click.echo(f"saved {embeddings.shape[0]}×{embeddings.shape[1]} float32 text embeddings → {out_file}")

@@ -37,7 +37,11 @@ def evaluate(inputs, truth, mapping, key, out_dir, schema, strategies, calibrate
 
     from clipengine.config import AnnotateConfig
     from clipengine.errors import ClipengineError
-    from clipengine.evaluate import evaluate_embeddings_dir, evaluate_files, parse_mapping
+    from clipengine.evaluate import (
+        evaluate_embeddings_dir,
+        evaluate_files,
+        parse_mapping,
+    )
 
     parsed = {}
     for text in mapping:

@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from clipengine.bindings.files import sha256_file
 from clipengine.config import DatasetConfig
 from clipengine.errors import ClipengineError
 
@@ -88,14 +89,6 @@ class Dataset(ABC):
             digest.update(json.dumps(record, sort_keys=True).encode())
         digest.update(hash_listing(items).encode())
         return digest.hexdigest()
-
-
-def sha256_file(path: Path, *, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def describe_files(paths: list[Path]) -> list[dict]:

@@ -144,7 +144,7 @@ class FashionMnistDataset(Dataset):
         import polars as pl
         from PIL import Image
 
-        from clipengine.atomic import write_bytes
+        from clipengine.bindings.files import write_bytes
         from clipengine.progress import track
 
         images, _ = self._test_split()
@@ -186,7 +186,7 @@ class FashionMnistDataset(Dataset):
     def classifier(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The model under test, trained once and kept in the cache (keyed by the training data's
         hash and the training settings)."""
-        from clipengine.atomic import atomic_path
+        from clipengine.bindings.files import atomic_path
 
         key = hashlib.sha256(
             self._file("train_images").read_bytes() + self._file("train_labels").read_bytes()

@@ -50,7 +50,12 @@ from typing import Any, Callable
 import numpy as np
 
 from clipengine.errors import ClipengineError
-from clipengine.executors.shards import ShardIndex, ShardStore, open_filesystem, plan_shards
+from clipengine.executors.shards import (
+    ShardIndex,
+    ShardStore,
+    open_filesystem,
+    plan_shards,
+)
 
 DEFAULT_ITEMS_PER_SHARD = 256  # (256, 224, 224, 3) uint8 = 38 MB of pixels in flight per shard
 DEFAULT_CPUS_FOR_DECODE = 1.0
@@ -152,11 +157,9 @@ def encode_items(
 
 def _run(ray, pl, items, keys, out_dir, config, record, identity, resources, factory, store, labeller, *,
          items_per_shard, max_retries, started):
-    from clipengine.encode import EncodeResult
+    from clipengine.encode import EncodeResult, file_stats
     from clipengine.images import ImageSpec
     from clipengine.progress import progress_bar
-
-    from clipengine.encode import file_stats
 
     plan = plan_shards(keys, items_per_shard)
     files = [os.path.abspath(f) for f in (items["file"] if "file" in items.columns else items["path"]).to_list()]
@@ -250,7 +253,7 @@ def open_finished(out_dir: Path, identity: dict, keys: list[str], stats: np.ndar
     (``stats`` of the current ``keys``) changed since; rows are not read into memory."""
     import polars as pl
 
-    from clipengine.atomic import read_parquet_metadata
+    from clipengine.bindings.files import read_parquet_metadata
     from clipengine.encode import (
         EMBEDDINGS_FILE,
         ITEMS_FILE,
@@ -297,8 +300,20 @@ def write_outputs(pl, items, keys, boxes, out_dir: Path, config, record: dict, i
     (rows without any labelled here) and the metadata files written. Returns (encoded, skipped) counts."""
     from numpy.lib.format import open_memmap
 
-    from clipengine.atomic import atomic_path, save_npy, write_json, write_parquet
-    from clipengine.encode import EMBEDDINGS_FILE, ITEMS_FILE, MODEL_FILE, SKIPPED_FILE, STATS_FILE, rows_digest
+    from clipengine.bindings.files import (
+        atomic_path,
+        save_npy,
+        write_json,
+        write_parquet,
+    )
+    from clipengine.encode import (
+        EMBEDDINGS_FILE,
+        ITEMS_FILE,
+        MODEL_FILE,
+        SKIPPED_FILE,
+        STATS_FILE,
+        rows_digest,
+    )
 
     encoded_index: list[int] = []
     skipped_index: list[int] = []

@@ -24,7 +24,7 @@ def write_report(run_dir: str | Path, *, single_file: bool = False) -> Path:
 
     Raises ClipengineError when ``run_dir`` holds no run (no item, metadata or error table).
     """
-    from clipengine.atomic import write_text
+    from clipengine.bindings.files import write_text
     from clipengine.report.rundir import read_run
 
     run = read_run(run_dir)
@@ -40,7 +40,11 @@ def render_report(run, *, out_dir: Path, single_file: bool = False):
     """(HTML text, the ThumbnailWriter that wrote its thumbnails) for a read run."""
     from clipengine.report import charts
     from clipengine.report.tables import attribute_tables, overall_rate, slice_rows
-    from clipengine.report.thumbs import EXAMPLES_PER_SIDE, ThumbnailWriter, pick_examples
+    from clipengine.report.thumbs import (
+        EXAMPLES_PER_SIDE,
+        ThumbnailWriter,
+        pick_examples,
+    )
 
     overall = overall_rate(run)
     slices = slice_rows(run, overall)

@@ -12,7 +12,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from clipengine.report.rundir import ERROR_COLUMN, PROB_SUFFIX, RunData, finite_or_none, predicate_mask
+from clipengine.report.rundir import (
+    ERROR_COLUMN,
+    PROB_SUFFIX,
+    RunData,
+    finite_or_none,
+    predicate_mask,
+)
 
 CONFIDENCE = 0.95
 MAX_CLASSES = 30  # classes shown per attribute; the rest are summed into "other"

@@ -192,7 +192,7 @@ class ThumbnailWriter:
             return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", None, pixelated
         name = f"{hashlib.sha256(data).hexdigest()[:20]}.{extension}"
         if name not in self.written:
-            from clipengine.atomic import write_bytes
+            from clipengine.bindings.files import write_bytes
 
             target = self.thumbs_dir / name
             if not (target.is_file() and target.read_bytes() == data):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from clipengine.bindings.class_token import ClassTokenVisionTower, unprunable_reason
+
 from tests.bindings.vit_variants import variants, vision
 
 

@@ -54,9 +54,9 @@ def test_tiny_onnx_matches_open_clip_eager_and_is_exported_once(tiny_clip, sampl
 
 
 def test_cache_key_follows_weights_and_settings(tiny_clip, tmp_path):
-    from tests.fixtures_models import TINY_ARCHITECTURE, save_random_model
-
     from clipengine.bindings.onnx_export import image_onnx_path
+
+    from tests.fixtures_models import TINY_ARCHITECTURE, save_random_model
 
     towers = _towers(tiny_clip)
     other = _towers(save_random_model(TINY_ARCHITECTURE, tmp_path, "tiny-clip", seed=5))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from clipengine.bindings.torch_vit_cpu import FusedVisionTransformer, unsupported_reason
+
 from tests.bindings.reference import cosine
 from tests.bindings.vit_variants import variants, vision
 

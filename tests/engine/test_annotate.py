@@ -18,7 +18,7 @@ from clipengine.annotate import (
     metadata_frame,
     read_embeddings_dir,
 )
-from clipengine.atomic import read_parquet_metadata
+from clipengine.bindings.files import read_parquet_metadata
 from clipengine.config import AnnotateConfig
 from clipengine.errors import ClipengineError
 from clipengine.schemas import load_schema, parse_schema
@@ -160,9 +160,9 @@ def test_strategies_side_by_side_differ_only_where_they_should(emb_dir):
 
 
 def test_refuses_to_mix_models(tiny_clip, emb_dir, tmp_path):
-    from tests.fixtures_models import TINY_ARCHITECTURE, save_random_model
-
     from clipengine.config import ModelConfig
+
+    from tests.fixtures_models import TINY_ARCHITECTURE, save_random_model
 
     other = save_random_model(TINY_ARCHITECTURE, tmp_path / "other", "other", seed=1)
     config = AnnotateConfig(schema="scene", device="cpu", progress=False,
@@ -205,7 +205,7 @@ def test_annotate_applies_calibrated_thresholds(emb_dir, tmp_path):
     import json
 
     from clipengine.annotate import META_THRESHOLDS
-    from clipengine.evaluate import positive_probability, AttributeInfo
+    from clipengine.evaluate import AttributeInfo, positive_probability
 
     config = AnnotateConfig(schema="celeba", device="cpu", progress=False)
     plain = annotate_dir(emb_dir, config, tmp_path / "plain.parquet")

@@ -4,10 +4,6 @@ import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
-
-from clipengine.config import DatasetConfig
-from clipengine.datasets import DATASETS, create_dataset, default_schema
-from clipengine.errors import ClipengineError
 from test_datasets_helpers import (
     CARLA_EXPECTED,
     CELEBA_ROWS,
@@ -17,6 +13,10 @@ from test_datasets_helpers import (
     make_celeba,
     make_folder,
 )
+
+from clipengine.config import DatasetConfig
+from clipengine.datasets import DATASETS, create_dataset, default_schema
+from clipengine.errors import ClipengineError
 
 
 def test_registry_names_and_default_schemas():

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from clipengine.bindings import cpu_supports_bf16
+
 from tests.bindings.reference import cosine, open_clip_reference
 
 

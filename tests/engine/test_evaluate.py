@@ -9,9 +9,15 @@ import polars as pl
 import pytest
 
 from clipengine.annotate import metadata_record
-from clipengine.atomic import write_parquet
+from clipengine.bindings.files import write_parquet
 from clipengine.errors import ClipengineError
-from clipengine.evaluate import label_quality, parse_mapping, read_truth, truth_labels, AttributeInfo
+from clipengine.evaluate import (
+    AttributeInfo,
+    label_quality,
+    parse_mapping,
+    read_truth,
+    truth_labels,
+)
 from clipengine.schemas import parse_schema
 
 SCHEMA = parse_schema(

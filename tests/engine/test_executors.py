@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-
 from pathlib import Path
 
 import numpy as np
@@ -224,7 +223,7 @@ def test_a_shard_is_finished_only_while_its_files_are_unchanged():
 def _assert_same_metadata(got, expected):
     """Same rows and key columns, labels exact, probabilities and margins within 1e-5, same Parquet
     metadata (model id, schema hash, strategies, logit scale)."""
-    from clipengine.atomic import read_parquet_metadata
+    from clipengine.bindings.files import read_parquet_metadata
 
     a, b = pl.read_parquet(got), pl.read_parquet(expected)
     assert a.columns == b.columns and a.height == b.height > 0
@@ -241,7 +240,13 @@ def _assert_same_metadata(got, expected):
 def test_run_job_with_ray_executor_gives_the_local_results(ray_cluster, tiny_clip, tmp_path):
     """The whole run on Ray (labels made in the actors, shards under a file:// URI elsewhere) gives the
     local run's metadata, slices and report inputs."""
-    from test_run import DETERMINISTIC, assert_same_results, make_config, make_photo_folder, snapshot
+    from test_run import (
+        DETERMINISTIC,
+        assert_same_results,
+        make_config,
+        make_photo_folder,
+        snapshot,
+    )
 
     from clipengine.run import run_job
 

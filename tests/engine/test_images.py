@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path

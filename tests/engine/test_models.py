@@ -18,9 +18,9 @@ def test_tiny_config_resolves_and_loads_through_the_real_path(tiny_clip):
 
 
 def test_model_id_follows_the_weights(tiny_clip, tmp_path):
-    from tests.fixtures_models import TINY_ARCHITECTURE, save_random_model
-
     from clipengine.models import resolve_model
+
+    from tests.fixtures_models import TINY_ARCHITECTURE, save_random_model
 
     other = save_random_model(TINY_ARCHITECTURE, tmp_path, "tiny-clip", seed=1)
     assert resolve_model(other.model_config).model_id != resolve_model(tiny_clip.model_config).model_id

@@ -18,7 +18,7 @@ import polars as pl
 import pytest
 from PIL import Image, ImageDraw
 
-from clipengine.atomic import write_json, write_parquet, write_text
+from clipengine.bindings.files import write_json, write_parquet, write_text
 
 HOSTILE = "<img src=x onerror=alert(1)>.png"
 COLORS = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200)}

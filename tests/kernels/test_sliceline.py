@@ -11,7 +11,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clipengine.kernels.sliceline import encode_recoded, prepare_codes, slice_line, slice_mask
+from clipengine.kernels.sliceline import (
+    encode_recoded,
+    prepare_codes,
+    slice_line,
+    slice_mask,
+)
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sliceline"
 FIXTURES = DATA / "systemds_fixtures.json"

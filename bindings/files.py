@@ -1,18 +1,23 @@
-"""Atomic writes: every artifact appears whole or not at all.
+"""Files on disk: written whole or not at all, hashed by content, built once.
 
-Each writer writes to a temporary file in the destination's folder, flushes and
-fsyncs it, then renames it over the destination (``os.replace`` is atomic on
-POSIX within one file system).
+The leaf helpers both layers use: the runtimes (``bindings``) for the exported graphs and plans of
+the on-disk cache, the engine for every run-directory artifact. Nothing here imports the rest of
+clipengine.
+
+Every writer writes to a temporary file in the destination's folder, flushes and fsyncs it, then
+renames it over the destination (``os.replace`` is atomic on POSIX within one file system).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 
 def _read_umask() -> int:
@@ -87,3 +92,48 @@ def read_parquet_metadata(path: str | os.PathLike) -> dict[str, str]:
 
     raw = pq.read_schema(path).metadata or {}
     return {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"ARROW")}
+
+
+# ---- content hashes -------------------------------------------------------------------------
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file's content (memoized per path, size and mtime within the process)."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def sha256_files(paths: Iterable[str | os.PathLike]) -> str:
+    """One sha256 over the contents of several files, in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---- build-once cache entries ---------------------------------------------------------------
+def ensure_built(path: Path, build: Callable[[Path], None]) -> Path:
+    """``path``, calling ``build(path)`` first if it does not exist yet.
+
+    A file lock beside ``path`` makes one process build while concurrent ones wait and then
+    reuse the result; ``build`` must write ``path`` atomically (e.g. through :func:`atomic_path`).
+    """
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.is_file():
+            build(path)
+    return path
