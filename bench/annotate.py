@@ -84,11 +84,11 @@ def main() -> None:
     import numba
 
     from clipengine import envs
-    from clipengine.class_embeddings import build_class_side
+    from clipengine.annotate.class_embeddings import build_class_side
+    from clipengine.annotate.schemas import load_schema
     from clipengine.kernels.quantized import quantize_rows, topk_quantized
     from clipengine.kernels.similarity import label_segments
     from clipengine.kernels.topk import topk_search
-    from clipengine.schemas import load_schema
 
     threads = min(envs.num_threads(), numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(threads)

@@ -80,7 +80,7 @@ def make_weights(folder: Path) -> Path:
     import open_clip
     import torch
 
-    from clipengine.models import build_open_clip_model, save_checkpoint
+    from clipengine.encode.models import build_open_clip_model, save_checkpoint
 
     torch.manual_seed(0)
     return save_checkpoint(build_open_clip_model(open_clip.get_model_config("ViT-B-32")), folder / "ViT-B-32-random.safetensors")
@@ -88,7 +88,8 @@ def make_weights(folder: Path) -> Path:
 
 def decoded_set(paths: list[str], count: int) -> np.ndarray:
     """(count, 224, 224, 3) uint8: the model-only inputs (exact decode, as open_clip's preprocess)."""
-    from clipengine.images import ImageSpec, load_image
+    from clipengine.encode.decode import load_image
+    from clipengine.encode.geometry import ImageSpec
 
     spec = ImageSpec(image_size=224, fast_jpeg=False, fast_resize=False)
     return np.stack([load_image(paths[i % len(paths)], None, spec) for i in range(count)])
@@ -153,7 +154,8 @@ def run_clipengine(args) -> dict:
     import polars as pl
 
     from clipengine.config import EncodeConfig, ModelConfig
-    from clipengine.encode import create_encoder, encode_items
+    from clipengine.encode.encoders import create_encoder
+    from clipengine.encode.stage import encode_items
 
     backend, precision, device = CONFIGS[args.config]
     config = EncodeConfig(model=ModelConfig(model="ViT-B-32", weights=Path(args.weights)), backend=backend,
@@ -189,7 +191,8 @@ def run_paired(args) -> dict:
     import polars as pl
 
     from clipengine.config import EncodeConfig, ModelConfig
-    from clipengine.encode import create_encoder, encode_items
+    from clipengine.encode.encoders import create_encoder
+    from clipengine.encode.stage import encode_items
 
     model, preprocess = load_open_clip(args)
     config = EncodeConfig(model=ModelConfig(model="ViT-B-32", weights=Path(args.weights)),
@@ -226,7 +229,7 @@ def run_export(args) -> dict:
     from clipengine import envs
     from clipengine.bindings.onnx_export import ensure_image_onnx
     from clipengine.config import ModelConfig
-    from clipengine.models import load_model, resolve_model
+    from clipengine.encode.models import load_model, resolve_model
 
     towers = load_model(resolve_model(ModelConfig(model="ViT-B-32", weights=Path(args.weights))))
     started = time.perf_counter()

@@ -90,7 +90,8 @@ def open_clip_dataloader(files: list[str], image_size: int, batch_size: int, wor
 
 
 def clipengine_batches(files, image_size, batch_size, workers, *, pool="thread", exact=False) -> int:
-    from clipengine.images import ImageSpec, iter_batches
+    from clipengine.encode.geometry import ImageSpec
+    from clipengine.encode.pipeline import iter_batches
 
     spec = ImageSpec(image_size, fast_jpeg=not exact, fast_resize=not exact)
     return sum(len(b.indices) for b in iter_batches(files, None, spec, batch_size=batch_size, workers=workers, pool=pool))
@@ -113,7 +114,7 @@ def main() -> None:
     torch.set_num_threads(1)  # decode benchmark: keep torch's intra-op threads out of the way
     with tempfile.TemporaryDirectory(prefix="clipengine-bench-images-") as scratch:
         if args.input:
-            from clipengine.images import list_image_files
+            from clipengine.encode.inputs import list_image_files
 
             files = list_image_files(args.input)
         else:

@@ -6,7 +6,7 @@ What is measured (one process; a local Ray cluster started once on this machine 
 CPUs, its start-up reported apart; random-init weights saved as safetensors; torch fp32 on the CPU;
 JPEG files of scikit-image sample photos at 500×400..1000×800, as bench/encode.py makes them):
 
-- ``local``: ``clipengine.encode.encode_items`` with its defaults (decode threads, 2 torch threads),
+- ``local``: ``clipengine.encode.stage.encode_items`` with its defaults (decode threads, 2 torch threads),
   then the annotate stage on the written embeddings (``clipengine.annotate.annotate_dir``).
 - ``ray-1``: one encoder actor of 2 CPUs (2 torch threads) + decode tasks of 1 CPU; the actor labels
   each shard right after encoding it (annotation in the same pass) and the driver writes metadata.parquet.
@@ -67,7 +67,7 @@ def make_model(kind: str, folder: Path):
     import torch
 
     from clipengine.config import ModelConfig
-    from clipengine.models import build_open_clip_model, save_checkpoint
+    from clipengine.encode.models import build_open_clip_model, save_checkpoint
 
     if kind == "vit-b-32":
         return ModelConfig(model="ViT-B-32", weights=_bench_encode_module().make_weights(folder))
@@ -86,7 +86,7 @@ def encode_once(name: str, items, out: Path, config, annotate=None) -> float:
     encode = create_executor("local") if options is None else create_executor(
         "ray", items_per_shard=DEFAULT_ITEMS_PER_SHARD, **options)
     if options is not None and annotate is not None:
-        from clipengine.annotate import resolve_schema
+        from clipengine.annotate.stage import resolve_schema
 
         annotate_cfg, encoder = annotate
         encode = functools.partial(encode, annotation=InPassAnnotation(
@@ -96,7 +96,7 @@ def encode_once(name: str, items, out: Path, config, annotate=None) -> float:
     started = time.perf_counter()
     result = encode(items, out, config)
     if options is None and annotate is not None:
-        from clipengine.annotate import annotate_dir
+        from clipengine.annotate.stage import annotate_dir
 
         annotate_dir(out, annotate[0], text_encoder=annotate[1])
     seconds = time.perf_counter() - started
@@ -132,9 +132,9 @@ def main() -> None:
         items = pl.DataFrame({"path": paths})
         annotate = None
         if not args.no_annotate:
-            from clipengine.annotate import resolve_schema
-            from clipengine.class_embeddings import prompt_embeddings
-            from clipengine.encode import create_encoder
+            from clipengine.annotate.class_embeddings import prompt_embeddings
+            from clipengine.annotate.stage import resolve_schema
+            from clipengine.encode.encoders import create_encoder
 
             encoder = create_encoder(config)  # the text tower; the prompts are cached before timing
             annotate = (AnnotateConfig(schema=args.schema, device="cpu", progress=False), encoder)

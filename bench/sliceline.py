@@ -57,7 +57,7 @@ def adult_coded() -> tuple[np.ndarray, np.ndarray]:
     import polars as pl
 
     sys.path.insert(0, str(REPO))
-    from clipengine.slices import code_features
+    from clipengine.slices.find import code_features
 
     frame = pl.read_csv(DATA / "adult_train.csv").with_columns(pl.col(pl.String).str.strip_chars())
     # numbers after ", " are read as text: make them numbers again
@@ -131,7 +131,7 @@ def worker_ours(path: str, mode: str) -> dict:
     data = np.load(path)
     local, errors = data["local"], data["errors"]
     min_sup, max_level = int(data["min_sup"]), int(data["max_level"])
-    from clipengine import stats
+    from clipengine.slices import stats
     from clipengine.kernels.sliceline import prepare_codes, slice_line
 
     domains = local.max(axis=0) + 1

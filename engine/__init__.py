@@ -12,7 +12,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY_ATTRIBUTES = {
-    "find_slices": "clipengine.slices:find_slices",
+    "find_slices": "clipengine.slices.find:find_slices",
 }
 
 

@@ -48,7 +48,7 @@ def save_random_model(architecture: dict, folder: Path, name: str, *, seed: int 
     """Build a random-init open_clip model of ``architecture``, save it, return where it lives."""
     import torch
 
-    from clipengine.models import build_open_clip_model, save_checkpoint
+    from clipengine.encode.models import build_open_clip_model, save_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from clipengine.cli.options import device_option
+
 
 @click.command("annotate")
 @click.argument("emb_dir", type=click.Path(file_okay=False, exists=True))
@@ -19,7 +21,7 @@ import click
 @click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None, help="With --model: a checkpoint.")
 @click.option("--thresholds", type=click.Path(dir_okay=False, exists=True), default=None,
               help="thresholds.json from `clipengine eval --calibrate`: relabel binary attributes with them.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@device_option
 @click.option("--chunk-rows", type=click.IntRange(min=1), default=None, help="Rows per kernel pass (memory bound).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def annotate(emb_dir, schema, strategy, out_path, model, pretrained, weights, thresholds, device, chunk_rows, quiet):
@@ -38,7 +40,8 @@ def annotate(emb_dir, schema, strategy, out_path, model, pretrained, weights, th
     from dataclasses import replace
     from pathlib import Path
 
-    from clipengine.annotate import METADATA_FILE, annotate_dir, resolve_schema
+    from clipengine.annotate.stage import annotate_dir, resolve_schema
+    from clipengine.artifacts import METADATA
     from clipengine.config import AnnotateConfig, ModelConfig
 
     config = AnnotateConfig(schema=schema, strategy=strategy, device=device, progress=not quiet,
@@ -48,9 +51,14 @@ def annotate(emb_dir, schema, strategy, out_path, model, pretrained, weights, th
     if model or weights or pretrained:
         config = replace(config, model=ModelConfig(model=model or ModelConfig().model, pretrained=pretrained,
                                                    weights=Path(weights) if weights else None))
+    from clipengine.artifacts import check_inputs_kept, locked
+
     resolved = resolve_schema(config)
-    frame = annotate_dir(emb_dir, config, out_path)
-    destination = out_path or str(Path(emb_dir) / METADATA_FILE)
+    destination = out_path or str(Path(emb_dir) / METADATA)
+    given = [p for p in (thresholds, schema) if p and Path(p).is_file()]
+    check_inputs_kept(Path(destination).parent, given, [Path(destination).name])
+    with locked(Path(destination).parent):
+        frame = annotate_dir(emb_dir, config, destination)
     strategies = sorted(set(resolved.strategies.values()))
     click.echo(f"wrote {destination}: {frame.height} rows × {len(resolved.attributes)} attributes "
                f"(schema {resolved.name} {resolved.hash}, strategy {'/'.join(strategies)})")

@@ -2,57 +2,32 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-_BACKENDS = ["auto", "torch", "onnxruntime", "tensorrt"]
-
-
-def _model_options(function):
-    options = [
-        click.option("--model", "model", default="ViT-B-32", show_default=True,
-                     help="open_clip architecture name, an open_clip architecture .json, a local Hugging Face CLIP "
-                          "directory, or 'conse'."),
-        click.option("--pretrained", default=None,
-                     help="open_clip pretrained tag (downloaded once where a network exists), "
-                          "e.g. laion2b_s34b_b79k for ViT-B-32."),
-        click.option("--weights", type=click.Path(dir_okay=False, path_type=str), default=None,
-                     help="Local open_clip or OpenAI checkpoint (.safetensors, .pt, .bin); never unpickles code."),
-        click.option("--backend", type=click.Choice(_BACKENDS), default="auto", show_default=True,
-                     help="auto: torch on the CPU (measured here, ViT-B/32: bf16 124 img/s, fp32 29, "
-                          "ONNX Runtime fp32 26), TensorRT fp16 on CUDA (torch fp16 without tensorrt)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
-        click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-                     help="Default: the fastest that keeps cosine ≥ 0.9999 to fp32: bf16 on CPUs with bf16 "
-                          "instructions (AMX/AVX512-BF16; measured 4.3x fp32, cosine 0.99996), else fp32; "
-                          "fp16 on CUDA."),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
-
-
-def _model_config(model, pretrained, weights):
-    from pathlib import Path
-
-    from clipengine.config import ModelConfig
-
-    return ModelConfig(model=model, pretrained=pretrained, weights=Path(weights) if weights else None)
+from clipengine import config as defaults
+from clipengine.cli.options import model_config, model_options, runtime_options
 
 
 @click.command("encode")
 @click.argument("source", metavar="INPUT", type=click.Path(exists=True, path_type=str))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Output folder: embeddings.npy, items.parquet, skipped.parquet, model.json.")
-@_model_options
+@model_options()
+@runtime_options
 @click.option("--boxes", type=click.Path(exists=True, dir_okay=False, path_type=str), default=None,
               help="CSV/Parquet with path,x0,y0,x1,y1 (pixels): each box is one item (object crop).")
-@click.option("--box-margin", type=float, default=None, help="Widen each box by this fraction of its size per side [0.1].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Images per model call [64].")
+@click.option("--box-margin", type=click.FloatRange(min=0), default=defaults.DEFAULT_BOX_MARGIN, show_default=True,
+              help="Widen each box by this fraction of its size per side.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=defaults.DEFAULT_BATCH_SIZE, show_default=True,
+              help="Images per model call.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decode threads [one per core].")
-@click.option("--shard-size", type=click.IntRange(min=1), default=None,
-              help="Items per resumable shard [4096; also written every 60 s].")
-@click.option("--dtype", "output_dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="dtype of embeddings.npy.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=defaults.DEFAULT_SHARD_SIZE, show_default=True,
+              help="Items per resumable shard (a shard is also written every "
+                   f"{defaults.DEFAULT_SHARD_SECONDS:g} s).")
+@click.option("--dtype", "output_dtype", type=click.Choice(["float32", "float16"]),
+              default=defaults.DEFAULT_OUTPUT_DTYPE, show_default=True, help="dtype of embeddings.npy.")
 @click.option("--exact-decode", is_flag=True,
               help="Decode JPEGs at full size and resize with PIL (pixels bit-identical to open_clip's preprocess; slower).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -68,25 +43,21 @@ def encode(source, out_dir, model, pretrained, weights, backend, device, precisi
       clipengine encode photos/ --out emb/ --model ViT-B-32 --pretrained laion2b_s34b_b79k
       clipengine encode list.txt --out emb/ --weights clip.safetensors --boxes boxes.csv
     """
-    from dataclasses import replace
-
     from clipengine.config import EncodeConfig
-    from clipengine.encode import encode_items, items_from_input
+    from clipengine.encode.inputs import items_from_input
+    from clipengine.encode.stage import encode_items
 
-    config = EncodeConfig(
-        model=_model_config(model, pretrained, weights),
-        backend=backend,
-        device=device,
-        precision=precision,
-        output_dtype=output_dtype,
-        exact_decode=exact_decode,
-        workers=workers,
-        progress=not quiet,
-    )
-    overrides = {"batch_size": batch_size, "box_margin": box_margin, "shard_size": shard_size}
-    config = replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    config = EncodeConfig(model=model_config(model, pretrained, weights), backend=backend, device=device,
+                          precision=precision, batch_size=batch_size, workers=workers, box_margin=box_margin,
+                          shard_size=shard_size, output_dtype=output_dtype, exact_decode=exact_decode,
+                          progress=not quiet)
+    from clipengine import artifacts
+
+    given = [p for p in (source, boxes) if p and Path(p).is_file()]
+    artifacts.check_inputs_kept(out_dir, given, artifacts.ENCODE_OUTPUTS)
     items = items_from_input(source, boxes=boxes)
-    result = encode_items(items, out_dir, config)
+    with artifacts.locked(out_dir):
+        result = encode_items(items, out_dir, config)
     record = result.model_record
     click.echo(
         f"encoded {result.encoded} items ({result.newly_encoded} new, {result.reused} reused), "
@@ -98,7 +69,8 @@ def encode(source, out_dir, model, pretrained, weights, backend, device, precisi
 
 @click.command("encode-text")
 @click.argument("texts", nargs=-1, required=True)
-@_model_options
+@model_options()
+@runtime_options
 @click.option("--like", "like_dir", type=click.Path(exists=True, file_okay=False, path_type=str), default=None,
               help="Use the model of this embeddings folder (its model.json) instead of --model/--weights.")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False, path_type=str), default=None,
@@ -115,12 +87,12 @@ def encode_text(texts, model, pretrained, weights, backend, device, precision, l
     import json
 
     from clipengine.config import EncodeConfig
-    from clipengine.encode import create_encoder, text_encoder_from_dir
+    from clipengine.encode.encoders import create_encoder, text_encoder_from_dir
 
     if like_dir:
         encoder = text_encoder_from_dir(like_dir, device=device)
     else:
-        config = EncodeConfig(model=_model_config(model, pretrained, weights), backend="torch" if backend == "auto"
+        config = EncodeConfig(model=model_config(model, pretrained, weights), backend="torch" if backend == "auto"
                               else backend, device=device, precision=precision or "fp32")
         encoder = create_encoder(config)
     embeddings = encoder.encode_texts(list(texts))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from clipengine.cli.options import device_option
+
 
 @click.command("eval")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
@@ -21,7 +23,7 @@ import click
 @click.option("--calibrate", is_flag=True,
               help="Also fit a threshold per binary attribute on half the labelled rows and measure it on the "
                    "other half (writes thresholds.json).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@device_option
 def evaluate(inputs, truth, mapping, key, out_dir, schema, strategies, calibrate, device):
     """Label quality per attribute: class counts, accuracy, per-class precision / recall / F1.
 
@@ -35,13 +37,9 @@ def evaluate(inputs, truth, mapping, key, out_dir, schema, strategies, calibrate
     """
     from pathlib import Path
 
+    from clipengine.annotate.evaluate import evaluate_embeddings_dir, evaluate_files, parse_mapping
     from clipengine.config import AnnotateConfig
     from clipengine.errors import ClipengineError
-    from clipengine.evaluate import (
-        evaluate_embeddings_dir,
-        evaluate_files,
-        parse_mapping,
-    )
 
     parsed = {}
     for text in mapping:
@@ -58,6 +56,10 @@ def evaluate(inputs, truth, mapping, key, out_dir, schema, strategies, calibrate
     else:
         report = evaluate_files(list(inputs), truth, mapping=parsed, key=key, calibrate=calibrate)
         folder = Path(out_dir) if out_dir else first.parent
-    csv_path, md_path = report.write(folder)
+    from clipengine.artifacts import LABEL_QUALITY_CSV, LABEL_QUALITY_MD, THRESHOLDS, check_inputs_kept, locked
+
+    check_inputs_kept(folder, [truth, *inputs], [LABEL_QUALITY_CSV, LABEL_QUALITY_MD, THRESHOLDS])
+    with locked(folder):
+        csv_path, md_path = report.write(folder)
     click.echo(report.to_markdown())
     click.echo(f"wrote {csv_path} and {md_path}")

@@ -22,9 +22,14 @@ def report(run_dir: Path, single_file: bool, open_page: bool) -> None:
       clipengine run --dataset fashion-mnist --out runs/fmnist
       clipengine report runs/fmnist --single-file --open
     """
+    from clipengine.artifacts import locked
+    from clipengine.errors import ClipengineError
     from clipengine.report import write_report
 
-    page = write_report(run_dir, single_file=single_file)
+    if not run_dir.is_dir():
+        raise ClipengineError(f"{run_dir}: not a run directory (it does not exist)")
+    with locked(run_dir):
+        page = write_report(run_dir, single_file=single_file)
     click.echo(f"report: {page} ({_size(page, single_file)})")
     if open_page:
         import webbrowser
@@ -34,7 +39,9 @@ def report(run_dir: Path, single_file: bool, open_page: bool) -> None:
 
 def _size(page: Path, single_file: bool) -> str:
     total = page.stat().st_size
-    thumbs = page.parent / "thumbs"
+    from clipengine.artifacts import THUMBS_DIR
+
+    thumbs = page.parent / THUMBS_DIR
     if not single_file and thumbs.is_dir():
         total += sum(p.stat().st_size for p in thumbs.iterdir() if p.is_file())
     return f"{total / 1024:.0f} KiB" + ("" if single_file else " with thumbs/")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from clipengine import config as defaults
+from clipengine.cli.options import model_config, model_options, runtime_options, slice_config, slice_options
 from clipengine.datasets import DATASETS
 
 
@@ -45,18 +47,6 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
             item = ",".join(str(v) for v in item)
         defaults[name] = item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
-
-
-def _min_sup(value: str | None):
-    if value is None:
-        return None
-    from clipengine.errors import ClipengineError
-
-    try:
-        number = float(value)
-    except ValueError:
-        raise ClipengineError(f"--min-sup must be a row count or a fraction, not {value!r}") from None
-    return int(number) if number >= 1 and number.is_integer() else number
 
 
 @click.command(
@@ -99,25 +89,21 @@ Example:
               help="celeba: CSV/Parquet with image_id + error, or image_id + one attribute column.")
 @click.option("--errors", "errors_file", type=click.Path(path_type=Path), default=None,
               help="folder: the errors table [default: ROOT/errors.csv or .parquet].")
-@click.option("--classes", default="Pedestrian", show_default=True, help="carla: object classes, comma-separated.")
-@click.option("--iou", type=float, default=0.5, show_default=True, help="carla: IoU a detection needs to match.")
-@click.option("--limit", type=int, default=None, help="At most this many items (fashion-mnist default 2000).")
-@click.option("--seed", type=int, default=0, show_default=True, help="fashion-mnist: training seed of the model under test.")
-@click.option("--model", default=None, help="open_clip architecture, architecture JSON, model folder, or 'conse'.")
-@click.option("--pretrained", default=None, help="open_clip pretrained tag.")
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Local checkpoint.")
-@click.option("--backend", default="auto", show_default=True, help="auto, torch, onnxruntime or tensorrt.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
-@click.option("--precision", default=None, help="fp32, bf16 or fp16 [default: the backend's].")
-@click.option("--batch-size", type=int, default=None, help="Images per batch [default: 64].")
-@click.option("--workers", type=int, default=None, help="Decode workers [default: one per core].")
+@click.option("--classes", default=",".join(defaults.DEFAULT_CARLA_CLASSES), show_default=True,
+              help="carla: object classes, comma-separated.")
+@click.option("--iou", type=click.FloatRange(0, 1), default=defaults.DEFAULT_IOU_THRESHOLD, show_default=True,
+              help="carla: IoU a detection needs to match.")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help=f"At most this many items (fashion-mnist default {defaults.DEFAULT_FASHION_LIMIT}).")
+@click.option("--seed", type=int, default=defaults.DEFAULT_FASHION_SEED, show_default=True,
+              help="fashion-mnist: training seed of the model under test.")
+@model_options(model_default=None)
+@runtime_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=defaults.DEFAULT_BATCH_SIZE, show_default=True,
+              help="Images per model call.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Decode threads [one per core].")
 @click.option("--strategy", default=None, help="Prompt aggregation (mean, max, topm, naive; per attribute a=max).")
-@click.option("--k", type=int, default=None, help="Number of slices [default: 10].")
-@click.option("--alpha", type=float, default=None, help="SliceLine's weight of error vs size [default: 0.95].")
-@click.option("--min-sup", default=None, help="Minimum slice size: rows, or a fraction of rows [default: n/100].")
-@click.option("--max-level", type=int, default=None, help="Most predicates per slice [default: 3].")
-@click.option("--bins", type=int, default=None, help="Bins per numeric feature [default: 10].")
-@click.option("--max-q", type=float, default=None, help="Benjamini–Hochberg q for 'significant' [default: 0.05].")
+@slice_options
 @click.option("--no-report", is_flag=True, default=False, help="Skip report.html.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where encoding runs: this process, or a Ray cluster (needs clipengine[ray]).")
@@ -134,32 +120,17 @@ Example:
 @click.option("--quiet", is_flag=True, default=False, help="No progress bars or stage lines.")
 @click.option("--log-json", is_flag=True, default=False, help="JSON-lines events on stdout (machine-readable).")
 def run(dataset, root, out, schema, detections, predictions, errors_file, classes, iou, limit, seed, model, pretrained,
-        weights, backend, device, precision, batch_size, workers, strategy, k, alpha, min_sup, max_level, bins, max_q,
-        no_report, executor, ray_address, ray_workers, gpus_per_worker, cpus_for_decode, ray_shards, quiet,
-        log_json) -> None:
-    from dataclasses import replace
-
-    from clipengine.config import (
-        AnnotateConfig,
-        DatasetConfig,
-        EncodeConfig,
-        ModelConfig,
-        RunConfig,
-        SliceConfig,
-    )
+        weights, backend, device, precision, batch_size, workers, strategy, k, alpha, min_sup, max_level, bins,
+        binning, drop_nulls, compat, max_q, no_report, executor, ray_address, ray_workers, gpus_per_worker,
+        cpus_for_decode, ray_shards, quiet, log_json) -> None:
+    from clipengine.config import AnnotateConfig, DatasetConfig, EncodeConfig, RunConfig
     from clipengine.errors import ClipengineError
-    from clipengine.run import RunLog, run_job
+    from clipengine.run.job import RunLog, run_job
 
-    encode = EncodeConfig(model=ModelConfig(model=model or ModelConfig().model, pretrained=pretrained, weights=weights),
-                          backend=backend, device=device, precision=precision)
-    if batch_size is not None:
-        encode = replace(encode, batch_size=batch_size)
-    if workers is not None:
-        encode = replace(encode, workers=workers)
-    slices = SliceConfig()
-    overrides = {"k": k, "alpha": alpha, "min_sup": _min_sup(min_sup), "max_level": max_level, "bins": bins,
-                 "max_q": max_q}
-    slices = replace(slices, **{name: value for name, value in overrides.items() if value is not None})
+    encode = EncodeConfig(model=model_config(model, pretrained, weights), backend=backend, device=device,
+                          precision=precision, batch_size=batch_size, workers=workers)
+    slices = slice_config(k=k, alpha=alpha, min_sup=min_sup, max_level=max_level, bins=bins, binning=binning,
+                          drop_nulls=drop_nulls, compat=compat, max_q=max_q)
     config = RunConfig(
         dataset=dataset,
         root=root,
@@ -195,23 +166,24 @@ def run(dataset, root, out, schema, detections, predictions, errors_file, classe
         sys.exit(1)
     if log_json:
         return
-    summary = result.run_dir / "summary.md"
+    from clipengine import artifacts
+
     reused = f"; reused {', '.join(result.reused)}" if result.reused else ""
     click.echo(f"{result.run_dir}: ran {', '.join(result.ran) or 'nothing'}{reused} ({result.seconds:.1f} s)")
     _print_top_slices(result.run_dir)
-    click.echo(f"summary: {summary}")
-    if (result.run_dir / "report.html").is_file():
-        click.echo(f"report:  {result.run_dir / 'report.html'}")
+    click.echo(f"summary: {result.run_dir / artifacts.SUMMARY}")
+    if (result.run_dir / artifacts.REPORT).is_file():
+        click.echo(f"report:  {result.run_dir / artifacts.REPORT}")
 
 
 def _print_top_slices(run_dir: Path, top: int = 3) -> None:
-    import json
+    from clipengine.artifacts import read_slices
+    from clipengine.errors import ClipengineError
 
-    path = run_dir / "slices.json"
-    if not path.is_file():
+    try:
+        _, records = read_slices(run_dir)
+    except ClipengineError:
         return
-    data = json.loads(path.read_text(encoding="utf-8"))
-    records = data.get("slices", []) if isinstance(data, dict) else data
     for rank, record in enumerate(records[:top], start=1):
         text = " AND ".join(f"{k} = {v}" for k, v in record.get("predicates", {}).items())
         mark = "" if record.get("significant") else " (not significant)"

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import click
 
+from clipengine.cli.options import device_option
+
 
 @click.command("search")
 @click.argument("emb_dir", type=click.Path(file_okay=False, exists=True))
 @click.argument("queries", nargs=-1, required=True)
 @click.option("-k", "k", type=click.IntRange(min=1), default=20, show_default=True, help="Results per query.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON records instead of a table.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@device_option
 @click.option("--index", type=click.Choice(["auto", "int8", "none"]), default="auto", show_default=True,
               help="auto: on the CPU over ≥ 100,000 items, an int8 screening copy (built once into "
                    "EMB_DIR/search_index/, or the cache directory when EMB_DIR is read-only) then an exact re-rank; none: one float32 pass. Both are exact.")
@@ -27,7 +29,7 @@ def search(emb_dir, queries, k, as_json, device, index):
     """
     import json
 
-    from clipengine.search import search as run_search
+    from clipengine.annotate.search import search as run_search
 
     frame = run_search(emb_dir, list(queries), k, device=device, index=index)
     if as_json:

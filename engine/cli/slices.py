@@ -1,37 +1,17 @@
-"""``clipengine slices``: options → ``SliceConfig`` → :func:`clipengine.slices.find_slices` → print."""
+"""``clipengine slices``: options → ``SliceConfig`` → :func:`clipengine.slices.find.find_slices` → print."""
 
 from __future__ import annotations
 
 import click
 
-
-def _parse_min_sup(value: str | None):
-    if value is None:
-        return None
-    try:
-        return float(value) if any(ch in value for ch in ".eE") else int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is neither a row count nor a fraction", param_hint="--min-sup") from None
+from clipengine.cli.options import slice_config, slice_options
 
 
 @click.command("slices")
 @click.argument("table", type=click.Path(exists=True, dir_okay=False, path_type=str))
 @click.option("--error", "error", required=True, help="Column of per-row errors (0/1 or non-negative numbers).")
 @click.option("--features", default=None, help="Comma-separated feature columns [every other column].")
-@click.option("--k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Slices to report.")
-@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
-              help="Weight of error vs size in the score.")
-@click.option("--min-sup", default=None, help="Minimum slice size: rows (N) or a fraction of rows (F) [⌈n/100⌉].")
-@click.option("--max-level", type=click.IntRange(min=0), default=3, show_default=True,
-              help="Most predicates per slice (0 = unlimited).")
-@click.option("--bins", type=click.IntRange(min=2), default=10, show_default=True,
-              help="Bins per numeric column with many values.")
-@click.option("--binning", type=click.Choice(["quantile", "width"]), default="quantile", show_default=True)
-@click.option("--drop-nulls", is_flag=True, help="Nulls form no slice (default: null is a level of its own).")
-@click.option("--compat", type=click.Choice(["systemds"]), default=None,
-              help="Reproduce SystemDS's sliceLine output exactly (its bound and top-K quirks).")
-@click.option("--max-q", type=click.FloatRange(0, 1, min_open=True), default=0.05, show_default=True,
-              help="Benjamini–Hochberg q-value at or below which a slice counts as significant.")
+@slice_options
 @click.option("--json", "as_json", is_flag=True, help="Print the slices as a JSON list, best first.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=str), default=None,
@@ -52,16 +32,21 @@ def slices(table, error, features, k, alpha, min_sup, max_level, bins, binning, 
     """
     import json
 
-    from clipengine.config import SliceConfig
-    from clipengine.slices import find_slices_with_config, read_table, write_slices
+    from clipengine.slices.find import find_slices_with_config, write_slices
+    from clipengine.tables import check_error_column, read_table
 
-    config = SliceConfig(k=k, alpha=alpha, min_sup=_parse_min_sup(min_sup), max_level=max_level, bins=bins,
-                         compat=compat, max_q=max_q, binning=binning, drop_nulls=drop_nulls, progress=not quiet)
-    frame = read_table(table)
+    config = slice_config(k=k, alpha=alpha, min_sup=min_sup, max_level=max_level, bins=bins, binning=binning,
+                          drop_nulls=drop_nulls, compat=compat, max_q=max_q, progress=not quiet)
+    frame = read_table(table, what="table")
+    check_error_column(frame, error, source=table)  # bad errors are named with the file
     names = [f.strip() for f in features.split(",") if f.strip()] if features else None
     result = find_slices_with_config(frame, error=error, config=config, features=names)
     if out_dir:
-        write_slices(result, out_dir)
+        from clipengine.artifacts import SLICES_JSON, SLICES_PARQUET, check_inputs_kept, locked
+
+        check_inputs_kept(out_dir, [table], [SLICES_PARQUET, SLICES_JSON])
+        with locked(out_dir):
+            write_slices(result, out_dir)
     if as_json:
         click.echo(json.dumps(result.to_records(), indent=2))
         return

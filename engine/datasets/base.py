@@ -24,11 +24,10 @@ from typing import TYPE_CHECKING, ClassVar
 from clipengine.bindings.files import sha256_file
 from clipengine.config import DatasetConfig
 from clipengine.errors import ClipengineError
+from clipengine.tables import check_error_column
 
 if TYPE_CHECKING:  # pragma: no cover
     import polars as pl
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
 class Dataset(ABC):
@@ -68,7 +67,7 @@ class Dataset(ABC):
         return []
 
     def truth_mapping(self) -> dict[str, str]:
-        """Schema attribute → how its truth is read from :meth:`load_truth` (a ``clipengine.evaluate``
+        """Schema attribute → how its truth is read from :meth:`load_truth` (a ``clipengine.annotate.evaluate``
         SPEC, e.g. a column name), for attributes whose schema ``truth`` key does not say it."""
         return {}
 
@@ -118,42 +117,15 @@ def hash_listing(items: "pl.DataFrame") -> str:
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive), sorted by relative POSIX path."""
-    found = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+    """Image files under ``folder`` (recursive, hidden entries left out), sorted by relative POSIX path."""
+    from clipengine.encode.inputs import list_image_files
 
-
-def read_table(path: Path, *, what: str) -> "pl.DataFrame":
-    """A CSV (comma, tab or whitespace-free) or Parquet table; a one-line error if unreadable."""
-    import polars as pl
-
-    path = Path(path)
-    if not path.is_file():
-        raise ClipengineError(f"{what} file {path} does not exist")
-    try:
-        if path.suffix.lower() == ".parquet":
-            return pl.read_parquet(path)
-        separator = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-        return pl.read_csv(path, separator=separator, infer_schema_length=10_000)
-    except Exception as error:  # polars raises many kinds; the user needs one line
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ClipengineError(f"cannot read {what} file {path}: {first}") from None
+    return [Path(p) for p in list_image_files(folder)]
 
 
 def validate_errors(frame: "pl.DataFrame", *, source: str, column: str = "error") -> "pl.DataFrame":
-    """Check that ``column`` is numeric, non-null and non-negative; return it as Float64."""
+    """``frame`` with ``column`` checked by the slices stage's rules
+    (:func:`clipengine.tables.check_error_column`) and cast to Float64."""
     import polars as pl
 
-    if column not in frame.columns:
-        raise ClipengineError(f"{source}: no '{column}' column (columns: {', '.join(frame.columns)})")
-    values = frame.get_column(column)
-    if not values.dtype.is_numeric() and values.dtype != pl.Boolean:
-        raise ClipengineError(f"{source}: column '{column}' must be numeric (0/1 or a non-negative number), got {values.dtype}")
-    values = values.cast(pl.Float64)
-    bad = (values.is_null() | values.is_nan() | (values < 0)).arg_true()
-    if len(bad):
-        row = int(bad[0])
-        raise ClipengineError(
-            f"{source}: row {row + 1} has error {frame.get_column(column)[row]!r}; errors must be non-negative numbers"
-        )
-    return frame.with_columns(values.alias(column))
+    return frame.with_columns(pl.Series(column, check_error_column(frame, column, source=source), dtype=pl.Float64))

@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from clipengine.datasets.base import IMAGE_SUFFIXES, Dataset
+from clipengine.datasets.base import Dataset
+from clipengine.encode.inputs import is_image_file
 from clipengine.errors import ClipengineError
 
 LABEL_FIELDS = 15
@@ -101,7 +102,7 @@ class CarlaDataset(Dataset):
 
     # ---- reading --------------------------------------------------------------------------
     def _find_frames(self) -> dict[str, Path]:
-        images = sorted(p for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        images = sorted(p for p in self.image_dir.iterdir() if is_image_file(p) and p.is_file())
         if not images:
             raise ClipengineError(f"no images in {self.image_dir}")
         frames = {}

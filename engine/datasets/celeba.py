@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clipengine.datasets.base import Dataset, read_table, validate_errors
+from clipengine.datasets.base import Dataset, validate_errors
 from clipengine.errors import ClipengineError
+from clipengine.tables import read_table
 
 PARTITIONS = {0: "train", 1: "val", 2: "test"}
 

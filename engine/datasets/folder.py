@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clipengine.datasets.base import Dataset, list_images, read_table, validate_errors
+from clipengine.datasets.base import Dataset, list_images, validate_errors
 from clipengine.errors import ClipengineError
+from clipengine.tables import read_table
 
 TRUTH_PREFIX = "true_"
 

@@ -1,5 +1,5 @@
 """Executors: where the encode stage runs. Each has the call shape of
-:func:`clipengine.encode.encode_items` — ``(items, out_dir, config, *, encoder=None) -> EncodeResult`` —
+:func:`clipengine.encode.stage.encode_items` — ``(items, out_dir, config, *, encoder=None) -> EncodeResult`` —
 and writes the same run-directory files, so a job picks one by name.
 
 - ``local``: this process (decode threads + one encoder), :mod:`clipengine.executors.local`.
@@ -36,10 +36,10 @@ ANNOTATES_IN_PASS = frozenset({"ray"})
 @dataclass(frozen=True)
 class InPassAnnotation:
     """Labelling asked of the encode pass. ``targets``: (file name in the output folder, strategy-resolved
-    ``Schema``) per metadata file, e.g. ``("metadata.parquet", schema)``; ``text_encoder(model_record)``:
+    ``Schema``) per metadata file, e.g. ``(artifacts.METADATA, schema)``; ``text_encoder(model_record)``:
     an encoder with ``encode_texts`` for that model, called on the driver only when the schema's prompt
     embeddings are not cached; ``config``: the ``AnnotateConfig`` (``device``, ``chunk_rows``).
-    The files are those :func:`clipengine.annotate.write_metadata` writes."""
+    The files are those :func:`clipengine.annotate.stage.write_metadata` writes."""
 
     targets: tuple[tuple[str, Any], ...]
     text_encoder: Callable[[dict], Any]

@@ -1,11 +1,11 @@
 """Annotation inside the encode pass: the encoder workers label each shard's rows right after
 encoding them, and the driver gathers the labels into the same metadata files the annotate stage
-writes (:func:`clipengine.annotate.write_metadata`).
+writes (:func:`clipengine.annotate.stage.write_metadata`).
 
 The class side of every metadata file (prompt embeddings from the model's text tower, cached as the
-annotate stage caches them, aggregated into a :class:`clipengine.class_embeddings.ClassSide`) is
+annotate stage caches them, aggregated into a :class:`clipengine.annotate.class_embeddings.ClassSide`) is
 made once on the driver and shipped to the workers once; a worker then runs only
-:func:`clipengine.annotate.label_with_class_side` per shard. Rows are labelled as
+:func:`clipengine.annotate.stage.label_with_class_side` per shard. Rows are labelled as
 ``embeddings.npy`` stores them (cast to the output dtype), so the labels are those the annotate
 stage would compute from the gathered file.
 """
@@ -38,7 +38,7 @@ class ShardLabeller:
     def label(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """(K, D) rows → ``labels_<i>`` (K, A_i) int32, ``probs_<i>`` / ``margins_<i>`` (K, A_i) float32
         for every metadata file ``i``."""
-        from clipengine.annotate import label_with_class_side
+        from clipengine.annotate.stage import label_with_class_side
 
         stored = np.asarray(rows).astype(self.dtype, copy=False)  # the rows as embeddings.npy holds them
         out = {}
@@ -63,8 +63,8 @@ class _TextTower:
 def prepare_labeller(annotation, record: dict, dtype: str) -> ShardLabeller:
     """The :class:`ShardLabeller` of an ``InPassAnnotation`` for the model ``record`` (``model_id``,
     ``embed_dim``, ``logit_scale``), rows stored as ``dtype``."""
-    from clipengine.annotate import check_prompt_embeddings, logit_scale_of
-    from clipengine.class_embeddings import build_class_side, prompt_embeddings
+    from clipengine.annotate.class_embeddings import build_class_side, prompt_embeddings
+    from clipengine.annotate.stage import check_prompt_embeddings, logit_scale_of
 
     tower = _TextTower(annotation.text_encoder, record)
     model_id = str(record.get("model_id") or "")
@@ -87,7 +87,7 @@ def prepare_labeller(annotation, record: dict, dtype: str) -> ShardLabeller:
 
 class LabelGather:
     """The driver's (N, A) label arrays of every metadata file, filled row by row from the shards; rows
-    no shard labelled (reused from a finished output set, or shards of an older layout) are labelled
+    no shard labelled (rows reused from a finished output set) are labelled
     here at the end."""
 
     def __init__(self, labeller: ShardLabeller, n_rows: int):
@@ -125,7 +125,7 @@ class LabelGather:
 
     def write(self, out_dir, items) -> list[str]:
         """The metadata files (``items``: the N rows of items.parquet), as the annotate stage writes them."""
-        from clipengine.annotate import check_finite_labels, write_metadata
+        from clipengine.annotate.stage import check_finite_labels, write_metadata
 
         for name, schema, (labels, probs, margins) in zip(self.labeller.files, self.labeller.schemas, self.arrays):
             check_finite_labels(probs)

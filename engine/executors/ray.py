@@ -8,7 +8,7 @@
         ──▶ driver gathers by item key → embeddings.npy, items.parquet, skipped.parquet, model.json
             (+ metadata.parquet, metadata_naive.parquet when asked to annotate in the pass)
 
-The gathered files are those of :func:`clipengine.encode.encode_items` (same rows in the same item
+The gathered files are those of :func:`clipengine.encode.stage.encode_items` (same rows in the same item
 order, same ``model.json``, same finished-set marker), so either executor resumes or extends the other's
 finished output directory. With ``annotation`` (an :class:`clipengine.executors.InPassAnnotation`),
 each actor also labels its shard's rows right after encoding them (:mod:`clipengine.executors.labels`)
@@ -17,7 +17,7 @@ and the driver writes the metadata files the annotate stage would write.
 Shards are consecutive items, ``items_per_shard`` each; a shard file's name carries a digest of its
 items' keys and holds ``keys`` (K,) str, ``rows`` (K, D) float32, the skipped keys with their reasons,
 the label arrays and the model identity. They live in ``shards`` — ``RUN/shards-ray`` or any folder or
-URI pyarrow opens (``s3://``, ``gs://``, ``hdfs://``, ``file://``; :mod:`clipengine.executors.shards`),
+URI pyarrow opens (``s3://``, ``gs://``, ``hdfs://``, ``file://``; :mod:`clipengine.shards`),
 read and written by the workers and the driver alike; the final files land in the local ``out_dir``.
 They are the checkpoint: a restarted job over the same items runs only the shards without a file.
 
@@ -26,7 +26,7 @@ and its shard retried); every attempt at a shard is counted in the shard folder,
 ``max_retries`` retries fails the job with :class:`ShardFailed` naming the shard — on every Ray version,
 whatever Ray Data's own retry defaults (unbounded for system failures). A shard is committed once,
 atomically, and gathered by key, so a retry never loses or duplicates a row. A bad image is skipped
-with the reason the local pipeline gives (:class:`clipengine.images.SkippedImage`).
+with the reason the local pipeline gives (:class:`clipengine.encode.decode.SkippedImage`).
 
 The gather streams shard by shard into a memory-mapped ``embeddings.npy``: the driver holds the
 item keys and the (N, A) labels, never all N × D rows.
@@ -49,8 +49,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from clipengine import artifacts
+from clipengine.encode.encoders import encoder_record
 from clipengine.errors import ClipengineError
-from clipengine.executors.shards import (
+from clipengine.shards import (
     ShardIndex,
     ShardStore,
     open_filesystem,
@@ -61,7 +63,7 @@ DEFAULT_ITEMS_PER_SHARD = 256  # (256, 224, 224, 3) uint8 = 38 MB of pixels in f
 DEFAULT_CPUS_FOR_DECODE = 1.0
 DEFAULT_CPUS_PER_WORKER = 1.0  # an encoder actor's CPUs (its torch threads) on CPU-only clusters
 DEFAULT_MAX_RETRIES = 3  # retries of a shard whose worker died, per stage (decode, encode)
-SHARDS_DIR = "shards-ray"
+SHARDS_OPTION = "--ray-shards"  # how messages name the shard location
 INSTALL_HINT = "pip install 'clipengine[ray]'  (that is: pip install 'ray[data]>=2.9')"
 
 
@@ -98,7 +100,7 @@ def encode_items(
     encoder_factory: Callable[[Any], Any] | None = None,
 ):
     """Encode ``items`` into ``out_dir`` on a Ray cluster; same arguments, files and
-    ``EncodeResult`` as :func:`clipengine.encode.encode_items`.
+    ``EncodeResult`` as :func:`clipengine.encode.stage.encode_items`.
 
     Ray options: ``address`` of the cluster (None: the one this process is connected to, else
     ``RAY_ADDRESS`` or a new local one, shut down at the end); ``gpus_per_worker`` GPUs per encoder
@@ -111,61 +113,57 @@ def encode_items(
     the actors label each shard too and the metadata files are written next to the encode outputs.
 
     ``encoder``: used only for its ``model_record`` (which model the rows must come from); actors
-    build their own with ``encoder_factory(config)`` (default :func:`clipengine.encode.create_encoder`,
+    build their own with ``encoder_factory(config)`` (default :func:`clipengine.encode.encoders.create_encoder`,
     a picklable callable) once each and must report the same model identity.
     """
-    import polars as pl
-
-    from clipengine.encode import OUTPUT_DTYPES, check_items, item_keys
+    from clipengine.encode.stage import check_output_dtype
 
     started = time.perf_counter()
     ray = import_ray()
-    if config.output_dtype not in OUTPUT_DTYPES:
-        raise ClipengineError(f"output dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {config.output_dtype!r}")
+    check_output_dtype(config.output_dtype)
     if items_per_shard < 1:
         raise ClipengineError(f"items_per_shard must be ≥ 1, got {items_per_shard}")
     if cpus_for_decode <= 0 or cpus_per_worker <= 0:
         raise ClipengineError("--cpus-for-decode and CPUs per worker must be > 0")
     if max_retries < 0:
         raise ClipengineError(f"max_retries must be ≥ 0, got {max_retries}")
-    check_items(items)
-    keys = item_keys(items)
-    _check_unique(keys)
+    keys = artifacts.check_items(items)
     out_dir = Path(out_dir).absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
-    location = str(shards) if shards is not None else str(out_dir / SHARDS_DIR)
-    open_filesystem(location)  # an unknown scheme or missing driver fails before the cluster starts
+    location = str(shards) if shards is not None else str(out_dir / artifacts.RAY_SHARDS_DIR)
+    open_filesystem(location, SHARDS_OPTION)  # an unknown scheme or missing driver fails before the cluster starts
     if encoder_factory is None:
-        from clipengine.encode import create_encoder as encoder_factory
+        from clipengine.encode.encoders import create_encoder as encoder_factory
 
     with _connected(ray, address):
         resources = plan_resources(ray.cluster_resources(), gpus_per_worker=gpus_per_worker,
                                    cpus_per_worker=cpus_per_worker, cpus_for_decode=cpus_for_decode,
                                    num_workers=num_workers)
-        record = _record_of(encoder) if encoder is not None else _probe_model(ray, config, encoder_factory, resources)
+        record = (encoder_record(encoder) if encoder is not None
+                  else _probe_model(ray, config, encoder_factory, resources))
         record.update(dtype=config.output_dtype)
-        identity = identity_of(record)
-        store = ShardStore(location, identity).open()
+        identity = artifacts.identity_of(record)
+        store = ShardStore(location, identity, option=SHARDS_OPTION).open()
         labeller = None
         if annotation is not None:
             from clipengine.executors.labels import prepare_labeller
 
             labeller = prepare_labeller(annotation, record, config.output_dtype)
-        return _run(ray, pl, items, keys, out_dir, config, record, identity, resources, encoder_factory, store,
+        return _run(ray, items, keys, out_dir, config, record, resources, encoder_factory, store,
                     labeller, items_per_shard=items_per_shard, max_retries=max_retries, started=started)
 
 
-def _run(ray, pl, items, keys, out_dir, config, record, identity, resources, factory, store, labeller, *,
+def _run(ray, items, keys, out_dir, config, record, resources, factory, store, labeller, *,
          items_per_shard, max_retries, started):
-    from clipengine.encode import EncodeResult, file_stats
-    from clipengine.images import ImageSpec
+    from clipengine.encode.geometry import ImageSpec
+    from clipengine.encode.stage import EncodeResult
     from clipengine.progress import progress_bar
 
     plan = plan_shards(keys, items_per_shard)
-    files = [os.path.abspath(f) for f in (items["file"] if "file" in items.columns else items["path"]).to_list()]
+    files = [os.path.abspath(f) for f in artifacts.item_files(items)]
     boxes = items["box"].to_list() if "box" in items.columns else None
-    stats = file_stats(files)  # (N, 2) size, mtime_ns: rows of files rewritten since are encoded again
-    previous = open_finished(out_dir, identity, keys, stats)  # rows of a previous finished run, memory-mapped
+    stats = artifacts.file_stats(files)  # (N, 2) size, mtime_ns: rows of files rewritten since are encoded again
+    previous = artifacts.read_finished(out_dir, store.identity, keys, stats)  # memory-mapped rows of a finished run
 
     finished: dict[str, ShardIndex] = {}  # shard name -> its keys and skips (rows stay on disk)
     tasks = []  # one row per shard still to encode
@@ -229,114 +227,38 @@ def _run(ray, pl, items, keys, out_dir, config, record, identity, resources, fac
                 raise RuntimeError(f"{store.location}/{task['name']}: missing after the Ray pipeline finished")
             finished[task["name"]] = index
 
-    encoded, skipped = write_outputs(pl, items, keys, boxes, out_dir, config, record, identity, plan=plan,
-                                     previous=previous, store=store, finished=finished, labeller=labeller,
-                                     stats=stats)
+    encoded, skipped = _gather(items, keys, out_dir, config, record, plan=plan, previous=previous, store=store,
+                               finished=finished, labeller=labeller, stats=stats)
     store.clear()
     return EncodeResult(out_dir=out_dir, encoded=encoded, skipped=skipped, newly_encoded=newly, reused=reused,
                         seconds=time.perf_counter() - started, model_record=record)
 
 
-class FinishedRun:
-    """A previous finished output set of the same model: ``rows`` key → row number in
-    ``embeddings`` ((N, D), memory-mapped), for the items whose file is unchanged since. Empty when
-    there is none or it is not trusted."""
-
-    def __init__(self, rows: dict[str, int] | None = None, embeddings: np.ndarray | None = None):
-        self.rows = rows or {}
-        self.embeddings = embeddings
-
-
-def open_finished(out_dir: Path, identity: dict, keys: list[str], stats: np.ndarray) -> FinishedRun:
-    """The finished set in ``out_dir`` if its identity matches and ``embeddings.npy`` has the digest
-    ``items.parquet`` recorded (the rule of :mod:`clipengine.encode`), less the rows whose file
-    (``stats`` of the current ``keys``) changed since; rows are not read into memory."""
-    import polars as pl
-
-    from clipengine.bindings.files import read_parquet_metadata
-    from clipengine.encode import (
-        EMBEDDINGS_FILE,
-        ITEMS_FILE,
-        STATS_FILE,
-        item_keys,
-        read_item_stats,
-        rows_digest,
-        same_file,
-    )
-
-    items_path, emb_path = out_dir / ITEMS_FILE, out_dir / EMBEDDINGS_FILE
-    if not (items_path.is_file() and emb_path.is_file()):
-        return FinishedRun()
-    try:
-        meta = read_parquet_metadata(items_path)
-        if json.loads(meta.get("clipengine.identity", "{}")) != identity:
-            return FinishedRun()
-        embeddings = np.load(emb_path, mmap_mode="r", allow_pickle=False)
-        if rows_digest(embeddings) != meta.get("clipengine.embeddings_sha256"):
-            return FinishedRun()  # a pair from an interrupted finalization: not trusted
-        previous = pl.read_parquet(items_path)
-    except Exception:  # unreadable leftovers are re-encoded, never trusted
-        return FinishedRun()
-    previous_keys = item_keys(previous)
-    if len(previous_keys) != len(embeddings):
-        return FinishedRun()
-    rows = {key: i for i, key in enumerate(previous_keys)}
-    recorded = read_item_stats(out_dir / STATS_FILE, len(previous_keys))
-    if recorded is not None:  # None: written by an older clipengine, trusted as before
-        for key, current in zip(keys, stats):
-            row = rows.get(key)
-            if row is not None and not same_file(recorded[row], current):
-                del rows[key]
-    return FinishedRun(rows, embeddings)
-
-
-def write_outputs(pl, items, keys, boxes, out_dir: Path, config, record: dict, identity: dict, *, plan,
-                  previous: FinishedRun, store: ShardStore, finished: dict, labeller=None,
-                  stats: np.ndarray) -> tuple[int, int]:
-    """The finished set, as :func:`clipengine.encode.encode_items` writes it (same files, rows in item
-    order, items.parquet last with the digest of embeddings.npy). Rows stream shard by shard from
-    the shard files (and the previous finished set) into a memory-mapped ``embeddings.npy``, so the
-    driver never holds all N × D rows. With a ``labeller``, the shards' labels are gathered alongside
-    (rows without any labelled here) and the metadata files written. Returns (encoded, skipped) counts."""
-    from numpy.lib.format import open_memmap
-
-    from clipengine.bindings.files import (
-        atomic_path,
-        save_npy,
-        write_json,
-        write_parquet,
-    )
-    from clipengine.encode import (
-        EMBEDDINGS_FILE,
-        ITEMS_FILE,
-        MODEL_FILE,
-        SKIPPED_FILE,
-        STATS_FILE,
-        rows_digest,
-    )
-
-    encoded_index: list[int] = []
-    skipped_index: list[int] = []
-    reasons: list[str] = []
+def _gather(items, keys, out_dir: Path, config, record: dict, *, plan, previous, store: ShardStore,
+            finished: dict, labeller, stats: np.ndarray) -> tuple[int, int]:
+    """Write the encode outputs (:func:`clipengine.artifacts.write_encoded`) from the shard files and
+    the previous finished set, rows streamed shard by shard so the driver never holds all N × D rows.
+    With a ``labeller``, the shards' labels are gathered alongside (rows without any are labelled
+    here) and the metadata files written. Returns (encoded, skipped) counts."""
+    encoded: list[int] = []
+    skipped: list[tuple[int, str]] = []
     for _number, name, positions in plan:
         index = finished.get(name)
         encoded_here = set(index.keys) if index is not None else set()
         for i in positions:
             key = keys[i]
             if key in previous.rows or key in encoded_here:
-                encoded_index.append(i)
+                encoded.append(i)
             elif index is not None and key in index.skipped:
-                skipped_index.append(i)
-                reasons.append(index.skipped[key])
+                skipped.append((i, index.skipped[key]))
 
     gather = None
     if labeller is not None:
         from clipengine.executors.labels import LabelGather
 
-        gather = LabelGather(labeller, len(encoded_index))
-    with atomic_path(out_dir / EMBEDDINGS_FILE) as tmp:
-        embeddings = open_memmap(tmp, mode="w+", dtype=np.dtype(config.output_dtype),
-                                 shape=(len(encoded_index), record["embed_dim"]))  # (N, D)
+        gather = LabelGather(labeller, len(encoded))
+
+    def blocks():
         row = 0
         cursor = 0
         for _number, name, positions in plan:
@@ -344,43 +266,26 @@ def write_outputs(pl, items, keys, boxes, out_dir: Path, config, record: dict, i
             if name in finished and shard is None:
                 raise RuntimeError(f"{store.location}/{name}: vanished before the gather")
             position = {key: i for i, key in enumerate(shard["keys"].tolist())} if shard is not None else {}
-            while cursor < len(encoded_index) and encoded_index[cursor] < positions.stop:
-                key = keys[encoded_index[cursor]]
+            rows = []
+            while cursor < len(encoded) and encoded[cursor] < positions.stop:
+                key = keys[encoded[cursor]]
                 if key in previous.rows:
-                    embeddings[row] = previous.embeddings[previous.rows[key]]
+                    rows.append(previous.embeddings[previous.rows[key]])
                 else:
-                    embeddings[row] = shard["rows"][position[key]]
+                    rows.append(shard["rows"][position[key]])
                     if gather is not None:
                         gather.take(row, shard, position[key])
                 row += 1
                 cursor += 1
-        embeddings.flush()
-        digest = rows_digest(embeddings)
-        if gather is not None:
-            gather.finish(embeddings)
-        del embeddings
+            if rows:
+                yield np.stack(rows).astype(np.float32, copy=False)
 
-    skipped_frame = pl.DataFrame(
-        {
-            "path": [items["path"][i] for i in skipped_index],
-            **({"box": [boxes[i] for i in skipped_index]} if boxes is not None else {}),
-            "reason": reasons,
-        },
-        schema={"path": pl.String, **({"box": pl.List(pl.Float64)} if boxes is not None else {}), "reason": pl.String},
-    )
-    record.update(n_items=len(encoded_index), n_skipped=len(skipped_index))
-    encoded_items = items[encoded_index] if encoded_index else items.clear()
-    save_npy(out_dir / STATS_FILE, stats[encoded_index] if encoded_index else np.empty((0, 2), np.int64))
-    write_parquet(out_dir / SKIPPED_FILE, skipped_frame)
-    write_json(out_dir / MODEL_FILE, record)
+    artifacts.write_encoded(out_dir, items, encoded=encoded, blocks=blocks(), skipped=skipped, stats=stats,
+                            record=record, dtype=config.output_dtype)
     if gather is not None:
-        gather.write(out_dir, encoded_items)
-    write_parquet(
-        out_dir / ITEMS_FILE,
-        encoded_items,
-        metadata={"clipengine.embeddings_sha256": digest, "clipengine.identity": json.dumps(identity, sort_keys=True)},
-    )
-    return len(encoded_index), len(skipped_index)
+        gather.finish(np.load(out_dir / artifacts.EMBEDDINGS, mmap_mode="r", allow_pickle=False))
+        gather.write(out_dir, items[encoded] if encoded else items.clear())
+    return len(encoded), len(skipped)
 
 
 # ---- cluster and resources ----------------------------------------------------------------------
@@ -531,33 +436,14 @@ def _probe_model(ray, config, factory, resources: dict) -> dict:
 
 def describe_encoder(config, factory) -> dict:
     """``factory(config)``'s model record (with ``embed_dim`` and ``image_size``)."""
-    return _record_of(factory(config))
-
-
-def _record_of(encoder) -> dict:
-    record = dict(getattr(encoder, "model_record", None) or {"model_id": type(encoder).__name__})
-    record.update(embed_dim=int(encoder.embed_dim), image_size=int(encoder.image_size))
-    return record
-
-
-def identity_of(record: dict) -> dict:
-    """What must agree for rows to be reused (as in :mod:`clipengine.encode`)."""
-    return {"model_id": record.get("model_id"), "precision": record.get("precision"), "embed_dim": record["embed_dim"]}
-
-
-def _check_unique(keys: list[str]) -> None:
-    if len(set(keys)) == len(keys):
-        return
-    seen: set[str] = set()
-    dupes = [key for key in keys if key in seen or seen.add(key)]
-    raise ClipengineError(f"items: {len(dupes)} duplicate items (same path and box), e.g. {dupes[0]!r}")
+    return encoder_record(factory(config))
 
 
 # ---- what runs on the workers -------------------------------------------------------------------
 def decode_shard(row: dict, *, spec, box_margin: float, max_pixels: int, job: dict) -> dict:
     """Ray task: one shard's files → its pixels (bytes of (K, S, S, 3) uint8) and skip records.
-    Decoding is :func:`clipengine.images.iter_batches` in this task's own thread."""
-    from clipengine.images import iter_batches
+    Decoding is :func:`clipengine.encode.pipeline.iter_batches` in this task's own thread."""
+    from clipengine.encode.pipeline import iter_batches
 
     _check_attempts(job, "decode", row["name"])
 
@@ -586,8 +472,9 @@ class ShardEncoder:
 
         self.encoder = factory(config)
         self.store = ShardStore(*job["store"])
-        if identity_of(_record_of(self.encoder)) != self.store.identity:
-            raise ClipengineError(f"a Ray worker loaded model {identity_of(_record_of(self.encoder))}, not "
+        loaded = artifacts.identity_of(encoder_record(self.encoder))
+        if loaded != self.store.identity:
+            raise ClipengineError(f"a Ray worker loaded model {loaded}, not "
                                   f"{self.store.identity} as the job's first worker did; give every worker the same "
                                   "kind of device")
         self.job = job
@@ -623,7 +510,6 @@ class ShardEncoder:
 
 __all__ = [
     "DEFAULT_ITEMS_PER_SHARD",
-    "SHARDS_DIR",
     "ShardFailed",
     "ShardIndex",
     "ShardStore",

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-REPORT_NAME = "report.html"
 _HERE = Path(__file__).parent
 
 
@@ -24,14 +23,13 @@ def write_report(run_dir: str | Path, *, single_file: bool = False) -> Path:
 
     Raises ClipengineError when ``run_dir`` holds no run (no item, metadata or error table).
     """
-    from clipengine.bindings.files import write_text
+    from clipengine import artifacts
     from clipengine.report.rundir import read_run
 
     run = read_run(run_dir)
     out_dir = Path(run_dir)
     html, thumbs = render_report(run, out_dir=out_dir, single_file=single_file)
-    destination = out_dir / REPORT_NAME
-    write_text(destination, html)
+    destination = artifacts.write_report(out_dir, html)
     thumbs.remove_stale()
     return destination
 
@@ -315,10 +313,12 @@ def _facts(run, overall, slices) -> list[tuple[str, str]]:
 
 
 def _read_model_record(run_dir: Path) -> dict:
-    path = Path(run_dir) / "model.json"
+    from clipengine.artifacts import read_model_record
+    from clipengine.errors import ClipengineError
+
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = read_model_record(run_dir)
+    except ClipengineError:
         return {}
     return record if isinstance(record, dict) else {}
 

@@ -7,22 +7,16 @@ section empty with a note saying why, so a half-finished run still gets a page.
 from __future__ import annotations
 
 import csv
-import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clipengine import artifacts
+from clipengine.artifacts import ERROR_COLUMN, GIVEN_PREFIX, KEY_COLUMNS
 from clipengine.errors import ClipengineError
 
-KEY_COLUMNS = ("path", "box")
 ROW_COLUMN = "__row"
-ERROR_COLUMN = "error"
-GIVEN_PREFIX = "given_"  # as clipengine.run names dataset columns that clash with schema attributes
-# suffixes of the confidence columns that annotate writes next to each attribute
-PROB_SUFFIX = "_prob"
-MARGIN_SUFFIX = "_margin"
 
 
 @dataclass
@@ -57,43 +51,39 @@ def read_run(run_dir: str | Path) -> RunData:
     if not run_dir.is_dir():
         raise ClipengineError(f"{run_dir}: not a run directory (it does not exist)")
     notes: dict[str, str] = {}
-    manifest = _read_json(run_dir / "manifest.json", notes, "manifest")
-    if not isinstance(manifest, dict):
+    manifest = artifacts.read_manifest(run_dir)
+    if manifest is None:
+        notes["manifest"] = f"{artifacts.MANIFEST} not found or unreadable"
         manifest = {}
 
-    items = _read_parquet(run_dir / "items.parquet", notes, "items")
-    metadata = _read_parquet(run_dir / "metadata.parquet", notes, "metadata")
-    errors = _read_parquet(run_dir / "errors.parquet", notes, "errors")
+    items = _read_parquet(run_dir / artifacts.ITEMS, notes, "items")
+    metadata = _read_parquet(run_dir / artifacts.METADATA, notes, "metadata")
+    errors = _read_parquet(run_dir / artifacts.ERRORS, notes, "errors")
     if items is None and metadata is None and errors is None:
-        raise ClipengineError(
-            f"{run_dir}: not a run directory (none of items.parquet, metadata.parquet, errors.parquet found)"
-        )
+        raise ClipengineError(f"{run_dir}: not a run directory (none of {artifacts.ITEMS}, {artifacts.METADATA}, "
+                              f"{artifacts.ERRORS} found)")
 
     frame, attributes, extra = _join(items, metadata, errors, run_dir)
     has_error = ERROR_COLUMN in frame.columns
     if not has_error:
-        notes.setdefault("errors", "errors.parquet is missing: no error rates to show")
+        notes.setdefault("errors", f"{artifacts.ERRORS} is missing: no error rates to show")
 
-    slices = _read_json(run_dir / "slices.json", notes, "slices")
+    slices: list[dict[str, Any]] | None = None
     slices_summary: dict[str, Any] = {}
-    if isinstance(slices, dict) and isinstance(slices.get("slices"), list):
-        # {run-level facts..., "slices": [records]} as clipengine.slices.write_slices writes it
-        slices_summary = {k: v for k, v in slices.items() if k != "slices"}
-        slices = slices["slices"]
-    if slices is not None and not isinstance(slices, list):
-        notes["slices"] = "slices.json holds no list of slices"
-        slices = None
-    elif isinstance(slices, list):
-        slices = [s for s in slices if isinstance(s, dict)]
+    if (run_dir / artifacts.SLICES_JSON).is_file():
+        try:
+            slices_summary, slices = artifacts.read_slices(run_dir)
+        except ClipengineError as error:
+            notes["slices"] = str(error)
+    else:
+        notes["slices"] = f"{artifacts.SLICES_JSON} not found"
 
-    label_quality, lq_columns = _read_csv(run_dir / "label_quality.csv")
+    label_quality, lq_columns = _read_csv(run_dir / artifacts.LABEL_QUALITY_CSV)
     if label_quality is None:
-        notes["label_quality"] = "no ground truth in this run (label_quality.csv not found)"
+        notes["label_quality"] = f"no ground truth in this run ({artifacts.LABEL_QUALITY_CSV} not found)"
 
-    summary = run_dir / "summary.md"
-    summary_md = summary.read_text(encoding="utf-8", errors="replace") if summary.is_file() else None
-
-    skipped, reasons = _read_skipped(run_dir / "skipped.parquet")
+    summary_md = artifacts.read_summary(run_dir)
+    skipped, reasons = _read_skipped(run_dir)
     return RunData(
         run_dir=run_dir,
         manifest=manifest,
@@ -112,27 +102,14 @@ def read_run(run_dir: str | Path) -> RunData:
     )
 
 
-def _read_json(path: Path, notes: dict[str, str], section: str):
-    if not path.is_file():
-        notes[section] = f"{path.name} not found"
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        notes[section] = f"{path.name} could not be read: {error}"
-        return None
-
-
 def _read_parquet(path: Path, notes: dict[str, str], section: str):
-    import polars as pl
-
     if not path.is_file():
         notes[section] = f"{path.name} not found"
         return None
     try:
-        return pl.read_parquet(path)
-    except Exception as error:  # a truncated or foreign file: say so in the page
-        notes[section] = f"{path.name} could not be read: {type(error).__name__}"
+        return artifacts.read_parquet_file(path)
+    except ClipengineError as error:  # a truncated or foreign file: say so in the page
+        notes[section] = str(error)
         return None
 
 
@@ -145,14 +122,11 @@ def _read_csv(path: Path) -> tuple[list[dict[str, str]] | None, list[str]]:
         return rows, list(reader.fieldnames or [])
 
 
-def _read_skipped(path: Path) -> tuple[int | None, list[tuple[str, int]]]:
+def _read_skipped(run_dir: Path) -> tuple[int | None, list[tuple[str, int]]]:
     import polars as pl
 
-    if not path.is_file():
-        return None, []
-    try:
-        skipped = pl.read_parquet(path)
-    except Exception:
+    skipped = artifacts.read_skipped(run_dir)
+    if skipped is None:
         return None, []
     reasons: list[tuple[str, int]] = []
     if "reason" in skipped.columns and skipped.height:
@@ -191,14 +165,14 @@ def _join(items, metadata, errors, run_dir: Path):
     attributes: list[str] = []
     extra: list[str] = []
     present: list[str] = []
-    for table, name in ((metadata, "metadata.parquet"), (errors, "errors.parquet")):
+    for table, name in ((metadata, artifacts.METADATA), (errors, artifacts.ERRORS)):
         if table is None:
             continue
         if "path" not in table.columns:
             raise ClipengineError(f"{run_dir / name}: no 'path' column")
-        if name == "metadata.parquet":
+        if name == artifacts.METADATA:
             payload = [c for c in table.columns if c not in KEY_COLUMNS and c not in frame.columns]
-            attributes = [c for c in payload if not c.endswith(PROB_SUFFIX) and not c.endswith(MARGIN_SUFFIX)]
+            attributes = artifacts.attribute_columns(payload)
         else:
             # a dataset column named like a schema attribute is sliced on as given_<name> (as run does)
             clashing = {c: GIVEN_PREFIX + c for c in table.columns if c not in KEY_COLUMNS and c in frame.columns}
@@ -224,67 +198,6 @@ def _join(items, metadata, errors, run_dir: Path):
         frame = frame.filter(pl.all_horizontal([pl.col(m).fill_null(False) for m in present])).drop(present)
         frame = frame.drop(ROW_COLUMN).with_row_index(ROW_COLUMN)
     return frame, attributes, extra
-
-
-# ---- slice predicates --------------------------------------------------------------------
-_NUMBER = r"[-+]?(?:inf|nan|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)"
-_INTERVAL = re.compile(rf"^\s*([\(\[])\s*({_NUMBER})\s*,\s*({_NUMBER})\s*([\)\]])\s*$", re.IGNORECASE)
-
-
-def parse_interval(value: Any) -> tuple[float, float, bool, bool] | None:
-    """``"(127.0, 653.0]"`` → (127.0, 653.0, low_closed=False, high_closed=True); else None."""
-    if not isinstance(value, str):
-        return None
-    match = _INTERVAL.match(value)
-    if match is None:
-        return None
-    return float(match.group(2)), float(match.group(3)), match.group(1) == "[", match.group(4) == "]"
-
-
-def predicate_mask(frame, predicates: dict[str, Any]):
-    """(n,) bool: the rows where every ``feature == value`` predicate holds.
-
-    Values are the labels SliceLine reports: a category, a number, or a numeric
-    interval written ``(lo, hi]`` for binned numeric features. Raises KeyError when a
-    feature is not a column of ``frame``.
-    """
-    import numpy as np
-    import polars as pl
-
-    mask = np.ones(frame.height, dtype=bool)
-    for feature, value in predicates.items():
-        if feature not in frame.columns:
-            raise KeyError(feature)
-        column = frame.get_column(feature)
-        interval = parse_interval(value) if column.dtype.is_numeric() else None
-        if value is None:
-            hit = column.is_null()
-        elif interval is not None:
-            low, high, low_closed, high_closed = interval
-            values = column.cast(pl.Float64)
-            above = values >= low if low_closed else values > low
-            below = values <= high if high_closed else values < high
-            hit = above & below
-        elif column.dtype.is_numeric() and _is_number(value):
-            hit = column.cast(pl.Float64) == float(value)
-        elif column.dtype == pl.Boolean and isinstance(value, (bool, str)):
-            hit = column == (value if isinstance(value, bool) else value.strip().lower() in ("true", "1"))
-        else:
-            hit = column.cast(pl.Utf8) == str(value)
-        mask &= hit.fill_null(False).to_numpy().astype(bool)
-    return mask
-
-
-def _is_number(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, (int, float)):
-        return True
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def finite_or_none(value: Any) -> float | None:

@@ -12,13 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from clipengine.report.rundir import (
-    ERROR_COLUMN,
-    PROB_SUFFIX,
-    RunData,
-    finite_or_none,
-    predicate_mask,
-)
+from clipengine.artifacts import ERROR_COLUMN, PROB_SUFFIX
+from clipengine.report.rundir import RunData, finite_or_none
 
 CONFIDENCE = 0.95
 MAX_CLASSES = 30  # classes shown per attribute; the rest are summed into "other"
@@ -113,7 +108,8 @@ class SliceRow:
 def slice_rows(run: RunData, overall: Overall) -> list[SliceRow]:
     rows: list[SliceRow] = []
     n = run.frame.height
-    membership = SliceMembership(run.frame, run.slices_summary.get("params") or {})
+    from clipengine.slices.coding import predicate_mask
+
     for rank, record in enumerate(run.slices or [], start=1):
         predicates = record.get("predicates") or {}
         if not isinstance(predicates, dict):
@@ -135,8 +131,9 @@ def slice_rows(run: RunData, overall: Overall) -> list[SliceRow]:
             q_value=finite_or_none(record.get("q_value")),
             significant=bool(record.get("significant", False)),
         )
+        bounds = record.get("bounds") if isinstance(record.get("bounds"), dict) else {}
         try:
-            row.mask = membership.mask(predicates)
+            row.mask = predicate_mask(run.frame, predicates, bounds)
         except KeyError as missing:
             row.membership_note = f"feature {missing.args[0]!r} is not a column of the run's tables: no examples"
         else:
@@ -147,68 +144,6 @@ def slice_rows(run: RunData, overall: Overall) -> list[SliceRow]:
                 )
         rows.append(row)
     return rows
-
-
-class SliceMembership:
-    """Rows of a slice, recomputed from its predicates over the run's joined frame.
-
-    Each feature is coded exactly as SliceLine coded it (same binning parameters, read
-    from slices.json), so binned numeric predicates select the very rows SliceLine
-    counted; without SliceLine's coder the labels are parsed (``(lo, hi]`` intervals).
-    """
-
-    def __init__(self, frame, params: dict[str, Any]):
-        self.frame = frame
-        self.params = params
-        self._levels: dict[str, tuple[Any, list[Any]] | None] = {}
-
-    def mask(self, predicates: dict[str, Any]):
-        import numpy as np
-
-        result = np.ones(self.frame.height, dtype=bool)
-        for feature, value in predicates.items():
-            if feature not in self.frame.columns:
-                raise KeyError(feature)
-            coded = self._coded(feature)
-            if coded is None:
-                result &= predicate_mask(self.frame, {feature: value})
-                continue
-            codes, labels = coded
-            hits = np.array([_json_value(label) == value for label in labels] + [False], dtype=bool)
-            result &= hits[np.minimum(codes, len(labels))]
-        return result
-
-    def _coded(self, feature: str):
-        if feature not in self._levels:
-            self._levels[feature] = self._code(feature)
-        return self._levels[feature]
-
-    def _code(self, feature: str):
-        """SliceLine's own coding of ``feature`` with the run's binning, so interval labels
-        select exactly the rows the search counted; None when SliceLine did not use the feature."""
-        from clipengine.config import DEFAULT_BINNING, DEFAULT_BINS
-        from clipengine.errors import ClipengineError
-        from clipengine.slices import code_features
-
-        bins = self.params.get("bins", DEFAULT_BINS)
-        if isinstance(bins, dict):
-            bins = bins.get(feature, DEFAULT_BINS)
-        try:
-            codes, used, levels, _ = code_features(
-                self.frame, [feature], bins=bins, binning=self.params.get("binning", DEFAULT_BINNING)
-            )
-        except ClipengineError:  # a column SliceLine could not code: parse the labels instead
-            return None
-        if not used:
-            return None
-        return codes[:, 0], list(levels[0])
-
-
-def _json_value(value: Any) -> Any:
-    """``value`` as it reads back from slices.json (so 3 == 3.0 and tuples are lists)."""
-    import json
-
-    return json.loads(json.dumps(value, default=str))
 
 
 def format_value(value: Any) -> str:
@@ -250,7 +185,8 @@ def _class_table(run: RunData, name: str, kind: str, binary: bool) -> AttributeT
     column = frame.get_column(name)
     if column.dtype.is_nested():
         return None
-    parts = [_class_labels(column, run.slices_summary.get("params") or {}).alias("__class")]
+    labels, order = _class_labels(column, run.slices_summary.get("binned") or {})
+    parts = [labels.alias("__class"), order.alias("__order")]
     aggregations = [pl.len().alias("count")]
     if run.has_error:
         parts.append(frame.get_column(ERROR_COLUMN).cast(pl.Float64).alias("__error"))
@@ -263,10 +199,10 @@ def _class_table(run: RunData, name: str, kind: str, binary: bool) -> AttributeT
     if prob in frame.columns and frame.get_column(prob).dtype.is_numeric():
         parts.append(frame.get_column(prob).cast(pl.Float64).alias("__prob"))
         aggregations.append(pl.col("__prob").mean().alias("mean_prob"))
+    aggregations.append(pl.col("__order").first())
     grouped = pl.DataFrame(parts).group_by("__class").agg(aggregations)
     if column.dtype.is_numeric():  # values and bins in numeric order
-        keys = [_bin_sort_key(v) for v in grouped.get_column("__class").to_list()]
-        grouped = grouped.with_columns(pl.Series("__k", keys, dtype=pl.Float64)).sort(["__k"]).drop("__k")
+        grouped = grouped.sort("__order", nulls_last=True)
     else:
         grouped = grouped.sort(["count", "__class"], descending=[True, False], nulls_last=True)
     hidden = max(0, grouped.height - MAX_CLASSES)
@@ -306,47 +242,38 @@ def _class_row(record: dict, total: int, binary: bool) -> ClassRow:
     )
 
 
-def _class_labels(column, params: dict[str, Any]):
-    """The class of each row: the value itself, or for many-valued numbers the bin SliceLine
-    put it in (so the bins here are the bins of the slices), else a quantile bin."""
+def _class_labels(column, binned: dict[str, Any]):
+    """(the class of each row, a numeric order of the classes): the value itself; for a numeric
+    feature SliceLine binned, the bin it put the row in (so the bins here are the bins of the
+    slices, coded from the edges stored with them); for other many-valued numbers a quantile bin."""
     import numpy as np
     import polars as pl
 
-    if column.dtype.is_numeric() and column.n_unique() > MAX_NUMERIC_DISTINCT:
-        coded = SliceMembership(pl.DataFrame([column]), params)._code(column.name)
-        if coded is not None:
-            codes, labels = coded
-            names = [None if label is None else str(label) for label in labels] + [None]
-            return pl.Series(codes, dtype=pl.Int64).replace_strict(
-                list(range(len(names))), names, default=None, return_dtype=pl.Utf8
-            )
+    from clipengine.slices.coding import code_with_edges
 
-    if not column.dtype.is_numeric() or column.n_unique() <= MAX_NUMERIC_DISTINCT:
-        if column.dtype.is_numeric():
-            values = column.cast(pl.Float64).drop_nulls().unique().to_list()
-            return column.cast(pl.Float64).replace_strict(
-                values, [f"{v:g}" for v in values], default=None, return_dtype=pl.Utf8
-            )
-        return column.cast(pl.Utf8)
-    values = column.cast(pl.Float64).to_numpy()
-    finite = values[np.isfinite(values)]
+    numeric = column.dtype.is_numeric()
+    bins = binned.get(column.name) if numeric else None
+    if isinstance(bins, dict) and isinstance(bins.get("edges"), list) and isinstance(bins.get("labels"), list):
+        coded = code_with_edges(column.cast(pl.Float64).fill_null(np.nan).to_numpy(), np.asarray(bins["edges"]),
+                                [str(label) for label in bins["labels"]])
+        names = [None if label is None else str(label) for label in coded.labels]
+        return (pl.Series([names[c] for c in coded.codes], dtype=pl.Utf8),
+                pl.Series(coded.codes.astype(np.float64)))
+    if not numeric:
+        return column.cast(pl.Utf8), pl.Series(np.zeros(column.len()))
+    values = column.cast(pl.Float64)
+    if column.n_unique() <= MAX_NUMERIC_DISTINCT:
+        distinct = values.drop_nulls().unique().to_list()
+        return (values.replace_strict(distinct, [f"{v:g}" for v in distinct], default=None, return_dtype=pl.Utf8),
+                values)
+    array = values.fill_null(np.nan).to_numpy()
+    finite = array[np.isfinite(array)]
     edges = np.unique(np.quantile(finite, np.linspace(0, 1, NUMERIC_BINS + 1)))
-    labels = np.full(values.shape, None, dtype=object)
+    labels = np.full(array.shape, None, dtype=object)
+    order = np.full(array.shape, np.nan)
     for i in range(len(edges) - 1):
         low, high = edges[i], edges[i + 1]
-        inside = (values > low) & (values <= high) if i else (values >= low) & (values <= high)
-        opening = "[" if i == 0 else "("
-        labels[inside & (labels == None)] = f"{opening}{low:.4g}, {high:.4g}]"  # noqa: E711
-    return pl.Series(labels.tolist(), dtype=pl.Utf8)
-
-
-def _bin_sort_key(label: str) -> float:
-    from clipengine.report.rundir import parse_interval
-
-    interval = parse_interval(label)
-    if interval is not None:
-        return interval[0]
-    try:
-        return float(label)
-    except (TypeError, ValueError):
-        return float("inf")
+        inside = ((array > low) & (array <= high) if i else (array >= low) & (array <= high)) & np.isnan(order)
+        labels[inside] = f"{'[' if i == 0 else '('}{low:.4g}, {high:.4g}]"
+        order[inside] = i
+    return pl.Series(labels.tolist(), dtype=pl.Utf8), pl.Series(order)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipengine.report.rundir import ERROR_COLUMN, PROB_SUFFIX, RunData
+from clipengine.artifacts import ERROR_COLUMN, PROB_SUFFIX, THUMBS_DIR
+from clipengine.report.rundir import RunData
 
 EXAMPLES_PER_SIDE = 6  # thumbnails inside a slice, and as many outside it (one row each)
 THUMB_MAX_SIDE = 160  # pixels; shown at 96 px in the grid, larger when clicked
@@ -25,7 +26,6 @@ THUMB_JPEG_QUALITY = 82
 SMALL_IMAGE_SIDE = 64  # images this small are kept as PNG
 PIXELATED_SIDE = 32  # images this small are drawn with crisp pixels (Fashion-MNIST's 28 px)
 LABELS_IN_GRID = 4  # labels under a thumbnail in the grid; all of them when enlarged
-THUMBS_DIR = "thumbs"
 _THUMB_NAME = re.compile(r"^[0-9a-f]{20}\.(?:png|jpg)$")  # the names this module gives thumbnails
 
 

@@ -7,14 +7,15 @@ TEXTS = ["a photo of a cat", "an astronaut"]
 
 
 def _decode(paths, size):
-    from clipengine.images import ImageSpec, load_image
+    from clipengine.encode.decode import load_image
+    from clipengine.encode.geometry import ImageSpec
 
     spec = ImageSpec(image_size=size, fast_jpeg=False, fast_resize=False)  # bit-identical to open_clip's preprocess
     return np.stack([load_image(p, None, spec) for p in paths])
 
 
 def _towers(saved):
-    from clipengine.models import load_model, resolve_model
+    from clipengine.encode.models import load_model, resolve_model
 
     return load_model(resolve_model(saved.model_config))
 
@@ -67,7 +68,7 @@ def test_cache_key_follows_weights_and_settings(tiny_clip, tmp_path):
 
 def test_create_encoder_with_onnxruntime_records_it(tiny_clip):
     from clipengine.config import EncodeConfig
-    from clipengine.encode import create_encoder
+    from clipengine.encode.encoders import create_encoder
 
     encoder = create_encoder(EncodeConfig(model=tiny_clip.model_config, device="cpu", backend="onnxruntime"))
     record = encoder.model_record

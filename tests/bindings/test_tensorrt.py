@@ -43,7 +43,7 @@ def test_the_graph_tensorrt_consumes_has_the_layers_kept_fp32(tiny_clip):
 
     from clipengine import envs
     from clipengine.bindings.onnx_export import ensure_image_onnx
-    from clipengine.models import load_model, resolve_model
+    from clipengine.encode.models import load_model, resolve_model
 
     graph = onnx.load(str(ensure_image_onnx(load_model(resolve_model(tiny_clip.model_config)), envs.cache_dir())))
     ops = {node.op_type for node in graph.graph.node}
@@ -52,7 +52,8 @@ def test_the_graph_tensorrt_consumes_has_the_layers_kept_fp32(tiny_clip):
 
 
 def _decode(paths, size):
-    from clipengine.images import ImageSpec, load_image
+    from clipengine.encode.decode import load_image
+    from clipengine.encode.geometry import ImageSpec
 
     return np.stack([load_image(p, None, ImageSpec(image_size=size, fast_jpeg=False, fast_resize=False)) for p in paths])
 
@@ -62,7 +63,7 @@ def _decode(paths, size):
 def test_tensorrt_fp16_matches_open_clip_eager_at_every_batch_size(which, request, sample_photos, tmp_path, monkeypatch):
     from clipengine.bindings import tensorrt as trt_backend
     from clipengine.bindings.tensorrt import PlanSettings, TensorRTEncoder
-    from clipengine.models import load_model, resolve_model
+    from clipengine.encode.models import load_model, resolve_model
 
     saved = request.getfixturevalue(which)
     towers = load_model(resolve_model(saved.model_config))
@@ -84,7 +85,7 @@ def test_tensorrt_fp16_matches_open_clip_eager_at_every_batch_size(which, reques
 @pytest.mark.gpu
 def test_torch_cuda_fp16_and_bf16_match_open_clip_eager(tiny_clip, sample_photos):
     from clipengine.bindings.torch import TorchEncoder
-    from clipengine.models import load_model, resolve_model
+    from clipengine.encode.models import load_model, resolve_model
 
     towers = load_model(resolve_model(tiny_clip.model_config))
     reference, _ = open_clip_reference(tiny_clip, sample_photos)

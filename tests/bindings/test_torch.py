@@ -7,7 +7,8 @@ TEXTS = ["a photo of a cat", "an astronaut", "a cup of coffee on a table"]
 
 
 def _decode(paths, size):
-    from clipengine.images import ImageSpec, load_image
+    from clipengine.encode.decode import load_image
+    from clipengine.encode.geometry import ImageSpec
 
     spec = ImageSpec(image_size=size, fast_jpeg=False, fast_resize=False)  # bit-identical to open_clip's preprocess
     return np.stack([load_image(p, None, spec) for p in paths])
@@ -15,7 +16,7 @@ def _decode(paths, size):
 
 def _torch_encoder(saved, precision):
     from clipengine.bindings.torch import TorchEncoder
-    from clipengine.models import load_model, resolve_model
+    from clipengine.encode.models import load_model, resolve_model
 
     return TorchEncoder(load_model(resolve_model(saved.model_config)), precision=precision)
 
@@ -35,7 +36,7 @@ def test_tiny_matches_open_clip_eager(tiny_clip, sample_photos, precision, minim
 
 def test_vit_b32_fp32_and_bf16_match_open_clip_eager(vit_b32_checkpoint, sample_photos):
     from clipengine.bindings.torch import TorchEncoder
-    from clipengine.models import load_model, resolve_model
+    from clipengine.encode.models import load_model, resolve_model
 
     towers = load_model(resolve_model(vit_b32_checkpoint.model_config))
     photos = sample_photos[:3]

@@ -130,7 +130,7 @@ def test_names_a_foreign_tower_and_an_unknown_activation():
 
 def test_torch_encoder_fuses_bf16_on_cpu_only(tiny_clip, sample_photos):
     from clipengine.bindings.torch import TorchEncoder
-    from clipengine.models import load_model, resolve_model
+    from clipengine.encode.models import load_model, resolve_model
 
     towers = load_model(resolve_model(tiny_clip.model_config))
     fused = TorchEncoder(towers, precision="bf16")

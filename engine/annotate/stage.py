@@ -1,0 +1,293 @@
+"""The annotate stage: stored image embeddings + a prompt schema → zero-shot metadata.
+
+Per attribute the most similar class wins (softmax over the attribute's classes, at CLIP's
+logit scale): columns ``<attr>`` (class name), ``<attr>_prob`` (its probability) and
+``<attr>_margin`` (its lead over the runner-up). Images are never re-encoded: only the
+schema's prompts go through the text tower of the same model, once per (model, prompts),
+cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from clipengine import artifacts
+from clipengine.annotate.schemas import Schema, load_schema
+from clipengine.artifacts import key_columns, read_encoded
+from clipengine.config import AnnotateConfig
+from clipengine.devices import numba_threads, resolve_device
+from clipengine.errors import ClipengineError
+
+DEFAULT_LOGIT_SCALE = 100.0  # CLIP's trained logit scale sits at its clamp, 100
+
+
+def resolve_schema(config: AnnotateConfig | None = None, schema: Schema | str | None = None) -> Schema:
+    """``schema`` (or ``config.schema``) loaded, with ``config.strategy`` applied."""
+    config = config or AnnotateConfig()
+    loaded = schema if isinstance(schema, Schema) else load_schema(schema or config.schema)
+    if not config.strategy:
+        return loaded
+    default, overrides = parse_strategy(config.strategy)
+    return loaded.with_strategy(default, overrides)
+
+
+def parse_strategy(text: str) -> tuple[str | None, dict[str, str]]:
+    """``"mean"`` → ("mean", {}); ``"max,hair_color=topm"`` → ("max", {"hair_color": "topm"})."""
+    default, overrides = None, {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if "=" in part:
+            name, _, value = part.partition("=")
+            overrides[name.strip()] = value.strip()
+        elif default is not None:
+            raise ClipengineError(f"--strategy {text!r}: two strategies for every attribute ({default}, {part})")
+        else:
+            default = part
+    return default, overrides
+
+
+def logit_scale_of(text_encoder=None, record: dict | None = None) -> float:
+    """CLIP's logit scale for the model: the embeddings' model record's, else the text encoder's
+    ``model_record``'s, else 100 (an encoder from elsewhere may carry no record)."""
+    encoder_record = getattr(text_encoder, "model_record", None) or {}
+    for source in ((record or {}).get("logit_scale"), encoder_record.get("logit_scale")):
+        if source is not None:
+            value = float(source)
+            if np.isfinite(value) and value > 0:
+                return value
+    return DEFAULT_LOGIT_SCALE
+
+
+def annotate_embeddings(
+    embeddings: np.ndarray,
+    schema: Schema | str,
+    text_encoder,
+    config: AnnotateConfig | None = None,
+    *,
+    model_id: str | None = None,
+    logit_scale: float | None = None,
+) -> pl.DataFrame:
+    """Label (N, D) float embeddings (L2-normalized; may be a memmap) with ``schema``.
+
+    Returns N rows with, per attribute in schema order, ``<attr>`` (String: class name),
+    ``<attr>_prob`` and ``<attr>_margin`` (Float32). ``config.strategy`` overrides the
+    schema's strategies; ``model_id`` keys the prompt-embedding cache (None: no cache);
+    ``logit_scale`` None asks :func:`logit_scale_of`.
+    """
+    config = config or AnnotateConfig()
+    schema = resolve_schema(config, schema)
+    labels, probs, margins = label_arrays(embeddings, schema, text_encoder, config, model_id=model_id, logit_scale=logit_scale)
+    return metadata_frame(schema, labels, probs, margins)
+
+
+def annotate_strategies(
+    embeddings: np.ndarray,
+    schema: Schema | str,
+    text_encoder,
+    strategies: list[str],
+    config: AnnotateConfig | None = None,
+    *,
+    model_id: str | None = None,
+    logit_scale: float | None = None,
+) -> dict[str, pl.DataFrame]:
+    """The same labelling under several strategies (e.g. ``["naive", "mean"]``), prompts encoded once.
+
+    A strategy ``"schema"`` keeps the schema's own per-attribute strategies."""
+    base = schema if isinstance(schema, Schema) else load_schema(schema)
+    out = {}
+    for strategy in strategies:
+        with_strategy = base if strategy == "schema" else resolve_schema(AnnotateConfig(strategy=strategy), base)
+        labels, probs, margins = label_arrays(
+            embeddings, with_strategy, text_encoder, config or AnnotateConfig(), model_id=model_id, logit_scale=logit_scale
+        )
+        out[strategy] = metadata_frame(with_strategy, labels, probs, margins)
+    return out
+
+
+def label_arrays(embeddings, schema: Schema, text_encoder, config: AnnotateConfig, *, model_id=None, logit_scale=None):
+    """``labels`` (N, A) int32, ``probs``/``margins`` (N, A) float32 for an already resolved schema."""
+    from clipengine.annotate.class_embeddings import prompt_embeddings
+
+    if embeddings.ndim != 2:
+        raise ClipengineError(f"embeddings must be (N, D), got shape {embeddings.shape}")
+    prompts = prompt_embeddings(schema, text_encoder, model_id)
+    scale = logit_scale if logit_scale is not None else logit_scale_of(text_encoder)
+    return label_with_prompts(embeddings, schema, prompts, scale, config)
+
+
+def label_with_prompts(embeddings, schema: Schema, prompts: np.ndarray, logit_scale: float, config: AnnotateConfig):
+    """Label (N, D) ``embeddings`` given the schema's (P, D) prompt embeddings (``schema.prompts()`` order)."""
+    from clipengine.annotate.class_embeddings import build_class_side
+
+    check_prompt_embeddings(schema, prompts, embeddings.shape[1])
+    labels, probs, margins = label_with_class_side(embeddings, build_class_side(schema, prompts), logit_scale, config,
+                                                   name=schema.name)
+    check_finite_labels(probs)
+    return labels, probs, margins
+
+
+def check_prompt_embeddings(schema: Schema, prompts: np.ndarray, image_dim: int) -> None:
+    """(P, D) ``prompts`` must be one row per prompt of ``schema``, as wide as the image embeddings."""
+    if prompts.shape[0] != len(schema.prompts()):
+        raise ClipengineError(f"schema '{schema.name}' has {len(schema.prompts())} prompts but {prompts.shape[0]} embeddings")
+    if prompts.shape[1] != image_dim:
+        raise ClipengineError(
+            f"the text tower gives {prompts.shape[1]}-d embeddings but the images are {image_dim}-d: "
+            "annotate needs the model that encoded them"
+        )
+
+
+def label_with_class_side(embeddings, side, logit_scale: float, config: AnnotateConfig, *, name: str = ""):
+    """``labels`` (N, A) int32, ``probs``/``margins`` (N, A) float32 of (N, D) ``embeddings`` against a
+    prepared :class:`clipengine.annotate.class_embeddings.ClassSide` (what an encode worker reuses for every shard).
+    Rows holding NaN give NaN probabilities (see :func:`check_finite_labels`)."""
+    from clipengine.kernels.similarity import label_segments
+    from clipengine.progress import progress_bar
+
+    device = resolve_device(config.device, runtime="cupy")
+    bar = progress_bar(embeddings.shape[0], f"annotate ({name})", enabled=config.progress, unit="img")
+    try:
+        with numba_threads():
+            return label_segments(embeddings, side.matrix, side.prompt_offsets, side.class_offsets,
+                                  float(logit_scale), reduce=side.reduce, top_m=side.top_m,
+                                  chunk_rows=config.chunk_rows, device=device, on_chunk=bar.update)
+    finally:
+        bar.close()
+
+
+def check_finite_labels(probs: np.ndarray) -> None:
+    """A ``ClipengineError`` naming the rows (of the whole table) whose embeddings held NaN or inf."""
+    bad = np.flatnonzero(np.isnan(probs).any(axis=1))
+    if bad.size:
+        raise ClipengineError(f"embeddings rows {bad[:5].tolist()} hold NaN or infinite values; re-encode them")
+
+
+def metadata_table(items: pl.DataFrame, schema: Schema, labels: np.ndarray, probs: np.ndarray,
+                   margins: np.ndarray) -> pl.DataFrame:
+    """What ``metadata.parquet`` holds: the key columns of ``items`` (``path`` [, ``box``]; N rows) then
+    :func:`metadata_frame` of the (N, A) label arrays."""
+    return pl.concat([key_columns(items), metadata_frame(schema, labels, probs, margins)], how="horizontal")
+
+
+def write_metadata(path: str | os.PathLike, items: pl.DataFrame, schema: Schema, labels: np.ndarray,
+                   probs: np.ndarray, margins: np.ndarray, *, model_id: str, logit_scale: float,
+                   thresholds: dict[str, float] | None = None) -> pl.DataFrame:
+    """Write :func:`metadata_table` of the label arrays to ``path`` with :func:`metadata_record`
+    (:func:`clipengine.artifacts.write_metadata`); every labelling of every executor ends here.
+    ``thresholds`` (binary attributes → probability threshold) are applied first and recorded."""
+    table = metadata_table(items, schema, labels, probs, margins)
+    record = metadata_record(schema, model_id, logit_scale)
+    if thresholds:
+        from clipengine.annotate.thresholds import apply_thresholds
+
+        table = apply_thresholds(table, thresholds, schema)
+        record[artifacts.META_THRESHOLDS] = json.dumps(thresholds)
+    artifacts.write_metadata(path, table, record)
+    return table
+
+
+def metadata_frame(schema: Schema, labels: np.ndarray, probs: np.ndarray, margins: np.ndarray) -> pl.DataFrame:
+    columns = {}
+    for a, attribute in enumerate(schema.attributes):
+        names = np.asarray(attribute.class_names, dtype=object)
+        columns[attribute.name] = pl.Series(attribute.name, names[labels[:, a]], dtype=pl.String)
+        columns[f"{attribute.name}_prob"] = pl.Series(probs[:, a], dtype=pl.Float32)
+        columns[f"{attribute.name}_margin"] = pl.Series(margins[:, a], dtype=pl.Float32)
+    return pl.DataFrame(columns)
+
+
+def annotate_dir(
+    emb_dir: str | os.PathLike,
+    config: AnnotateConfig | None = None,
+    out_path: str | os.PathLike | None = None,
+    *,
+    text_encoder=None,
+) -> pl.DataFrame:
+    """Annotate an encode output folder and write ``out_path`` (default ``EMB_DIR/metadata.parquet``).
+
+    Rows: ``path`` (and ``box``) from ``items.parquet``, then the attribute columns. The Parquet
+    file metadata records the model id, schema name, schema hash, strategies and logit scale.
+    """
+    config = config or AnnotateConfig()
+    stored = read_encoded(emb_dir)
+    schema = resolve_schema(config)
+    thresholds = None
+    if config.thresholds is not None:
+        from clipengine.annotate.thresholds import read_thresholds
+
+        thresholds = read_thresholds(config.thresholds, schema)
+    if text_encoder is None:
+        text_encoder = text_encoder_for(stored, config)
+    scale = logit_scale_of(text_encoder, stored.record)
+    labels, probs, margins = label_arrays(stored.embeddings, schema, text_encoder, replace(config, strategy=None),
+                                          model_id=stored.model_id or None, logit_scale=scale)
+    destination = Path(out_path) if out_path is not None else stored.path / artifacts.METADATA
+    return write_metadata(destination, stored.items, schema, labels, probs, margins, model_id=stored.model_id,
+                          logit_scale=scale, thresholds=thresholds)
+
+
+def metadata_record(schema: Schema, model_id: str, logit_scale: float) -> dict[str, str]:
+    content = schema.to_dict()
+    for entry, attribute in zip(content["attributes"], schema.attributes):
+        entry["truth"] = attribute.truth
+    return {
+        artifacts.META_MODEL_ID: model_id,
+        artifacts.META_SCHEMA: schema.name,
+        artifacts.META_SCHEMA_HASH: schema.hash,
+        artifacts.META_STRATEGY: json.dumps(schema.strategies),
+        artifacts.META_LOGIT_SCALE: repr(float(logit_scale)),
+        artifacts.META_SCHEMA_CONTENT: json.dumps(content, ensure_ascii=False),
+    }
+
+
+def text_encoder_for(stored: artifacts.EncodedDir, config: AnnotateConfig):
+    """The text tower of the model that made ``stored``; ``config.model``, when given, must be that model."""
+    from clipengine.encode.encoders import create_encoder, text_encoder_from_dir
+
+    if config.model is not None:
+        from clipengine.config import EncodeConfig
+
+        encoder = create_encoder(EncodeConfig(model=config.model, device=config.device, backend="torch", precision="fp32"))
+        given = str(encoder.model_record.get("model_id", ""))
+        check_same_model(stored.model_id, given, stored.path)
+        return encoder
+    return text_encoder_from_dir(stored.path, device=config.device)
+
+
+def check_same_model(stored_id: str, given_id: str, where) -> None:
+    if stored_id and given_id and stored_id != given_id:
+        raise ClipengineError(
+            f"{where}: embeddings were made by model {stored_id} but the given model is {given_id}; "
+            "labels need the text tower of the same model (drop --model/--weights or re-encode)"
+        )
+
+
+def label_targets(schema: Schema, config: AnnotateConfig, has_truth: bool) -> list[tuple[str, Schema]]:
+    """The metadata files the annotate stage of a run writes, each with its strategy-resolved schema:
+    ``metadata.parquet`` (the schema's strategies, or ``config.strategy``) and, with ground truth,
+    ``metadata_naive.parquet`` (the first prompt per class, for the label-quality comparison)."""
+    targets = [(artifacts.METADATA, resolve_schema(config, schema))]
+    if has_truth:
+        targets.append((artifacts.NAIVE_METADATA, resolve_schema(replace(config, strategy="naive"), schema)))
+    return targets
+
+
+def annotate_run(run_dir: str | os.PathLike, targets: list[tuple[str, Schema]], text_encoder,
+                 config: AnnotateConfig) -> int:
+    """The annotate stage of a run: label ``run_dir``'s embeddings for every (metadata file, schema)
+    of ``targets`` (:func:`label_targets`) with ``text_encoder``'s prompts; how many rows."""
+    stored = read_encoded(run_dir)
+    scale = logit_scale_of(text_encoder, stored.record)
+    for name, target in targets:
+        labels, probs, margins = label_arrays(stored.embeddings, target, text_encoder, replace(config, strategy=None),
+                                              model_id=stored.model_id or None, logit_scale=scale)
+        write_metadata(Path(run_dir) / name, stored.items, target, labels, probs, margins,
+                       model_id=stored.model_id, logit_scale=scale)
+    return stored.items.height

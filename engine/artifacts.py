@@ -1,0 +1,569 @@
+"""The run directory's contract: every artifact's name and metadata key, and every read and write of them.
+
+A run directory (``clipengine run``'s ``RUN``, or the output folder of a single stage) holds:
+
+| file | written by | rows / content |
+| --- | --- | --- |
+| ``items.parquet`` | encode | the encoded items (``path`` [, ``file``, ``box``, …]) in input order; its file metadata holds the sha256 of ``embeddings.npy``'s rows and the model identity, so a half-written pair is never taken for a finished one |
+| ``embeddings.npy`` | encode | (N, D) float32 or float16, rows L2-normalized; row i = items row i |
+| ``item_stats.npy`` | encode | (N, 2) int64: each row's file size and mtime (ns) when it was encoded |
+| ``skipped.parquet`` | encode | ``path`` [, ``box``], ``reason`` of the items that could not be decoded |
+| ``model.json`` | encode | the model record (architecture, weights + sha256, ``model_id``, backend, precision, ``image_forward``) |
+| ``errors.parquet`` | errors | ``path`` [, ``box``], ``error`` and the dataset's own feature and ``true_*`` columns |
+| ``metadata.parquet`` | annotate | ``path`` [, ``box``], then per attribute ``<attr>``, ``<attr>_prob``, ``<attr>_margin``; file metadata: model id, schema name/hash/content, strategies, logit scale |
+| ``metadata_naive.parquet`` | annotate | the same with the first prompt per class (label-quality comparison) |
+| ``label_quality.csv`` / ``.md`` | eval | per attribute and class: support, accuracy, precision, recall, F1 per strategy |
+| ``slices.parquet`` / ``slices.json`` | slices | one row per slice with its statistics and the numeric bounds of binned predicates |
+| ``summary.md``, ``report.html`` + ``thumbs/`` | summary, report | for people |
+| ``manifest.json`` | run | inputs, model, schema, settings, versions, per-stage fingerprints and timings |
+
+Every write is atomic (:mod:`clipengine.bindings.files`). ``shards/`` (local executor) and
+``shards-ray/`` (Ray) hold finished encode work while a run is going (:mod:`clipengine.shards`);
+``.lock`` is the run directory's lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from clipengine.errors import ClipengineError
+
+# ---- names ----------------------------------------------------------------------------------
+ITEMS = "items.parquet"
+EMBEDDINGS = "embeddings.npy"
+ITEM_STATS = "item_stats.npy"
+SKIPPED = "skipped.parquet"
+MODEL = "model.json"
+ERRORS = "errors.parquet"
+METADATA = "metadata.parquet"
+NAIVE_METADATA = "metadata_naive.parquet"
+LABEL_QUALITY_CSV = "label_quality.csv"
+LABEL_QUALITY_MD = "label_quality.md"
+THRESHOLDS = "thresholds.json"
+SLICES_PARQUET = "slices.parquet"
+SLICES_JSON = "slices.json"
+SUMMARY = "summary.md"
+REPORT = "report.html"
+THUMBS_DIR = "thumbs"
+MANIFEST = "manifest.json"
+SHARDS_DIR = "shards"
+RAY_SHARDS_DIR = "shards-ray"
+SEARCH_INDEX_DIR = "search_index"
+LOCK = ".lock"
+ENCODE_OUTPUTS = (EMBEDDINGS, ITEMS, ITEM_STATS, SKIPPED, MODEL)
+_ALL_NAMES = (ITEMS, EMBEDDINGS, ITEM_STATS, SKIPPED, MODEL, ERRORS, METADATA, NAIVE_METADATA, LABEL_QUALITY_CSV,
+              LABEL_QUALITY_MD, THRESHOLDS, SLICES_PARQUET, SLICES_JSON, SUMMARY, REPORT, MANIFEST)
+
+# ---- columns --------------------------------------------------------------------------------
+KEY_COLUMNS = ("path", "box")  # what identifies an item in every table
+ERROR_COLUMN = "error"
+PROB_SUFFIX = "_prob"
+MARGIN_SUFFIX = "_margin"
+TRUTH_PREFIX = "true_"  # a dataset column holding the ground truth of attribute <attr>
+GIVEN_PREFIX = "given_"  # a dataset column named like a schema attribute is sliced on as given_<name>
+
+# ---- Parquet key/value metadata ---------------------------------------------------------------
+META_EMBEDDINGS_SHA256 = "clipengine.embeddings_sha256"  # items.parquet
+META_IDENTITY = "clipengine.identity"  # items.parquet
+META_MODEL_ID = "clipengine.model_id"  # metadata.parquet …
+META_SCHEMA = "clipengine.schema"
+META_SCHEMA_HASH = "clipengine.schema_hash"
+META_STRATEGY = "clipengine.strategy"
+META_LOGIT_SCALE = "clipengine.logit_scale"
+META_SCHEMA_CONTENT = "clipengine.schema_content"
+META_THRESHOLDS = "clipengine.thresholds"
+META_SLICES = "clipengine.slices"  # slices.parquet: the run-level facts of slices.json
+SLICES_FORMAT = 2  # slices.json "format": 2 adds the numeric bounds of binned predicates
+
+
+# ---- items and their identity -----------------------------------------------------------------
+def item_keys(items) -> list[str]:
+    """One string per item: its path, plus its box when it has one (the identity used for resume)."""
+    paths = items["path"].to_list()
+    if "box" not in items.columns:
+        return [str(p) for p in paths]
+    keys = []
+    for path, box in zip(paths, items["box"].to_list()):
+        keys.append(str(path) if box is None else f"{path}\t{','.join(repr(float(v)) for v in box)}")
+    return keys
+
+
+def check_items(items) -> list[str]:
+    """Check an items frame (``path`` str, optional ``file`` str, optional ``box`` list[f64] of 4 or
+    null) and return its :func:`item_keys`; a one-line error for a missing path, a bad box or duplicates."""
+    if "path" not in items.columns:
+        raise ClipengineError("items: a 'path' column is required")
+    if items["path"].null_count():
+        raise ClipengineError("items: the 'path' column has empty values")
+    if "box" in items.columns:
+        for box in items["box"].to_list():
+            if box is not None and len(box) != 4:
+                raise ClipengineError(f"items: a box must be [x0, y0, x1, y1], got {box}")
+    keys = item_keys(items)
+    if len(set(keys)) != len(keys):
+        seen: set[str] = set()
+        dupes = [key for key in keys if key in seen or seen.add(key)]
+        raise ClipengineError(f"items: {len(dupes)} duplicate items (same path and box), e.g. {dupes[0]!r}")
+    return keys
+
+
+def item_files(items) -> list[str]:
+    """What to decode for each item: its ``file`` column, else its ``path``."""
+    return (items["file"] if "file" in items.columns else items["path"]).to_list()
+
+
+def file_stats(files) -> np.ndarray:
+    """(N, 2) int64: each file's size and modification time in ns; (-1, -1) when it cannot be read.
+    A finished row is reused only while its file's stats are unchanged (contents are not hashed:
+    that would read every image twice)."""
+    seen: dict[str, tuple[int, int]] = {}
+    out = np.empty((len(files), 2), np.int64)
+    for i, name in enumerate(files):
+        name = os.fspath(name)
+        if name not in seen:
+            try:
+                stat = os.stat(name)
+                seen[name] = (stat.st_size, stat.st_mtime_ns)
+            except OSError:
+                seen[name] = (-1, -1)
+        out[i] = seen[name]
+    return out
+
+
+def same_file(recorded, current) -> bool:
+    """Whether a row encoded when its file had the (2,) stats ``recorded`` still stands for the file
+    with stats ``current`` (see :func:`file_stats`)."""
+    return tuple(int(v) for v in recorded) == tuple(int(v) for v in current)
+
+
+def identity_of(record: dict) -> dict:
+    """What must agree between two encodes for a row of one to be reused by the other."""
+    return {"model_id": record.get("model_id"), "precision": record.get("precision"), "embed_dim": record["embed_dim"]}
+
+
+def rows_digest(embeddings: np.ndarray) -> str:
+    """sha256 of an (N, D) array's shape, dtype and bytes (streamed through a memory map in blocks)."""
+    digest = hashlib.sha256(f"{embeddings.shape}{embeddings.dtype}".encode())
+    block = max(1, (64 << 20) // max(1, embeddings.itemsize * (embeddings.shape[1] if embeddings.ndim == 2 else 1)))
+    for start in range(0, embeddings.shape[0], block):
+        digest.update(np.ascontiguousarray(embeddings[start:start + block]).data)
+    return digest.hexdigest()
+
+
+# ---- the encode outputs ---------------------------------------------------------------------------
+@dataclass
+class FinishedSet:
+    """A previous finished encode in a folder, of the same model: ``rows`` key → row number in
+    ``embeddings`` ((N, D), memory-mapped), only for items whose file is unchanged since. Empty when
+    there is none or it is not trusted."""
+
+    rows: dict[str, int]
+    embeddings: np.ndarray | None = None
+
+
+def read_finished(out_dir: str | os.PathLike, identity: dict, keys: list[str], stats: np.ndarray) -> FinishedSet:
+    """The finished set in ``out_dir`` if ``items.parquet`` records ``identity`` and the digest of
+    ``embeddings.npy`` as it is, less the rows whose file (``stats`` (N, 2) of the current ``keys``)
+    changed since; rows stay on disk (memory-mapped)."""
+    import polars as pl
+
+    out_dir = Path(out_dir)
+    items_path, emb_path = out_dir / ITEMS, out_dir / EMBEDDINGS
+    if not (items_path.is_file() and emb_path.is_file()):
+        return FinishedSet({})
+    try:
+        meta = read_parquet_metadata(items_path)
+        if json.loads(meta.get(META_IDENTITY, "{}")) != identity:
+            return FinishedSet({})
+        embeddings = np.load(emb_path, mmap_mode="r", allow_pickle=False)
+        if rows_digest(embeddings) != meta.get(META_EMBEDDINGS_SHA256):
+            return FinishedSet({})  # a pair from an interrupted finalization: not trusted
+        previous = pl.read_parquet(items_path)
+        recorded = np.load(out_dir / ITEM_STATS, allow_pickle=False)
+    except Exception:  # unreadable or foreign leftovers are re-encoded, never trusted
+        return FinishedSet({})
+    previous_keys = item_keys(previous)
+    if len(previous_keys) != len(embeddings) or recorded.shape != (len(previous_keys), 2):
+        return FinishedSet({})
+    rows = {key: i for i, key in enumerate(previous_keys)}
+    for key, current in zip(keys, stats):
+        row = rows.get(key)
+        if row is not None and not same_file(recorded[row], current):
+            del rows[key]
+    return FinishedSet(rows, embeddings)
+
+
+def write_encoded(out_dir: str | os.PathLike, items, *, encoded: list[int], blocks: Iterable[np.ndarray],
+                  skipped: list[tuple[int, str]], stats: np.ndarray, record: dict, dtype: str) -> str:
+    """Write the encode outputs of ``items`` (N rows) into ``out_dir``; the only writer of them.
+
+    ``encoded``: the positions (ascending) of the items that have a row; ``blocks``: their (B, D)
+    float32 rows in that order, streamed into a memory-mapped ``embeddings.npy`` of ``dtype`` (the
+    writer never holds all rows); ``skipped``: (position, reason) of the others that were tried;
+    ``stats``: (N, 2) int64 file stats (:func:`file_stats`) taken before decoding; ``record``: the
+    model record for ``model.json`` (``embed_dim`` required; ``n_items``/``n_skipped`` are set here).
+    ``items.parquet`` is written last, with the digest of the rows: it marks the set as finished.
+    Returns that digest.
+    """
+    import polars as pl
+    from numpy.lib.format import open_memmap
+
+    from clipengine.bindings.files import atomic_path, save_npy, write_json, write_parquet
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dim = int(record["embed_dim"])
+    with atomic_path(out_dir / EMBEDDINGS) as tmp:
+        embeddings = open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(len(encoded), dim))  # (N, D)
+        row = 0
+        for block in blocks:
+            embeddings[row:row + len(block)] = block
+            row += len(block)
+        if row != len(encoded):
+            raise RuntimeError(f"write_encoded: got {row} rows for {len(encoded)} encoded items")
+        embeddings.flush()
+        digest = rows_digest(embeddings)
+        del embeddings
+    keys = "box" in items.columns
+    boxes = items["box"].to_list() if keys else None
+    skipped = sorted(skipped)
+    skipped_frame = pl.DataFrame(
+        {
+            "path": [items["path"][i] for i, _ in skipped],
+            **({"box": [boxes[i] for i, _ in skipped]} if keys else {}),
+            "reason": [reason for _, reason in skipped],
+        },
+        schema={"path": pl.String, **({"box": pl.List(pl.Float64)} if keys else {}), "reason": pl.String},
+    )
+    record = {**record, "n_items": len(encoded), "n_skipped": len(skipped)}
+    save_npy(out_dir / ITEM_STATS, stats[encoded] if encoded else np.empty((0, 2), np.int64))
+    write_parquet(out_dir / SKIPPED, skipped_frame)
+    write_json(out_dir / MODEL, record)
+    write_parquet(out_dir / ITEMS, items[encoded] if encoded else items.clear(),
+                  metadata={META_EMBEDDINGS_SHA256: digest, META_IDENTITY: json.dumps(identity_of(record), sort_keys=True)})
+    return digest
+
+
+def read_model_record(folder: str | os.PathLike) -> dict:
+    """The ``model.json`` of an encode output folder (a one-line error if absent or not JSON)."""
+    path = Path(folder) / MODEL
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ClipengineError(f"{path}: not found; is {folder} the output of `clipengine encode`?") from None
+    except ValueError as error:
+        raise ClipengineError(f"{path}: not valid JSON ({error})") from None
+
+
+@dataclass(frozen=True)
+class EncodedDir:
+    """An encode output folder: ``embeddings`` (N, D) (memory-mapped), ``items`` (N rows, ``path``
+    [, ``box``] …) and the model ``record``."""
+
+    path: Path
+    embeddings: np.ndarray
+    items: Any  # pl.DataFrame
+    record: dict
+
+    @property
+    def model_id(self) -> str:
+        return str(self.record.get("model_id") or "")
+
+
+def read_encoded(folder: str | os.PathLike) -> EncodedDir:
+    """Open ``folder`` (``embeddings.npy``, ``items.parquet``, ``model.json``) and check they agree."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ClipengineError(f"{folder}: not a directory (expected the output folder of `clipengine encode`)")
+    record = read_model_record(folder)
+    embeddings_path, items_path = folder / EMBEDDINGS, folder / ITEMS
+    for path in (embeddings_path, items_path):
+        if not path.is_file():
+            raise ClipengineError(f"{path}: not found; is {folder} the output of `clipengine encode`?")
+    try:
+        embeddings = np.load(embeddings_path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ClipengineError(f"{embeddings_path}: not a readable .npy array ({error})") from None
+    if embeddings.ndim != 2 or embeddings.dtype.kind != "f":
+        raise ClipengineError(f"{embeddings_path}: expected an (N, D) float array, got {embeddings.shape} {embeddings.dtype}")
+    items = read_parquet_file(items_path)
+    if "path" not in items.columns:
+        raise ClipengineError(f"{items_path}: no 'path' column")
+    if items.height != embeddings.shape[0]:
+        raise ClipengineError(f"{folder}: {ITEMS} has {items.height} rows but {EMBEDDINGS} {embeddings.shape[0]}; "
+                              "re-run `clipengine encode`")
+    dim = record.get("embed_dim")
+    if dim is not None and int(dim) != embeddings.shape[1]:
+        raise ClipengineError(f"{embeddings_path}: width {embeddings.shape[1]} ≠ {MODEL} embed_dim {dim}")
+    return EncodedDir(folder, embeddings, items, record)
+
+
+def read_skipped(folder: str | os.PathLike):
+    """``skipped.parquet`` of an encode output folder as a frame, or None when absent or unreadable."""
+    path = Path(folder) / SKIPPED
+    if not path.is_file():
+        return None
+    try:
+        return read_parquet_file(path)
+    except ClipengineError:
+        return None
+
+
+# ---- metadata (labels) ---------------------------------------------------------------------------
+def key_columns(items):
+    """The columns of ``items`` that identify an item: ``path`` [, ``box``]."""
+    return items.select([c for c in KEY_COLUMNS if c in items.columns])
+
+
+def write_metadata(path: str | os.PathLike, table, record: dict[str, str]) -> None:
+    """Write a metadata table (:data:`KEY_COLUMNS` then the label columns) with its key/value ``record``
+    (the ``META_*`` keys) atomically; every labelling ends here."""
+    from clipengine.bindings.files import write_parquet
+
+    write_parquet(path, table, metadata=record)
+
+
+def attribute_columns(columns: Iterable[str]) -> list[str]:
+    """The attribute names among a metadata table's columns (not keys, not ``_prob``/``_margin``)."""
+    return [c for c in columns if c not in KEY_COLUMNS and c != "file"
+            and not c.endswith(PROB_SUFFIX) and not c.endswith(MARGIN_SUFFIX)]
+
+
+# ---- errors -----------------------------------------------------------------------------------
+def write_errors(run_dir: str | os.PathLike, frame) -> Path:
+    """``errors.parquet``: ``path`` [, ``box``], ``error`` and the dataset's other columns."""
+    from clipengine.bindings.files import write_parquet
+
+    path = Path(run_dir) / ERRORS
+    write_parquet(path, frame)
+    return path
+
+
+def read_joined(run_dir: str | os.PathLike, *, metadata: str = METADATA):
+    """The table slicing sees: ``metadata`` ⋈ ``errors.parquet`` on :data:`KEY_COLUMNS` (inner join,
+    metadata's row order). An errors column named like an attribute is renamed ``given_<name>``.
+    Returns ``(frame, attributes, extra)``: the attribute names and the errors table's other feature
+    columns (not ``error``, not ``true_*``)."""
+    run_dir = Path(run_dir)
+    labels = read_parquet_file(run_dir / metadata)
+    errors = read_parquet_file(run_dir / ERRORS)
+    keys = [k for k in KEY_COLUMNS if k in labels.columns and k in errors.columns]
+    if "path" not in keys:
+        raise ClipengineError(f"{run_dir}: {metadata} and {ERRORS} need a 'path' column each")
+    attributes = attribute_columns(labels.columns)
+    errors = errors.rename({c: GIVEN_PREFIX + c for c in errors.columns if c in attributes})
+    extra = [c for c in errors.columns
+             if c not in KEY_COLUMNS and c != ERROR_COLUMN and not c.startswith(TRUTH_PREFIX) and not c.startswith("__")]
+    frame = labels.join(errors, on=keys, how="inner", nulls_equal=True, maintain_order="left")
+    return frame, attributes, extra
+
+
+def joined_features(attributes: Iterable[str], dataset_features: Iterable[str]) -> list[str]:
+    """The feature columns of :func:`read_joined`'s frame: the attributes, then the dataset's own
+    features (renamed ``given_<name>`` where they clash with an attribute)."""
+    attributes = list(attributes)
+    names = set(attributes)
+    return attributes + [GIVEN_PREFIX + f if f in names else f for f in dataset_features]
+
+
+# ---- slices -----------------------------------------------------------------------------------
+def write_slices(out_dir: str | os.PathLike, table, summary: dict, records: list[dict]) -> tuple[Path, Path]:
+    """``slices.parquet`` (``table``: one row per slice) and ``slices.json`` (``summary`` + ``records``),
+    atomically; deterministic (no timings)."""
+    from clipengine.bindings.files import write_json, write_parquet
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"format": SLICES_FORMAT, **summary}
+    write_parquet(out_dir / SLICES_PARQUET, table, metadata={META_SLICES: json.dumps(summary, sort_keys=True)})
+    write_json(out_dir / SLICES_JSON, {**summary, "slices": records})
+    return out_dir / SLICES_PARQUET, out_dir / SLICES_JSON
+
+
+def read_slices(run_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """``(summary, records)`` of ``slices.json``; a one-line error when it is absent, unreadable or of
+    an older format (whose binned predicates carry no numeric bounds: run the slices stage again)."""
+    path = Path(run_dir) / SLICES_JSON
+    data = read_json_file(path)
+    if not isinstance(data, dict) or not isinstance(data.get("slices"), list):
+        raise ClipengineError(f"{path}: holds no slices (not written by `clipengine slices`)")
+    if data.get("format") != SLICES_FORMAT:
+        raise ClipengineError(f"{path}: written by an earlier clipengine (no numeric bin bounds); "
+                              "run `clipengine run` (or `clipengine slices`) again to rewrite it")
+    records = [r for r in data["slices"] if isinstance(r, dict)]
+    return {k: v for k, v in data.items() if k != "slices"}, records
+
+
+# ---- label quality, summary, report ----------------------------------------------------------------
+def write_label_quality(out_dir: str | os.PathLike, table, markdown: str) -> tuple[Path, Path]:
+    """``label_quality.csv`` (``table``, a frame) and ``label_quality.md``, atomically."""
+    from clipengine.bindings.files import atomic_path, write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / LABEL_QUALITY_CSV) as tmp:
+        table.write_csv(tmp)
+    write_text(out_dir / LABEL_QUALITY_MD, markdown)
+    return out_dir / LABEL_QUALITY_CSV, out_dir / LABEL_QUALITY_MD
+
+
+def read_label_quality(run_dir: str | os.PathLike):
+    """``label_quality.csv`` as a frame, or None when absent."""
+    import polars as pl
+
+    path = Path(run_dir) / LABEL_QUALITY_CSV
+    if not path.is_file():
+        return None
+    try:
+        return pl.read_csv(path, infer_schema_length=0)
+    except Exception as error:
+        raise ClipengineError(f"{path}: not a readable CSV ({_first_line(error)})") from None
+
+
+def write_summary(run_dir: str | os.PathLike, text: str) -> Path:
+    from clipengine.bindings.files import write_text
+
+    path = Path(run_dir) / SUMMARY
+    write_text(path, text)
+    return path
+
+
+def read_summary(run_dir: str | os.PathLike) -> str | None:
+    path = Path(run_dir) / SUMMARY
+    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+
+
+def write_report(run_dir: str | os.PathLike, html: str) -> Path:
+    from clipengine.bindings.files import write_text
+
+    path = Path(run_dir) / REPORT
+    write_text(path, html)
+    return path
+
+
+# ---- manifest -----------------------------------------------------------------------------------
+def read_manifest(run_dir: str | os.PathLike) -> dict | None:
+    """``manifest.json`` as a dict; None when absent or unreadable (written atomically, so only if
+    edited by hand)."""
+    try:
+        data = json.loads((Path(run_dir) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_manifest(run_dir: str | os.PathLike, data: dict) -> None:
+    from clipengine.bindings.files import write_json
+
+    write_json(Path(run_dir) / MANIFEST, data)
+
+
+# ---- the lock and the inputs ---------------------------------------------------------------------
+_HELD: dict[str, int] = {}  # run directories this process holds the lock of → depth
+
+
+@contextlib.contextmanager
+def locked(run_dir: str | os.PathLike) -> Iterator[None]:
+    """One writer per run directory at a time: an advisory lock on ``RUN/.lock`` (released by the OS
+    if the process is killed). A second writer gets one line naming the holder's pid. Re-entrant
+    within a process (the run job holds it while a stage it calls takes it again)."""
+    import fcntl
+
+    run_dir = Path(run_dir)
+    key = os.path.realpath(run_dir)
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK
+    try:
+        handle = open(path, "a+")
+    except OSError as error:
+        raise ClipengineError(f"{run_dir}: cannot write there ({error.strerror or error}); "
+                              "give an output folder you can write") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ClipengineError(f"{run_dir} is in use by {holder}; wait for it to finish") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"clipengine pid {os.getpid()}")
+        handle.flush()
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
+            handle.seek(0)
+            handle.truncate()
+
+
+def check_inputs_kept(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike],
+                      names: Iterable[str] = ()) -> None:
+    """Refuse (one line) to write artifacts into ``out_dir`` where one of them would replace a file the
+    user gave as input: ``names`` are the artifacts about to be written (default: every artifact name)."""
+    out_dir = Path(out_dir)
+    targets = {os.path.realpath(out_dir / name) for name in (names or _ALL_NAMES)}
+    for given in inputs:
+        if os.path.realpath(given) in targets:
+            raise ClipengineError(f"{out_dir} holds your input {given}, which this run would overwrite with its own "
+                                  f"{Path(given).name}; give another output folder (--out)")
+
+
+# ---- plain readers ----------------------------------------------------------------------------------
+def read_parquet_file(path: str | os.PathLike):
+    """A Parquet file of a run directory as a frame; a one-line error naming it when it is absent or
+    unreadable."""
+    import polars as pl
+
+    path = Path(path)
+    if not path.is_file():
+        raise ClipengineError(f"{path}: not found")
+    try:
+        return pl.read_parquet(path)
+    except Exception as error:
+        raise ClipengineError(f"{path}: not a readable Parquet file ({_first_line(error)})") from None
+
+
+def parquet_rows(path: str | os.PathLike) -> int:
+    """The number of rows of a Parquet file (from its footer)."""
+    import pyarrow.parquet as pq
+
+    return int(pq.ParquetFile(path).metadata.num_rows)
+
+
+def read_json_file(path: str | os.PathLike):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ClipengineError(f"{path}: not found") from None
+    except (OSError, ValueError) as error:
+        raise ClipengineError(f"{path}: not readable JSON ({_first_line(error)})") from None
+
+
+def read_parquet_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The key/value metadata of a Parquet file (Arrow's own keys left out)."""
+    from clipengine.bindings.files import read_parquet_metadata as read
+
+    return read(path)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

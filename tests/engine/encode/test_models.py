@@ -1,0 +1,234 @@
+import pytest
+
+from clipengine.config import ModelConfig
+from clipengine.errors import ClipengineError
+
+
+def test_tiny_config_resolves_and_loads_through_the_real_path(tiny_clip):
+    from clipengine.encode.models import load_model, resolve_model
+
+    spec = resolve_model(tiny_clip.model_config)
+    assert spec.source == "open_clip" and spec.name == "tiny-clip"
+    assert spec.image_size == 32 and spec.weights_hash and len(spec.weights_hash) == 64
+    assert spec.model_id == resolve_model(tiny_clip.model_config).model_id  # stable
+    towers = load_model(spec)
+    assert towers.embed_dim == 32 and towers.image_size == 32 and towers.key == spec.model_id
+    record = spec.to_record()
+    assert record["architecture"] == tiny_clip.architecture and record["weights_sha256"] == spec.weights_hash
+
+
+def test_model_id_follows_the_weights(tiny_clip, tmp_path):
+    from clipengine.encode.models import resolve_model
+
+    from tests.fixtures_models import TINY_ARCHITECTURE, save_random_model
+
+    other = save_random_model(TINY_ARCHITECTURE, tmp_path, "tiny-clip", seed=1)
+    assert resolve_model(other.model_config).model_id != resolve_model(tiny_clip.model_config).model_id
+
+
+def test_plain_torch_state_dict_loads_like_safetensors(tiny_clip, tmp_path):
+    import torch
+
+    from clipengine.encode.models import load_state_dict
+
+    state = load_state_dict(tiny_clip.weights_path)
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, path)
+    again = load_state_dict(path)
+    assert again.keys() == state.keys()
+    assert all(torch.equal(again[k], state[k]) for k in state)
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tiny_clip, tmp_path):
+    import torch
+
+    from clipengine.encode.models import load_state_dict
+
+    marker = tmp_path / "executed"
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hook": _Payload(str(marker))}, evil)
+    with pytest.raises(ClipengineError, match="refusing to load a checkpoint that executes pickled code"):
+        load_state_dict(evil)
+    assert not marker.exists()
+
+
+def test_offline_without_weights_gives_one_error_listing_three_ways():
+    from clipengine.encode.models import resolve_model
+
+    with pytest.raises(ClipengineError) as error:
+        resolve_model(ModelConfig(model="ViT-B-32"), offline=True)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "--pretrained laion2b_s34b_b79k" in message and "--weights PATH" in message
+    assert "Hugging Face CLIP directory" in message
+
+
+def test_an_unreachable_hub_fails_at_once_without_the_offline_flag(monkeypatch, tmp_path):
+    import open_clip
+
+    from clipengine.encode.models import resolve_model
+
+    def no_download(*args, **kwargs):  # the hub client would retry with back-off for ~20 s
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(open_clip, "download_pretrained", no_download)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.invalid")  # .invalid never resolves (RFC 2606)
+    with pytest.raises(ClipengineError, match="no network: hub.invalid unreachable") as error:
+        resolve_model(ModelConfig(model="ViT-B-32", pretrained="laion2b_s34b_b79k"), offline=False)
+    assert "\n" not in str(error.value)
+
+
+def test_offline_error_from_the_cli_is_one_line(tmp_path, capsys):
+    from clipengine.cli import main
+
+    (tmp_path / "in").mkdir()
+    with pytest.raises(SystemExit) as exit_code:
+        main(["encode", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert exit_code.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("clipengine: error:") and "--weights PATH" in lines[0]
+
+
+def test_bad_model_arguments_name_the_problem(tiny_clip, tmp_path):
+    from clipengine.encode.models import resolve_model
+
+    with pytest.raises(ClipengineError, match="no such file"):
+        resolve_model(ModelConfig(model=str(tiny_clip.config_path), weights=tmp_path / "missing.safetensors"))
+    with pytest.raises(ClipengineError, match="architecture without weights"):
+        resolve_model(ModelConfig(model=str(tiny_clip.config_path)))
+    with pytest.raises(ClipengineError, match="not an open_clip architecture"):
+        resolve_model(ModelConfig(model="NoSuchNet-7", weights=tiny_clip.weights_path))
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"embed_dim": 4}')
+    with pytest.raises(ClipengineError, match="vision_cfg"):
+        resolve_model(ModelConfig(model=str(bad), weights=tiny_clip.weights_path))
+    with pytest.raises(ClipengineError, match="do not fit"):
+        from clipengine.encode.models import load_model
+
+        wrong = dict(tiny_clip.architecture, embed_dim=16)
+        other = tmp_path / "wrong.json"
+        import json
+
+        other.write_text(json.dumps(wrong))
+        load_model(resolve_model(ModelConfig(model=str(other), weights=tiny_clip.weights_path)))
+
+
+def test_open_clip_local_dir_layout(tiny_clip, tmp_path):
+    import json
+    import shutil
+
+    from clipengine.encode.models import load_model, resolve_model
+
+    folder = tmp_path / "local"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": tiny_clip.architecture, "preprocess_cfg": {}}))
+    shutil.copy(tiny_clip.weights_path, folder / "open_clip_model.safetensors")
+    spec = resolve_model(ModelConfig(model=str(folder)))
+    assert spec.weights_hash == resolve_model(tiny_clip.model_config).weights_hash
+    assert load_model(spec).embed_dim == 32
+
+
+def test_conse_is_a_registered_family():
+    from clipengine.encode.models import MODEL_FAMILIES, resolve_model
+
+    assert MODEL_FAMILIES["conse"] == "clipengine.bindings.conse:create_conse_encoder"
+    assert resolve_model(ModelConfig(model="conse")).source == "conse"
+
+
+def test_auto_backend_and_precision_follow_the_cpu(monkeypatch):
+    from clipengine import bindings
+
+    monkeypatch.setattr(bindings, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert bindings.select_backend("cpu") == "torch" and bindings.default_precision("torch", "cpu") == "bf16"
+    monkeypatch.setattr(bindings, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert bindings.select_backend("cpu") == "torch"
+    assert bindings.default_precision("torch", "cpu") == "fp32"
+    assert bindings.default_precision("onnxruntime", "cpu") == "fp32"
+    assert bindings.check_backend("tensorrt", "cpu", "fp16")
+    assert bindings.check_backend("torch", "cpu", "fp32") is None
+    assert bindings.default_precision("tensorrt", "cuda") == "fp16"
+
+
+PAYLOAD = """
+import torch
+
+
+class Payload(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(2))
+
+    @torch.jit.export
+    def __getstate__(self):
+        return (self.weight, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, bool]):
+        # writes (creates or overwrites) a file of the attacker's choosing when the archive is loaded
+        marker = torch.from_file(MARKER, True, 8, dtype=torch.uint8)
+        marker.fill_(65)
+        self.weight = state[0] + marker.sum().float() * 0.0
+        self.training = state[1]
+"""
+
+
+@pytest.fixture
+def hostile_torchscript(tmp_path):
+    """A TorchScript archive whose __setstate__ writes a marker file when torch.jit.load runs it."""
+    import importlib.util
+
+    import torch
+
+    marker = tmp_path / "marker.bin"
+    source = tmp_path / "payload_module.py"
+    source.write_text(PAYLOAD.replace("MARKER", repr(str(marker))))
+    spec = importlib.util.spec_from_file_location("payload_module", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    archive = tmp_path / "ViT-B-32.pt"
+    with pytest.warns(FutureWarning):  # torch.jit.script is deprecated, and still what such files are made with
+        torch.jit.save(torch.jit.script(module.Payload()), str(archive))
+    assert not marker.exists()
+    return archive, marker
+
+
+def test_the_hostile_archive_does_run_code_when_torchscript_loads_it(hostile_torchscript):
+    """The fixture is what the refusal below protects against (so the refusal test can fail)."""
+    import torch
+
+    archive, marker = hostile_torchscript
+    torch.jit.load(str(archive))
+    assert marker.read_bytes() == b"A" * 8
+
+
+def test_a_torchscript_archive_is_refused_before_loading(hostile_torchscript, tiny_clip):
+    from clipengine.encode.models import load_model, load_state_dict, resolve_model
+
+    archive, marker = hostile_torchscript
+    with pytest.raises(ClipengineError, match=r"refusing a TorchScript archive \(it holds code, .*code/"):
+        load_state_dict(archive)
+    with pytest.raises(ClipengineError, match="refusing a TorchScript archive"):
+        load_model(resolve_model(ModelConfig(model=str(tiny_clip.config_path), weights=archive)))
+    assert not marker.exists()
+
+
+def test_the_cli_refuses_a_torchscript_archive_in_one_line(hostile_torchscript, tmp_path, sample_photos):
+    import subprocess
+    import sys
+
+    archive, marker = hostile_torchscript
+    done = subprocess.run([sys.executable, "-m", "clipengine", "encode", str(sample_photos[0].parent), "--out",
+                           str(tmp_path / "emb"), "--weights", str(archive), "--model", "ViT-B-32", "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "refusing a TorchScript archive" in lines[0], done.stderr
+    assert not marker.exists()

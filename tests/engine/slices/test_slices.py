@@ -1,0 +1,229 @@
+"""The slice stage: feature typing, validation, planted and null data, results, files, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from clipengine.errors import ClipengineError
+from clipengine.slices.find import find_slices, write_slices
+
+
+def pedestrians(m=6000, seed=0, planted=None, rate=0.1, lift=0.35):
+    rng = np.random.default_rng(seed)
+    frame = pl.DataFrame(
+        {
+            "gender": rng.choice(["female", "male"], m),
+            "age": rng.choice(["child", "adult", "senior"], m),
+            "box_height": rng.exponential(300.0, m),
+            "occluded": rng.random(m) < 0.3,
+            "camera": rng.integers(0, 4, m),
+        }
+    )
+    p = np.full(m, rate)
+    if planted is not None:
+        p[planted(frame)] = lift
+    return frame.with_columns(error=pl.Series((rng.random(m) < p).astype(np.int64)))
+
+
+def test_planted_two_predicate_slice_is_the_top_slice():
+    frame = pedestrians(planted=lambda f: ((f["gender"] == "female") & (f["age"] == "child")).to_numpy())
+    result = find_slices(frame, error="error")
+    assert result.predicates[0] == {"gender": "female", "age": "child"}
+    assert result.significant[0] and result.q_value[0] < 1e-6
+    assert result.ci_low[0] < result.error_mean_[0] < result.ci_high[0]
+    mask = result.row_mask(0)
+    expected = ((frame["gender"] == "female") & (frame["age"] == "child")).to_numpy()
+    assert np.array_equal(mask, expected)
+    assert result.size[0] == expected.sum()
+    assert result.error_sum[0] == frame["error"].to_numpy()[expected].sum()
+
+
+def test_planted_three_predicate_slice_with_a_binned_feature_and_continuous_errors():
+    rng = np.random.default_rng(5)
+    m = 8000
+    frame = pedestrians(m=m, seed=5)
+    hidden = ((frame["gender"] == "male") & (frame["occluded"]) & (frame["box_height"] <= 60.0)).to_numpy()
+    error = rng.exponential(0.2, m) + np.where(hidden, 1.0, 0.0)
+    frame = frame.with_columns(error=pl.Series(error), box_height=pl.Series(np.where(frame["box_height"] < 60, 30.0, 500.0) + rng.random(m)))
+    result = find_slices(frame, error="error", bins={"box_height": [200.0]}, min_sup=20)
+    top = result.predicates[0]
+    assert top == {"gender": "male", "box_height": "(-inf, 200.0]", "occluded": True}
+    assert not result.binary_errors and result.significant[0]
+    assert np.array_equal(result.row_mask(0), hidden)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_null_data_gives_no_significant_slice_in_95_percent_of_seeds(binary):
+    false_alarms = 0
+    seeds = range(20)
+    for seed in seeds:
+        rng = np.random.default_rng(100 + seed)
+        frame = pedestrians(m=3000, seed=100 + seed)
+        if not binary:
+            frame = frame.with_columns(error=pl.Series(rng.exponential(1.0, 3000)))
+        result = find_slices(frame, error="error", min_sup=20)
+        false_alarms += not result.nothing_significant
+    assert false_alarms <= 1  # ≥ 95 % of seeds report nothing
+
+
+def test_q_values_count_every_candidate_evaluated():
+    frame = pedestrians(planted=lambda f: (f["age"] == "senior").to_numpy())
+    result = find_slices(frame, error="error")
+    assert result.n_evaluated >= sum(level[1] for level in result.levels[1:])
+    assert np.all(result.q_value >= result.p_value)
+    assert np.all(result.q_value <= np.minimum(1.0, result.p_value * result.n_evaluated) + 1e-15)
+
+
+def test_feature_typing_binning_nulls_and_skips():
+    m = 1000
+    rng = np.random.default_rng(2)
+    frame = pl.DataFrame(
+        {
+            "color": pl.Series(rng.choice(["red", "green", None], m).tolist(), dtype=pl.String),
+            "kind": pl.Series(rng.choice(["a", "b"], m)).cast(pl.Categorical),
+            "flag": rng.random(m) < 0.5,
+            "count": rng.integers(0, 5, m),
+            "height": np.linspace(0.0, 100.0, m),
+            "constant": np.ones(m),
+            "ident": [f"id{i}" for i in range(m)],
+            "error": (np.linspace(0.0, 100.0, m) > 75) & (rng.random(m) < 0.6) | (rng.random(m) < 0.1),
+        }
+    )
+    result = find_slices(frame, error="error", bins=4, binning="width", max_q=1.0, k=50, min_sup=5)
+    assert result.predicates[0] == {"height": "(75.0, 100.0]"}
+    assert result.skipped_features == {"constant": "one value", "ident": f"{m} levels > max_levels 256"}
+    assert result.features == ["color", "kind", "flag", "count", "height"]
+    values = {}
+    for predicates in result.predicates:
+        for name, value in predicates.items():
+            values.setdefault(name, set()).add(value)
+    assert values["height"] <= {"[0.0, 25.0]", "(25.0, 50.0]", "(50.0, 75.0]", "(75.0, 100.0]"}
+    assert values.get("count", set()) <= {0, 1, 2, 3, 4}
+    assert values.get("color", set()) <= {"red", "green", None}
+    dropped = find_slices(frame, error="error", max_q=1.0, k=50, min_sup=5, drop_nulls=True)
+    assert all(p.get("color", "x") is not None for p in dropped.predicates)
+
+
+def test_null_level_row_mask():
+    frame = pl.DataFrame({"color": ["red", None, "blue", None] * 50, "error": [0, 1, 0, 1] * 50})
+    result = find_slices(frame, error="error", min_sup=5, k=1)
+    assert result.predicates[0] == {"color": None}
+    assert np.array_equal(result.row_mask(0), frame["color"].is_null().to_numpy())
+
+
+def test_min_sup_as_fraction_and_count():
+    frame = pedestrians(m=2000)
+    assert find_slices(frame, error="error", min_sup=0.05).params["min_sup"] == 100
+    assert find_slices(frame, error="error", min_sup=7).params["min_sup"] == 7
+    assert find_slices(frame, error="error").params["min_sup"] == 20
+
+
+@pytest.mark.parametrize(
+    "change, kwargs, message",
+    [
+        (lambda f: f, {"error": "missing"}, "no error column 'missing' (columns: gender, age"),
+        (lambda f: f.with_columns(error=pl.lit(-1.0)), {"error": "error"}, "has a negative value (-1.0) (and 5999 more)"),
+        (lambda f: f.with_columns(error=pl.when(pl.col("camera") == 0).then(float("nan")).otherwise(pl.col("error"))),
+         {"error": "error"}, "has a missing value (nan)"),
+        (lambda f: f.with_columns(error=pl.when(pl.col("camera") == 0).then(float("inf")).otherwise(pl.col("error"))),
+         {"error": "error"}, "has a value that is not finite (inf)"),
+        (lambda f: f.with_columns(error=pl.when(pl.col("camera") == 0).then(None).otherwise(pl.col("error"))),
+         {"error": "error"}, "has a missing value (None)"),
+        (lambda f: f.with_columns(error=pl.lit("x")), {"error": "error"}, "must be numeric"),
+        (lambda f: f, {"error": "error", "features": ["nope"]}, "feature column(s) 'nope' not found"),
+        (lambda f: f, {"error": "error", "min_sup": 0}, "min_sup"),
+        (lambda f: f, {"error": "error", "min_sup": 1.5}, "min_sup"),
+        (lambda f: f, {"error": "error", "compat": "sliceline"}, "compat"),
+        (lambda f: f, {"error": "error", "k": 0}, "k must be"),
+        (lambda f: f.select("error"), {"error": "error"}, "no usable feature column"),
+        (lambda f: f.head(0), {"error": "error"}, "no rows"),
+    ],
+)
+def test_bad_input_is_a_one_line_error_naming_the_column(change, kwargs, message):
+    frame = change(pedestrians())
+    with pytest.raises(ClipengineError) as info:
+        find_slices(frame, **kwargs)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_the_first_bad_row_and_the_count_are_named():
+    frame = pedestrians(m=100).with_columns(error=pl.Series([0.0, float("nan"), float("nan"), float("nan")] + [0.0] * 96))
+    with pytest.raises(ClipengineError, match=r"row 2 of error column 'error' has a missing value \(nan\) \(and 2 more\)"):
+        find_slices(frame, error="error")
+
+
+def test_no_error_at_all_gives_no_slice():
+    frame = pedestrians(m=500).with_columns(error=pl.lit(0))
+    result = find_slices(frame, error="error")
+    assert len(result) == 0 and result.nothing_significant
+
+
+def test_write_slices_is_deterministic_and_complete(tmp_path):
+    frame = pedestrians(planted=lambda f: (f["gender"] == "female").to_numpy())
+    result = find_slices(frame, error="error")
+    write_slices(result, tmp_path / "a")
+    write_slices(find_slices(frame, error="error"), tmp_path / "b")
+    for name in ("slices.parquet", "slices.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    payload = json.loads((tmp_path / "a" / "slices.json").read_text())
+    assert payload["slices"] == json.loads(json.dumps(result.to_records()))
+    assert payload["n_rows"] == 6000 and "time" not in json.dumps(payload)
+    table = pl.read_parquet(tmp_path / "a" / "slices.parquet")
+    assert table["rank"].to_list() == list(range(1, len(result) + 1))
+    assert table["slice"][0] == result.describe(0)
+    assert set(result.to_records()[0]) == {"predicates", "bounds", "score", "size", "error_sum", "error_mean",
+                                          "max_error", "ci_low", "ci_high", "p_value", "q_value", "significant"}
+
+
+def test_cli_json_table_and_null_message(tmp_path):
+    from clipengine.cli import cli
+
+    planted = pedestrians(planted=lambda f: ((f["gender"] == "female") & (f["age"] == "child")).to_numpy())
+    planted.write_parquet(tmp_path / "planted.parquet")
+    pedestrians(seed=11).write_csv(tmp_path / "null.csv")
+    runner = CliRunner()
+    out = runner.invoke(cli, ["slices", str(tmp_path / "planted.parquet"), "--error", "error", "--json", "--k", "3",
+                              "--out", str(tmp_path / "out")])
+    assert out.exit_code == 0, out.output
+    records = json.loads(out.stdout)
+    assert records[0]["predicates"] == {"gender": "female", "age": "child"}
+    assert (tmp_path / "out" / "slices.parquet").exists()
+    out = runner.invoke(cli, ["slices", str(tmp_path / "planted.parquet"), "--error", "error",
+                              "--features", "gender,age", "--min-sup", "0.01"])
+    assert out.exit_code == 0 and "gender = female AND age = child" in out.output
+    out = runner.invoke(cli, ["slices", str(tmp_path / "null.csv"), "--error", "error", "--min-sup", "20"])
+    assert out.exit_code == 0 and "no slice is significant at q ≤ 0.05" in out.output
+
+
+def test_cli_bad_column_exits_2_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    pedestrians(m=200).write_csv(tmp_path / "t.csv")
+    run = subprocess.run([sys.executable, "-m", "clipengine", "slices", str(tmp_path / "t.csv"), "--error", "err"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.strip() == f"clipengine: error: {tmp_path / 't.csv'}: no error column 'err' " \
+        "(columns: gender, age, box_height, occluded, camera, error)"
+    assert "Traceback" not in run.stderr
+
+
+def test_quantile_binning_keeps_a_heavy_point_mass_as_its_own_bin():
+    rng = np.random.default_rng(8)
+    gain = np.where(rng.random(4000) < 0.9, 0.0, rng.uniform(1.0, 1000.0, 4000))
+    error = ((gain > 0) & (rng.random(4000) < 0.5)) | (rng.random(4000) < 0.05)
+    frame = pl.DataFrame({"gain": gain, "other": rng.integers(0, 3, 4000), "error": error})
+    from clipengine.slices.coding import code_features
+
+    used, coded, _ = code_features(frame, ["gain"])
+    labels = coded[0].labels
+    assert labels[0] == "[0.0, 0.0]" and labels[1].startswith("(0.0, ")
+    assert np.array_equal(coded[0].codes == 0, gain == 0)
+    result = find_slices(frame, error="error")
+    assert result.predicates[0]["gain"].startswith("(0.0, ")

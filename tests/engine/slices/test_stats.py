@@ -1,0 +1,70 @@
+"""Slice statistics against SciPy's own tests and intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from clipengine.slices import stats
+
+
+def test_wilson_interval_matches_scipy():
+    for successes, n in [(0, 10), (3, 10), (10, 10), (57, 400), (1, 1)]:
+        low, high = stats.wilson_interval(np.array([successes]), np.array([n]))
+        ref = sps.binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert low[0] == pytest.approx(ref.low, abs=1e-12)
+        assert high[0] == pytest.approx(ref.high, abs=1e-12)
+
+
+def test_hypergeometric_p_is_fishers_one_sided_exact_test():
+    n_rows, total = 1000, 120
+    for successes, size in [(5, 30), (20, 80), (0, 50), (60, 200), (120, 400)]:
+        table = [[successes, size - successes], [total - successes, n_rows - size - (total - successes)]]
+        ref = sps.fisher_exact(table, alternative="greater").pvalue
+        got = stats.hypergeometric_p(np.array([successes]), np.array([size]), total, n_rows)[0]
+        assert got == pytest.approx(ref, rel=1e-9, abs=1e-300)
+
+
+def test_welch_p_matches_scipy_ttest_from_sums():
+    rng = np.random.default_rng(0)
+    data = rng.exponential(size=500)
+    for size, shift in [(40, 0.5), (100, 0.0), (300, -0.2)]:
+        x = data.copy()
+        x[:size] += shift
+        x = np.abs(x)
+        ref = sps.ttest_ind(x[:size], x[size:], equal_var=False, alternative="greater").pvalue
+        got = stats.welch_p(np.array([x[:size].sum()]), np.array([(x[:size] ** 2).sum()]), np.array([size]),
+                            x.sum(), (x**2).sum(), x.size)[0]
+        assert got == pytest.approx(ref, rel=1e-7)
+
+
+def test_welch_p_without_spread():
+    p = stats.welch_p(np.array([5.0, 0.0]), np.array([5.0, 0.0]), np.array([5, 5]), 5.0, 5.0, 10)
+    assert p.tolist() == [0.0, 1.0]
+
+
+def test_mean_t_interval_matches_scipy():
+    x = np.array([0.1, 0.5, 0.2, 0.9, 0.4, 0.3])
+    low, high = stats.mean_t_interval(np.array([x.sum()]), np.array([(x**2).sum()]), np.array([x.size]))
+    ref = sps.t.interval(0.95, x.size - 1, loc=x.mean(), scale=sps.sem(x))
+    assert (low[0], high[0]) == pytest.approx(ref, rel=1e-10)
+    low, high = stats.mean_t_interval(np.array([1.0]), np.array([1.0]), np.array([1]))
+    assert np.isnan(low[0]) and np.isnan(high[0])
+
+
+def test_benjamini_hochberg_matches_scipy():
+    rng = np.random.default_rng(1)
+    p = np.concatenate([rng.random(200), rng.random(20) * 1e-4, [1.0, 0.0]])
+    np.testing.assert_allclose(stats.benjamini_hochberg(p), sps.false_discovery_control(p), rtol=1e-12)
+    assert stats.benjamini_hochberg(np.array([])).size == 0
+
+
+def test_hypergeometric_p_on_large_populations_matches_scipy():
+    rng = np.random.default_rng(4)
+    for population, total in [(32_561, 2_800), (2_500_000, 400_000), (2_500_000, 30)]:
+        draws = rng.integers(1, population + 1, 300)
+        successes = np.array([rng.integers(max(0, n + total - population), min(n, total) + 1) for n in draws])
+        ref = sps.hypergeom.sf(successes - 1, population, total, draws)
+        got = stats.hypergeometric_p(successes, draws, total, population)
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-12)
