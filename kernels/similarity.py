@@ -363,7 +363,7 @@ def _label_rows(sims, prompt_offsets, class_offsets, reduce, top_m, scale, label
 
 # ---- GPU ---------------------------------------------------------------------------------------
 
-_CUDA_SOURCE = r"""
+CUDA_SOURCE = r"""
 #define MAX_TOP_M 32
 extern "C" __global__ void label_segments(
     const float* __restrict__ sims, const long long n, const long long n_prompts,
@@ -434,7 +434,7 @@ extern "C" __global__ void label_segments(
 def _cuda_kernel():
     import cupy
 
-    return cupy.RawKernel(_CUDA_SOURCE, "label_segments")
+    return cupy.RawKernel(CUDA_SOURCE, "label_segments")
 
 
 def _label_cuda(embeddings, prompt_matrix, prompt_offsets, class_offsets, reduce, top_m, scale,

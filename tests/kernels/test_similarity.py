@@ -248,7 +248,7 @@ def test_cuda_kernel_source_logic_on_the_cpu(tmp_path):
     import subprocess
 
     source = tmp_path / "kernel.c"
-    source.write_text(_C_STUB + sim._CUDA_SOURCE.replace('extern "C"', "") + _C_LAUNCH)
+    source.write_text(_C_STUB + sim.CUDA_SOURCE.replace('extern "C"', "") + _C_LAUNCH)
     library = tmp_path / "kernel.so"
     subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(library), str(source), "-lm"], check=True)
     lib = ctypes.CDLL(str(library))
