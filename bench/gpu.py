@@ -216,7 +216,7 @@ def jpeg_to_embedding(name: str, config, paths: list[str], folder: Path, rows: l
             return self.preprocess(Image.open(self.files[index]).convert("RGB"))
 
     peer = open_clip_model(config)
-    preprocess = open_clip.image_transform(224, is_train=False)
+    preprocess = open_clip.transform.image_transform(224, is_train=False)
     loader = torch.utils.data.DataLoader(Files(paths, preprocess), batch_size=JPEG_BATCH,
                                          num_workers=len(os.sched_getaffinity(0)), pin_memory=True)
 
