@@ -80,8 +80,8 @@ def label_segments(
     """Label every row of ``embeddings`` (N, D) float32 for every attribute.
 
     Returns ``labels`` (N, A) int32 (class index within its attribute), ``probs``
-    (N, A) float32 and ``margins`` (N, A) float32. ``device`` is ``"cpu"`` or
-    ``"cuda"``; ``on_chunk(rows_done_in_chunk)`` is called after each chunk
+    (N, A) float32 and ``margins`` (N, A) float32. ``device`` is ``"cpu"``, ``"cuda"`` or
+    ``"cuda:N"``; ``on_chunk(rows_done_in_chunk)`` is called after each chunk
     (progress bars). ``chunk_rows`` None sizes chunks to :data:`CHUNK_BYTES` of scratch: peak extra
     memory is about ``chunk_rows × P`` floats (plus ``chunk_rows × D`` when rows need a float32 copy).
     """
@@ -100,12 +100,13 @@ def label_segments(
     if n == 0:
         return labels, probs, margins
     args = (prompt_offsets, class_offsets, reduce, top_m, float(logit_scale))
-    if device == "cpu":
+    from clipengine.kernels.cuda import cupy_device, parse_device
+
+    if parse_device(device)[0] == "cpu":
         _label_cpu(embeddings, prompt_matrix, *args, chunk_rows, labels, probs, margins, on_chunk)
-    elif device == "cuda":
-        _label_cuda(embeddings, prompt_matrix, *args, chunk_rows, labels, probs, margins, on_chunk)
     else:
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        with cupy_device(device):
+            _label_cuda(embeddings, prompt_matrix, *args, chunk_rows, labels, probs, margins, on_chunk)
     return labels, probs, margins
 
 
