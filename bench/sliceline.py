@@ -131,8 +131,8 @@ def worker_ours(path: str, mode: str) -> dict:
     data = np.load(path)
     local, errors = data["local"], data["errors"]
     min_sup, max_level = int(data["min_sup"]), int(data["max_level"])
-    from clipengine.slices import stats
     from clipengine.kernels.sliceline import prepare_codes, slice_line
+    from clipengine.slices import stats
 
     domains = local.max(axis=0) + 1
     codes, col_feature, _ = prepare_codes(local, domains)

@@ -5,19 +5,20 @@ on first use, so that naming a backend never imports the others' heavy packages.
 
 | backend | devices | precisions | image tower | text tower |
 | --- | --- | --- | --- | --- |
-| ``torch`` | cpu, cuda | fp32, bf16, fp16 (cuda) | torch eager, inference mode (CPU bf16: the fused forward of ``torch_vit_cpu``) | torch |
+| ``torch`` | cpu, cuda | fp32, bf16, fp16 (cuda) | CPU: torch eager, inference mode (bf16: the fused forward of ``torch_vit_cpu``); CUDA: fp16/bf16 weights with fp32 LayerNorm, ``torch.compile``, CUDA graphs, SDPA attention | torch |
 | ``onnxruntime`` | cpu | fp32 | ONNX (exported once, cached) | torch fp32 |
-| ``tensorrt`` | cuda | fp16 (LayerNorm/softmax fp32), fp32 | TensorRT plan built from the same ONNX | torch on cuda |
+| ``tensorrt`` | cuda | fp16 (LayerNorm/softmax/reductions fp32 in the graph), fp32 | strongly typed TensorRT plan built from the exported ONNX | torch on cuda |
 
 Every backend class takes ``(towers: ModelTowers, *, device, precision, num_threads, cache_dir)``.
-``auto`` is resolved by :func:`select_backend` and :func:`default_precision`, which only look at
-the device name, installed packages (``importlib.util.find_spec``) and the CPU's flags: no heavy import.
+``auto`` is resolved by :func:`select_backend` and :func:`default_precision`, which look at the device
+name ("cpu", "cuda", "cuda:N"), installed packages and the CPU's flags; on CUDA they try to import
+``tensorrt`` once (a wheel whose libraries fail to load counts as absent).
 
 Defaults, measured here (2 cores with AMX, random-init ViT-B/32, batch 32, model only): torch bf16
 124 img/s (cosine to fp32 ≥ 0.99995), torch fp32 29 img/s, ONNX Runtime fp32 26 img/s. So: CPU with
 bf16 instructions (AMX / AVX512-BF16) → torch bf16; CPU without them → torch fp32 (ONNX Runtime was
 not faster and needs an export; choose it with ``--backend onnxruntime``); CUDA → TensorRT fp16 when
-``tensorrt`` is installed, else torch fp16 (autocast).
+``tensorrt`` imports, else torch fp16.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from functools import lru_cache
+
+from clipengine.kernels.cuda import parse_device
 
 # backend name -> "module:Class"
 BACKENDS: dict[str, str] = {
@@ -61,6 +64,19 @@ def backend_installed(name: str) -> bool:
     return importlib.util.find_spec(BACKEND_PACKAGES[name]) is not None
 
 
+@lru_cache(maxsize=None)
+def backend_imports(name: str) -> bool:
+    """True when the package ``name`` needs imports (installed is not enough: TensorRT's wheels can be
+    present while their libraries are not)."""
+    if not backend_installed(name):
+        return False
+    try:
+        importlib.import_module(BACKEND_PACKAGES[name])
+    except Exception:
+        return False
+    return True
+
+
 @lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     """The CPU feature flags of /proc/cpuinfo (empty where there is none)."""
@@ -80,19 +96,19 @@ def cpu_supports_bf16() -> bool:
 
 
 def select_backend(device: str, precision: str | None = None) -> str:
-    """The fastest installed backend for ``device`` ("cpu" or "cuda") and ``precision``
-    (None: the device's default), by name only."""
-    if device == "cuda":
+    """The fastest usable backend for ``device`` ("cpu", "cuda" or "cuda:N") and ``precision``
+    (None: the device's default): on CUDA, TensorRT when it imports (not for bf16), else torch."""
+    if parse_device(device)[0] == "cuda":
         if precision == "bf16":
             return "torch"
-        return "tensorrt" if backend_installed("tensorrt") else "torch"
+        return "tensorrt" if backend_imports("tensorrt") else "torch"
     # measured (ViT-B/32, batch 32, 2 cores): torch bf16 124 img/s, torch fp32 29, ONNX Runtime fp32 26
     return "torch"
 
 
 def default_precision(backend: str, device: str) -> str:
     """The fastest precision of ``backend`` on ``device`` that keeps cosine ≥ 0.9999 to fp32."""
-    if device == "cuda":
+    if parse_device(device)[0] == "cuda":
         return "fp16"
     if backend == "torch" and cpu_supports_bf16():
         return "bf16"
@@ -103,11 +119,15 @@ def check_backend(name: str, device: str, precision: str) -> str | None:
     """None if ``name`` can run ``precision`` on ``device``, else a one-line reason."""
     if name not in BACKENDS:
         return f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}"
-    if device not in BACKEND_DEVICES[name]:
+    try:
+        kind, _ = parse_device(device)
+    except ValueError as error:
+        return str(error)
+    if kind not in BACKEND_DEVICES[name]:
         return f"backend {name!r} runs on {'/'.join(BACKEND_DEVICES[name])}, not on {device!r}"
     if precision not in BACKEND_PRECISIONS[name]:
         return f"backend {name!r} supports precision {', '.join(BACKEND_PRECISIONS[name])}, not {precision!r}"
-    if name == "torch" and device == "cpu" and precision == "fp16":
+    if name == "torch" and kind == "cpu" and precision == "fp16":
         return "fp16 on the CPU is slower than fp32 in torch; use --precision bf16 or fp32"
     if not backend_installed(name):
         extra = " (pip install 'clipengine[gpu]')" if name == "tensorrt" else ""

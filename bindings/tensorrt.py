@@ -1,19 +1,22 @@
-"""TensorRT backend (CUDA): a plan built from the same ONNX graph as ``onnxruntime`` uses.
+"""TensorRT backend (CUDA): a plan built from the same ONNX graph ``clipengine export`` writes.
 
 Build and run are separate (as NVIDIA's samples split ``build_engine.py`` / ``infer.py``):
 
-- :func:`build_plan` parses the cached ONNX graph (``onnx_export``: uint8 NHWC in, L2-normalized
-  float32 rows out), sets one optimization profile over batch sizes ``min ≤ opt ≤ max``, and in
-  fp16 keeps LayerNorm, softmax and reductions in fp32 (fp16 LayerNorm after attention overflows:
-  NVIDIA/TensorRT #4111, #2564) with ``OBEY_PRECISION_CONSTRAINTS``. The plan is cached under a key
-  of ONNX content hash + shapes + precision + TensorRT version + GPU name and compute capability.
-- :class:`TensorRTEncoder` deserializes the plan once, allocates pinned host buffers and device
-  buffers for the largest batch once, and per batch does: async host→device copy of the uint8
-  batch, ``execute_async_v3`` and async device→host copy of the rows, on one CUDA stream.
+- :func:`build_plan` parses the cached image graph of the plan's precision (``onnx_export``: uint8 NHWC in,
+  L2-normalized float32 rows out; in fp16 the graph itself carries fp16 weights and activations with
+  LayerNorm, softmax and reductions in float32) into a strongly typed network: TensorRT takes every
+  tensor's type from the graph (TensorRT ≥ 10.12 with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``,
+  always on 11). No builder precision flags and no per-layer precision: TensorRT 11 removed them. One
+  optimization profile covers batch sizes ``min ≤ opt ≤ max``. The plan is cached under a key of the ONNX
+  content hash + shapes + TensorRT version + GPU name and compute capability.
+- :class:`TensorRTEncoder` deserializes the plan once on its device, allocates pinned host buffers and
+  device buffers for the largest batch once, and per batch does: async host→device copy of the uint8
+  batch, ``execute_async_v3`` and async device→host copy of the rows, on one CUDA stream of that device.
 
-``tensorrt`` is imported lazily (this module imports without it). CUDA memory, streams and pinned
-buffers come from torch (already a dependency), so no pycuda / cuda-python is needed. The text
-tower runs on torch (fp32, same GPU).
+``tensorrt`` is imported lazily (this module imports without it). CUDA memory, streams and pinned buffers
+come from torch (already a dependency), so no pycuda / cuda-python is needed. The text tower runs on torch
+(fp32, same GPU). Devices: "cuda" (the current device when the encoder is made) or "cuda:N"; the encoder
+never changes the process's current device.
 """
 
 from __future__ import annotations
@@ -30,23 +33,25 @@ import numpy as np
 from clipengine.bindings.base import ModelTowers
 from clipengine.bindings.files import atomic_path, sha256_file
 from clipengine.bindings.onnx_export import (
+    GRAPH_PRECISIONS,
     INPUT_NAME,
     OUTPUT_NAME,
     ensure_image_onnx,
     image_graph_forward,
 )
+from clipengine.kernels.cuda import parse_device
 
 DEFAULT_MIN_BATCH = 1
 DEFAULT_OPT_BATCH = 256
 DEFAULT_MAX_BATCH = 1024
 DEFAULT_WORKSPACE_BYTES = 8 << 30
-# layer kinds that stay fp32 inside an fp16 engine (looked up by name on trt.LayerType)
-FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "REDUCE")
+MIN_TENSORRT = (10, 12)  # strongly typed builds without the removed weak-typing API (pyproject pins 11.x)
 
 
 @dataclass(frozen=True)
 class PlanSettings:
-    """What a plan is built for. ``precision``: "fp16" (fp32 LayerNorm/softmax/reductions) or "fp32"."""
+    """What a plan is built for. ``precision``: which exported graph it is built from, "fp16" (fp32
+    LayerNorm/softmax/reductions inside) or "fp32" (then TF32 is off: fp32 means fp32)."""
 
     image_size: int
     precision: str = "fp16"
@@ -68,7 +73,7 @@ def plan_cache_key(onnx_sha256: str, settings: PlanSettings, *, tensorrt_version
             "onnx": onnx_sha256,
             "shapes": settings.shapes(),
             "precision": settings.precision,
-            "fp32_layers": FP32_LAYER_TYPES,
+            "typing": "strong",
             "workspace": settings.workspace_bytes,
             "tensorrt": tensorrt_version,
             "gpu": gpu,
@@ -90,57 +95,92 @@ def _trt():
     try:
         import tensorrt as trt
     except ImportError:
-        raise ImportError("the tensorrt backend needs the 'tensorrt' package: pip install 'clipengine[gpu]'") from None
+        raise ImportError("the tensorrt backend needs the 'tensorrt' package: pip install 'clipengine[gpu]' "
+                          "(its wheels download TensorRT's libraries from NVIDIA's package index)") from None
+    if tensorrt_version_tuple(trt.__version__) < MIN_TENSORRT:
+        raise ImportError(f"the tensorrt backend needs TensorRT ≥ {'.'.join(map(str, MIN_TENSORRT))}, "
+                          f"found {trt.__version__}")
     return trt
 
 
-def build_plan(onnx_path: str | os.PathLike, destination: str | os.PathLike, settings: PlanSettings) -> Path:
-    """Build a serialized TensorRT plan from ``onnx_path`` and write it atomically to ``destination``."""
-    trt = _trt()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+def tensorrt_version_tuple(version: str) -> tuple[int, int]:
+    """"11.4.0.106" → (11, 4)."""
+    parts = (version.split(".") + ["0"])[:2]
+    return tuple(int("".join(ch for ch in part if ch.isdigit()) or 0) for part in parts)
+
+
+def strongly_typed_flags(trt) -> int:
+    """``create_network`` flags of a strongly typed network: the STRONGLY_TYPED bit where the enum still has
+    it (TensorRT 10.12+, accepted and ignored by 11), 0 where strong typing is the only mode."""
+    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def configure_builder(trt, builder, network, settings: PlanSettings):
+    """The builder config of ``settings``: workspace, one optimization profile, TF32 off for fp32 plans.
+    Precision itself comes from the graph (strong typing), never from builder flags."""
+    if settings.precision not in GRAPH_PRECISIONS:
+        raise ValueError(f"TensorRT plans are built in {' or '.join(GRAPH_PRECISIONS)}, not {settings.precision!r}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
-    if settings.precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        keep = {getattr(trt.LayerType, name) for name in FP32_LAYER_TYPES if hasattr(trt.LayerType, name)}
-        for index in range(network.num_layers):
-            layer = network.get_layer(index)
-            if layer.type in keep:
-                layer.precision = trt.float32
-                for output in range(layer.num_outputs):
-                    layer.set_output_type(output, trt.float32)
-                if hasattr(layer, "compute_precision"):  # INormalizationLayer's accumulation type
-                    layer.compute_precision = trt.float32
-    elif settings.precision != "fp32":
-        raise ValueError(f"TensorRT plans are built in fp16 or fp32, not {settings.precision!r}")
+    if settings.precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # float32 tensors computed in float32, not TF32
     profile = builder.create_optimization_profile()
     low, opt, high = settings.shapes()
     profile.set_shape(INPUT_NAME, low, opt, high)
     config.add_optimization_profile(profile)
+    return config
+
+
+def build_plan(onnx_path: str | os.PathLike, destination: str | os.PathLike, settings: PlanSettings) -> Path:
+    """Build a serialized TensorRT plan from ``onnx_path`` (strongly typed) and write it atomically to
+    ``destination``; the current CUDA device builds it."""
+    trt = _trt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(strongly_typed_flags(trt))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = configure_builder(trt, builder, network, settings)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build a plan from {onnx_path} ({settings})")
     with atomic_path(destination) as tmp:
         tmp.write_bytes(memoryview(serialized))
-    return destination
+    return Path(destination)
 
 
 def ensure_plan(onnx_path: str | os.PathLike, cache_dir: str | os.PathLike, settings: PlanSettings,
                 *, device_index: int = 0) -> Path:
-    """The cached plan for ``onnx_path`` + ``settings`` on this GPU and TensorRT, built now if absent."""
+    """The cached plan for ``onnx_path`` + ``settings`` on this GPU and TensorRT, built now if absent
+    (on ``device_index``; the caller's current device is restored after)."""
+    import torch
+
     from clipengine.bindings.files import ensure_built
 
     trt = _trt()
     key = plan_cache_key(sha256_file(onnx_path), settings, tensorrt_version=trt.__version__, gpu=gpu_identity(device_index))
-    path = Path(cache_dir) / "tensorrt" / f"{Path(onnx_path).stem}-{settings.precision}-{key}.plan"
-    return ensure_built(path, lambda destination: build_plan(onnx_path, destination, settings))
+    path = Path(cache_dir) / "tensorrt" / f"{Path(onnx_path).stem}-{key}.plan"
+
+    def build(destination):
+        with torch.cuda.device(device_index):
+            build_plan(onnx_path, destination, settings)
+
+    return ensure_built(path, build)
+
+
+def cuda_device_index(device) -> int:
+    """The index of ``device`` ("cuda" → the current device, "cuda:N" → N); raises ``ValueError`` otherwise."""
+    kind, index = parse_device(device)
+    if kind != "cuda":
+        raise ValueError(f"the tensorrt backend runs on cuda, not {device!r}")
+    if index is None:
+        import torch
+
+        index = torch.cuda.current_device()
+    return index
 
 
 class TensorRTEncoder:
@@ -162,11 +202,9 @@ class TensorRTEncoder:
     ):
         import torch
 
-        if not str(device).startswith("cuda"):
-            raise ValueError("the tensorrt backend runs on cuda")
+        index = cuda_device_index(device)
         trt = _trt()
-        self.device = torch.device(device)
-        torch.cuda.set_device(self.device)
+        self.device = torch.device("cuda", index)
         self.image_size = int(towers.image_size)
         self.embed_dim = int(towers.embed_dim)
         self.precision = precision
@@ -176,26 +214,27 @@ class TensorRTEncoder:
         if plan_path is None:
             if cache_dir is None:
                 raise ValueError("cache_dir (or plan_path) is required to find or build the plan")
-            onnx_path = ensure_image_onnx(towers, cache_dir)
-            self.image_forward = image_graph_forward(towers)
-            plan_path = ensure_plan(onnx_path, cache_dir, self.settings, device_index=self.device.index or 0)
+            onnx_path = ensure_image_onnx(towers, cache_dir, precision=self.settings.precision)
+            self.image_forward = f"TensorRT strongly typed {self.settings.precision}, {image_graph_forward(towers)}"
+            plan_path = ensure_plan(onnx_path, cache_dir, self.settings, device_index=index)
         self.plan_path = Path(plan_path)
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self._engine = self._runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
-        if self._engine is None:
-            raise RuntimeError(f"TensorRT could not load the plan {self.plan_path} (built for another GPU/version?)")
-        self._context = self._engine.create_execution_context()
-        self._stream = torch.cuda.Stream(device=self.device)
         high = self.settings.max_batch
         side = self.image_size
-        # allocated once for the largest batch: pinned host staging + device buffers
-        self._host_in = torch.empty((high, side, side, 3), dtype=torch.uint8, pin_memory=True)
-        self._host_out = torch.empty((high, self.embed_dim), dtype=torch.float32, pin_memory=True)
-        self._dev_in = torch.empty((high, side, side, 3), dtype=torch.uint8, device=self.device)
-        self._dev_out = torch.empty((high, self.embed_dim), dtype=torch.float32, device=self.device)
-        self._context.set_tensor_address(INPUT_NAME, self._dev_in.data_ptr())
-        self._context.set_tensor_address(OUTPUT_NAME, self._dev_out.data_ptr())
+        with torch.cuda.device(index):  # TensorRT works on the current device; the caller's is restored
+            self._runtime = trt.Runtime(self._logger)
+            self._engine = self._runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
+            if self._engine is None:
+                raise RuntimeError(f"TensorRT could not load the plan {self.plan_path} (built for another GPU/version?)")
+            self._context = self._engine.create_execution_context()
+            self._stream = torch.cuda.Stream(device=self.device)
+            # allocated once for the largest batch: pinned host staging + device buffers
+            self._host_in = torch.empty((high, side, side, 3), dtype=torch.uint8, pin_memory=True)
+            self._host_out = torch.empty((high, self.embed_dim), dtype=torch.float32, pin_memory=True)
+            self._dev_in = torch.empty((high, side, side, 3), dtype=torch.uint8, device=self.device)
+            self._dev_out = torch.empty((high, self.embed_dim), dtype=torch.float32, device=self.device)
+            self._context.set_tensor_address(INPUT_NAME, self._dev_in.data_ptr())
+            self._context.set_tensor_address(OUTPUT_NAME, self._dev_out.data_ptr())
         self._text = None
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
@@ -211,7 +250,7 @@ class TensorRTEncoder:
             chunk = images[start:start + self.settings.max_batch]
             count = len(chunk)
             self._host_in[:count].numpy()[...] = chunk
-            with torch.cuda.stream(self._stream):
+            with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
                 self._dev_in[:count].copy_(self._host_in[:count], non_blocking=True)
                 self._context.set_input_shape(INPUT_NAME, (count, side, side, 3))
                 if not self._context.execute_async_v3(self._stream.cuda_stream):

@@ -1,14 +1,25 @@
-"""PyTorch eager backend: CPU and CUDA, fp32 / bf16 / fp16 (CUDA, autocast), inference mode.
+"""PyTorch backend: CPU (eager, inference mode) and CUDA (fp16/bf16 weights, compiled, CUDA graphs).
 
 uint8 NHWC batches go to the device as uint8 (4× fewer bytes than float) and are converted and
-normalized there with the model's mean/std. The image tower runs in the requested precision
-(bf16: a pure cast, on CPUs with AMX ~4× faster than fp32; fp16: autocast); the text tower runs in
-fp32 (prompts are few and annotate compares against them). On the CPU in bf16, a standard open_clip
-ViT or transformers CLIP vision tower runs through :mod:`clipengine.bindings.torch_vit_cpu` (same
-weights, fused oneDNN calls, the normalization folded into the patch matmul, the last block on the
-class token only). Elsewhere a class-token-pooled open_clip ViT runs as its module with the last
-block on the class token only (:mod:`clipengine.bindings.class_token`); ``fused=False`` keeps the
-module's own forward throughout (``image_forward`` says which ran).
+normalized there with the model's mean/std; the text tower runs in fp32 (prompts are few and annotate
+compares against them).
+
+CPU: the image tower runs in the requested precision (bf16: a pure cast, on CPUs with AMX ~4× faster than
+fp32). In bf16 a standard open_clip ViT or transformers CLIP vision tower runs through
+:mod:`clipengine.bindings.torch_vit_cpu` (same weights, fused oneDNN calls, the normalization folded into
+the patch matmul, the last block on the class token only). Elsewhere a class-token-pooled open_clip ViT runs
+as its module with the last block on the class token only (:mod:`clipengine.bindings.class_token`);
+``fused=False`` keeps the module's own forward throughout (``image_forward`` says which ran).
+
+CUDA ("cuda" or "cuda:N"; the device is fixed when the encoder is made and the process's current device is
+never changed): the tower's weights are cast to fp16 or bf16 with every LayerNorm kept in fp32 (fp16
+LayerNorm after attention overflows); attention runs through ``scaled_dot_product_attention`` (flash
+attention kernels in fp16/bf16, softmax accumulated in fp32), which is what ``nn.MultiheadAttention`` calls
+in inference. The whole batch step — uint8 → normalized pixels → tower → L2 normalization — is one
+``torch.compile``d function, captured as one CUDA graph per batch-size bucket (powers of two up to
+``max_batch``; a short last batch is padded up to its bucket) and replayed; host buffers are pinned and
+allocated once. Each of the two falls back to the eager step when it fails on a model, and
+``image_forward`` records which ran and why.
 """
 
 from __future__ import annotations
@@ -21,13 +32,18 @@ import torch
 
 from clipengine.bindings.base import ModelTowers
 from clipengine.bindings.class_token import ClassTokenVisionTower, unprunable_reason
+from clipengine.kernels.cuda import parse_device
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TEXT_CHUNK = 256
+DEFAULT_CUDA_MAX_BATCH = 512  # images per compiled step on CUDA (larger requests are split)
+MIN_CUDA_BUCKET = 16  # the smallest batch size a CUDA graph is captured for
 
 
 class TorchEncoder:
-    """``Encoder`` on torch eager. ``encode_images``: (N, S, S, 3) uint8 → (N, D) float32, L2-normalized."""
+    """``Encoder`` on torch. ``encode_images``: (N, S, S, 3) uint8 → (N, D) float32, L2-normalized.
+
+    ``compile``, ``cuda_graphs`` and ``max_batch`` apply on CUDA only (see the module's docstring)."""
 
     backend = "torch"
 
@@ -40,25 +56,36 @@ class TorchEncoder:
         num_threads: int | None = None,
         cache_dir=None,
         fused: bool = True,
+        compile: bool = True,
+        cuda_graphs: bool = True,
+        max_batch: int = DEFAULT_CUDA_MAX_BATCH,
     ):
         if precision not in _DTYPES:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, not {precision!r}")
-        self.device = torch.device(device)
+        kind, index = parse_device(device)
         self.precision = precision
         self.dtype = _DTYPES[precision]
         self.image_size = int(towers.image_size)
         self.embed_dim = int(towers.embed_dim)
         self.towers = towers
-        if num_threads and self.device.type == "cpu":
+        self._text = None
+        if kind == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
+            self._cuda = CudaImageStep(towers, self.device, self.dtype, fused=fused, compile=compile,
+                                       cuda_graphs=cuda_graphs, max_batch=max_batch)
+            self.image_forward = self._cuda.describe()
+            self.unfused_reason = "CUDA"
+            return
+        self._cuda = None
+        self.device = torch.device("cpu")
+        if num_threads:
             torch.set_num_threads(int(num_threads))
         image = towers.image_tower
-        # fp16 on CUDA runs under autocast (LayerNorm/softmax stay fp32: fp16 LayerNorm overflows);
-        # bf16 has fp32's range, so a pure cast is safe and fastest (AMX on CPU)
-        self._autocast = self.dtype == torch.float16 and self.device.type == "cuda"
-        weight_dtype = torch.float32 if self._autocast else self.dtype
+        # bf16 has fp32's range, so a pure cast is safe and fastest (AMX)
+        weight_dtype = self.dtype
         # why the image tower runs as its module (None: it runs fused)
         self.unfused_reason: str | None = "fused=False" if not fused else "only bf16 on the CPU is fused"
-        if fused and self.device.type == "cpu" and self.dtype == torch.bfloat16:
+        if fused and self.dtype == torch.bfloat16:
             from clipengine.bindings.torch_vit_cpu import (
                 FusedVisionTransformer,
                 unsupported_reason,
@@ -70,8 +97,8 @@ class TorchEncoder:
             self._image.fold_normalization(towers.mean, towers.std)  # it takes the uint8 pixels itself
             self.image_forward = "fused CPU forward"
         else:
-            if weight_dtype != torch.float32 or self.device.type != "cpu":
-                image = copy.deepcopy(image).to(device=self.device, dtype=weight_dtype)
+            if weight_dtype != torch.float32:
+                image = copy.deepcopy(image).to(dtype=weight_dtype)
             self._image = image.eval()
             self.image_forward = f"module ({self.unfused_reason})"
             if fused and unprunable_reason(image) is None:  # fused=False keeps the module's own forward
@@ -82,23 +109,22 @@ class TorchEncoder:
         mean = torch.tensor(towers.mean, dtype=torch.float32)
         self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(self.device)
         self._shift = (-mean / std).view(1, 3, 1, 1).to(self.device)
-        self._text = None
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:
-        """(N, S, S, 3) uint8 → (N, 3, S, S) normalized tensor on the device, in the model's dtype."""
-        batch = _as_tensor(images)
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        batch = batch.permute(0, 3, 1, 2).to(torch.float32)
-        pixels = torch.addcmul(self._shift, batch, self._scale)
-        return pixels if self._autocast else pixels.to(self.dtype)
+        """(N, S, S, 3) uint8 → (N, 3, S, S) normalized CPU tensor in the model's dtype."""
+        batch = _as_tensor(images).permute(0, 3, 1, 2).to(torch.float32)
+        return torch.addcmul(self._shift, batch, self._scale).to(self.dtype)
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) uint8 RGB → (N, D) float32, rows L2-normalized."""
         images = _check_images(images, self.image_size)
         if len(images) == 0:
             return np.zeros((0, self.embed_dim), np.float32)
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=self._autocast):
+        if self._cuda is not None:
+            out = self._cuda.encode(images)
+            self.image_forward = self._cuda.describe()
+            return out
+        with torch.inference_mode():
             if self.unfused_reason is None:
                 features = self._image.encode_uint8(_as_tensor(images)).float()
             else:
@@ -111,8 +137,9 @@ class TorchEncoder:
         texts = list(texts)
         if not texts:
             return np.zeros((0, self.embed_dim), np.float32)
-        if self._text is None:
-            self._text = self.towers.text_tower.to(self.device).float().eval()
+        if self._text is None:  # the caller's tower stays where it is
+            text = self.towers.text_tower
+            self._text = (copy.deepcopy(text) if self.device.type != "cpu" else text).to(self.device).float().eval()
         out = []
         with torch.inference_mode():
             for start in range(0, len(texts), TEXT_CHUNK):
@@ -135,3 +162,169 @@ def _check_images(images: np.ndarray, size: int) -> np.ndarray:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
         raise ValueError(f"expected (N, {size}, {size}, 3) uint8 images, got {images.shape} {images.dtype}")
     return images
+
+
+# ---- CUDA ---------------------------------------------------------------------------------------
+
+
+class LayerNormFp32(torch.nn.Module):
+    """A LayerNorm whose statistics and affine step run in float32 whatever its input's dtype; the
+    output has the input's dtype. Weights are kept in float32."""
+
+    def __init__(self, norm: torch.nn.LayerNorm):
+        super().__init__()
+        self.normalized_shape = tuple(norm.normalized_shape)
+        self.eps = float(norm.eps)
+        self.weight = None if norm.weight is None else torch.nn.Parameter(norm.weight.detach().float(), requires_grad=False)
+        self.bias = None if norm.bias is None else torch.nn.Parameter(norm.bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.nn.functional.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps)
+        return out.to(x.dtype)
+
+
+def keep_layernorm_fp32(module: torch.nn.Module) -> int:
+    """Replace every ``nn.LayerNorm`` inside ``module`` by :class:`LayerNormFp32` (in place); returns how many."""
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.LayerNorm):
+                setattr(parent, name, LayerNormFp32(child).to(child.weight.device if child.weight is not None else "cpu"))
+                count += 1
+    return count
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Batch sizes with a CUDA graph each: powers of two from :data:`MIN_CUDA_BUCKET`, then ``max_batch``."""
+    buckets, size = [], MIN_CUDA_BUCKET
+    while size < max_batch:
+        buckets.append(size)
+        size *= 2
+    return [*buckets, max_batch]
+
+
+def bucket_for(count: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket ≥ ``count`` (``count`` ≤ the largest bucket)."""
+    return next(size for size in buckets if size >= count)
+
+
+class CudaImageStep:
+    """(N, S, S, 3) uint8 host batches → (N, D) float32 L2-normalized rows on one CUDA device.
+
+    The step function (uint8 on the device → rows) is compiled with ``torch.compile`` and captured as one
+    CUDA graph per bucket of :func:`batch_buckets`; host staging buffers are pinned once."""
+
+    def __init__(self, towers: ModelTowers, device: torch.device, dtype: torch.dtype, *, fused: bool = True,
+                 compile: bool = True, cuda_graphs: bool = True, max_batch: int = DEFAULT_CUDA_MAX_BATCH):
+        self.device = device
+        self.dtype = dtype
+        self.side = int(towers.image_size)
+        self.embed_dim = int(towers.embed_dim)
+        self.buckets = batch_buckets(max(1, int(max_batch)))
+        self.fallbacks: list[str] = []  # why compile or CUDA graphs were given up
+        with torch.cuda.device(device):
+            image = copy.deepcopy(towers.image_tower).eval()
+            self.module_forward = "module"
+            if fused and unprunable_reason(image) is None:
+                image = ClassTokenVisionTower(image).eval()
+                self.module_forward = "module, last block on the class token"
+            image = image.to(device=device, dtype=dtype)
+            self.fp32_layernorms = keep_layernorm_fp32(image) if dtype != torch.float32 else 0
+            for parameter in image.parameters():
+                parameter.requires_grad_(False)
+            self.image = image
+            std = torch.tensor(towers.std, dtype=torch.float32)
+            mean = torch.tensor(towers.mean, dtype=torch.float32)
+            self.scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(device)
+            self.shift = (-mean / std).view(1, 3, 1, 1).to(device)
+            high = self.buckets[-1]
+            self.host_in = torch.empty((high, self.side, self.side, 3), dtype=torch.uint8, pin_memory=True)
+            self.host_out = torch.empty((high, self.embed_dim), dtype=torch.float32, pin_memory=True)
+            self.device_in = torch.empty((high, self.side, self.side, 3), dtype=torch.uint8, device=device)
+        self.compiled = None
+        if compile:
+            try:
+                self.compiled = torch.compile(self.step, dynamic=False)
+            except Exception as error:  # e.g. no Triton for this GPU
+                self.fallbacks.append(f"torch.compile unavailable ({type(error).__name__}: {error})"[:200])
+        self.use_graphs = bool(cuda_graphs)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.pool = None
+
+    def step(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, S, S, 3) uint8 on the device → (B, D) float32, rows L2-normalized."""
+        pixels = torch.addcmul(self.shift, images.permute(0, 3, 1, 2).to(torch.float32), self.scale)
+        features = self.image(pixels.to(self.dtype)).float()
+        return torch.nn.functional.normalize(features, dim=-1)
+
+    def describe(self) -> str:
+        parts = [f"CUDA {str(self.dtype).removeprefix('torch.')}"]
+        if self.fp32_layernorms:
+            parts.append(f"{self.fp32_layernorms} LayerNorms fp32")
+        parts.append(self.module_forward)
+        parts.append("torch.compile" if self.compiled is not None else "eager")
+        if self.use_graphs:
+            parts.append("CUDA graphs")
+        return ", ".join(parts) + (f" (fallbacks: {'; '.join(self.fallbacks)})" if self.fallbacks else "")
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        out = np.empty((len(images), self.embed_dim), np.float32)
+        high = self.buckets[-1]
+        with torch.cuda.device(self.device), torch.inference_mode():
+            stream = torch.cuda.current_stream(self.device)
+            for start in range(0, len(images), high):
+                chunk = images[start:start + high]
+                count = len(chunk)
+                self.host_in[:count].numpy()[...] = chunk
+                self.device_in[:count].copy_(self.host_in[:count], non_blocking=True)
+                rows = self._run(self.device_in[:bucket_for(count, self.buckets)])[:count]
+                self.host_out[:count].copy_(rows, non_blocking=True)
+                stream.synchronize()
+                out[start:start + count] = self.host_out[:count].numpy()
+        return out
+
+    def _run(self, batch: torch.Tensor) -> torch.Tensor:
+        """The step on ``batch`` (a bucket-sized view of ``device_in``): graph replay, else compiled, else eager."""
+        size = batch.shape[0]
+        if self.use_graphs:
+            entry = self.graphs.get(size)
+            if entry is None:
+                entry = self._capture(size)
+            if entry is not None:
+                graph, static_in, static_out = entry
+                static_in.copy_(batch)
+                graph.replay()
+                return static_out
+        return self._forward(batch)
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(batch)
+            except Exception as error:
+                self.fallbacks.append(f"torch.compile failed ({type(error).__name__}: {error})"[:200])
+                self.compiled = None
+        return self.step(batch)
+
+    def _capture(self, size: int):
+        """One CUDA graph of the step at batch ``size``: warmed up on a side stream (compilation, kernel
+        choices), then captured into a memory pool shared by every bucket."""
+        static_in = torch.zeros((size, self.side, self.side, 3), dtype=torch.uint8, device=self.device)
+        try:
+            side_stream = torch.cuda.Stream(self.device)
+            side_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side_stream):
+                for _ in range(3):
+                    self._forward(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side_stream)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                static_out = self._forward(static_in)
+        except Exception as error:
+            self.fallbacks.append(f"CUDA graph capture failed ({type(error).__name__}: {error})"[:200])
+            self.use_graphs = False
+            return None
+        self.graphs[size] = (graph, static_in, static_out)
+        return self.graphs[size]

@@ -10,7 +10,6 @@ NVIDIA device nodes, so a CPU machine never imports torch or CuPy to answer.
 from __future__ import annotations
 
 import contextlib
-import re
 from pathlib import Path
 from typing import Iterator
 
@@ -19,18 +18,19 @@ from clipengine.errors import ClipengineError
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
 RUNTIMES = ("torch", "cupy")
-_CUDA = re.compile(r"^cuda(?::(\d+))?$")
 
 
 def parse_device(device: str) -> tuple[str, int | None]:
     """``"auto"``/``"cpu"`` → (name, None); ``"cuda"`` → ("cuda", None); ``"cuda:1"`` → ("cuda", 1)."""
+    from clipengine.kernels.cuda import parse_device as parse
+
     text = str(device).strip().lower()
-    if text in ("auto", "cpu"):
-        return text, None
-    match = _CUDA.match(text)
-    if match is None:
-        raise ClipengineError(f"--device must be {DEVICE_CHOICES}, not {device!r}")
-    return "cuda", None if match.group(1) is None else int(match.group(1))
+    if text == "auto":
+        return "auto", None
+    try:
+        return parse(text)
+    except ValueError:
+        raise ClipengineError(f"--device must be {DEVICE_CHOICES}, not {device!r}") from None
 
 
 def gpu_visible() -> bool:

@@ -19,11 +19,20 @@ The scan reads N × D bytes (a quarter of the float32 rows) and is memory bound:
 (generic LLVM vector IR; on an AVX-512 VNNI CPU it becomes ``vpmovsxbw`` + ``vpdpwssd``) and prefetches
 4 KiB ahead (reading 512 MB on 2 cores here: ~75 ms without, ~47 ms with). All the queries of a pass share
 the scan (each row is read once, then dotted with every query from L1). Numba threads: the caller's setting.
+
+On a GPU (``device="cuda"``/``"cuda:N"``) the codes, scales and residuals are copied to the device once and
+stay there (:func:`resident_quantized`: a quarter of the float32 rows' memory); the same integer dots, a_i
+and bounds come from one CUDA kernel (:data:`CUDA_SOURCE`: a warp per row, 4-byte code loads, the queries'
+codes in shared memory), the k-th largest lower bound and the candidates from CuPy, and the candidates are
+re-ranked exactly on the host as on the CPU. Lower bounds are rounded down to float32 on the device, so the
+GPU's candidates include the CPU's and the answer is the same.
 This module never imports the engine.
 """
 
 from __future__ import annotations
 
+import os
+import weakref
 from typing import Callable, NamedTuple
 
 import numba
@@ -100,13 +109,18 @@ def topk_quantized(
     k: int,
     *,
     queries_per_pass: int = QUERIES_PER_PASS,
+    device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k rows of ``embeddings`` (N, D) float with the largest inner product with each query, exactly.
 
     ``quantized`` is :func:`quantize_rows` of these same ``embeddings``; ``queries`` (Q, D) float, finite.
     Returns ``indices`` (Q, min(k, N)) int64 and ``scores`` (Q, min(k, N)) float32, best first (equal
     scores: lower index first). Only the candidate rows of ``embeddings`` are read (gathered).
+    ``device``: "cpu" (Numba), "cuda" or "cuda:N" (the screening on that GPU, the index resident there).
     """
+    from clipengine.kernels.cuda import parse_device
+
+    on_gpu = parse_device(device)[0] == "cuda"
     codes = np.ascontiguousarray(quantized.codes)  # no copy for a C-ordered (memory-mapped) file
     if embeddings.ndim != 2 or queries.ndim != 2 or embeddings.shape[1] != queries.shape[1]:
         raise ValueError("embeddings (N, D) and queries (Q, D) must share D")
@@ -126,6 +140,9 @@ def topk_quantized(
     q_max = min(32767, (2**31 - 1) // (127 * max(1, dim)))  # |c · qc| ≤ 127 · q_max · D fits int32
     if q_max < 1:
         raise ValueError(f"D = {dim} is too wide for int32 screening")
+    if on_gpu:
+        _topk_quantized_cuda(quantized, embeddings, queries, k, q_max, device, indices, scores)
+        return indices, scores
     scales, residuals = np.ascontiguousarray(quantized.scales), np.ascontiguousarray(quantized.residuals)
     for first in range(0, n_queries, queries_per_pass):
         block = np.asarray(queries[first : first + queries_per_pass], dtype=np.float64)
@@ -366,3 +383,165 @@ def _collect(approx, residuals, q_norm, slack, bound, out):
             out[count] = i
             count += 1
     return count
+
+
+# ---- GPU ----------------------------------------------------------------------------------------
+
+CUDA_QUERIES = 16  # queries per launch of screen_int8 (its accumulators are registers)
+_CUDA_THREADS = 256
+_CUDA_SHARED_BYTES = 48 * 1024  # the queries' int16 codes live in shared memory, within the default limit
+
+CUDA_SOURCE = r"""
+#define MAX_QUERIES 16
+/* One warp per row (grid-stride): a_i = s_i * sigma_q * (c_i . qc) for every query q of the launch, the
+   integer dot exact in int32; approx[q, i] = (float)a_i and lower[q, i] = L_i rounded down to float. */
+extern "C" __global__ void screen_int8(
+    const signed char* __restrict__ codes, const float* __restrict__ scales, const float* __restrict__ residuals,
+    const long long n, const int dim,
+    const short* __restrict__ q_codes, const double* __restrict__ q_scale, const double* __restrict__ q_norm,
+    const double* __restrict__ slack, const int n_queries,
+    float* __restrict__ approx, float* __restrict__ lower)
+{
+    extern __shared__ short shared_q[];  /* (n_queries, dim) */
+    for (int t = threadIdx.x; t < n_queries * dim; t += blockDim.x) shared_q[t] = q_codes[t];
+    __syncthreads();
+    const int lane = threadIdx.x & 31;
+    const long long warps = ((long long)gridDim.x * blockDim.x) >> 5;
+    for (long long row = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5; row < n; row += warps) {
+        const signed char* code = codes + row * dim;
+        int acc[MAX_QUERIES];
+#pragma unroll
+        for (int q = 0; q < MAX_QUERIES; ++q) acc[q] = 0;
+        if ((dim & 3) == 0) {  /* rows start 4-byte aligned: one char4 per lane per step, coalesced */
+            const char4* code4 = (const char4*)code;
+            for (int j4 = lane; j4 < (dim >> 2); j4 += 32) {
+                const char4 c = code4[j4];
+                const int j = j4 << 2;
+#pragma unroll
+                for (int q = 0; q < MAX_QUERIES; ++q) {
+                    if (q < n_queries) {
+                        const short* qq = shared_q + q * dim + j;
+                        acc[q] += (int)c.x * qq[0] + (int)c.y * qq[1] + (int)c.z * qq[2] + (int)c.w * qq[3];
+                    }
+                }
+            }
+        } else {
+            for (int j = lane; j < dim; j += 32) {
+                const int c = code[j];
+#pragma unroll
+                for (int q = 0; q < MAX_QUERIES; ++q) {
+                    if (q < n_queries) acc[q] += c * shared_q[q * dim + j];
+                }
+            }
+        }
+#pragma unroll
+        for (int q = 0; q < MAX_QUERIES; ++q) {
+            for (int offset = 16; offset > 0; offset >>= 1) acc[q] += __shfl_xor_sync(0xffffffffu, acc[q], offset);
+        }
+        if (lane < n_queries) {  /* lane q writes query q (acc indexed by constants only: it stays in registers) */
+            int dot = 0;
+#pragma unroll
+            for (int q = 0; q < MAX_QUERIES; ++q) {
+                if (q == lane) dot = acc[q];
+            }
+            const double a = (double)scales[row] * q_scale[lane] * (double)dot;
+            const long long at = (long long)lane * n + row;
+            approx[at] = (float)a;
+            lower[at] = __double2float_rd(a - (double)residuals[row] * q_norm[lane] - slack[lane]);
+        }
+    }
+}
+"""
+
+
+class DeviceQuantized(NamedTuple):
+    """A :class:`QuantizedRows` held on a CUDA device (CuPy arrays)."""
+
+    codes: object  # (N, D) int8
+    scales: object  # (N,) float32
+    residuals: object  # (N,) float32
+    max_norm: float
+    device: str  # "cuda:N"
+
+
+_RESIDENT: dict[tuple, tuple[object, DeviceQuantized]] = {}  # one entry: the index most recently made resident
+
+
+def resident_quantized(quantized: QuantizedRows, device: str = "cuda") -> DeviceQuantized:
+    """``quantized`` copied to ``device`` once per process: returned again for the same memory-mapped codes
+    file (path, offset, size, mtime) or the same arrays object; another index releases it."""
+    import cupy
+
+    from clipengine.kernels.cuda import cupy_device
+
+    codes = quantized.codes
+    with cupy_device(device) as dev:
+        name = f"cuda:{dev.id}"
+        key = (*_identity(codes), float(quantized.max_norm), name)
+        entry = _RESIDENT.get(key)
+        if entry is not None and (entry[0] is None or entry[0]() is codes):
+            return entry[1]
+        _RESIDENT.clear()
+        n, dim = codes.shape
+        d_codes = cupy.empty((n, dim), dtype=cupy.int8)
+        step = max(1, (256 << 20) // max(1, dim))  # 256 MiB of codes per copy
+        for start in range(0, n, step):
+            d_codes[start:start + step] = cupy.asarray(np.ascontiguousarray(codes[start:start + step]))
+        resident = DeviceQuantized(d_codes, cupy.asarray(np.ascontiguousarray(quantized.scales, np.float32)),
+                                   cupy.asarray(np.ascontiguousarray(quantized.residuals, np.float32)),
+                                   float(quantized.max_norm), name)
+        owner = None if isinstance(codes, np.memmap) else weakref.ref(codes)
+        _RESIDENT[key] = (owner, resident)
+        return resident
+
+
+def release_resident_quantized() -> None:
+    """Drop the resident index (its memory returns to CuPy's pool)."""
+    _RESIDENT.clear()
+
+
+def _identity(array) -> tuple:
+    if isinstance(array, np.memmap) and getattr(array, "filename", None):
+        stat = os.stat(array.filename)
+        return ("file", os.path.realpath(array.filename), int(array.offset), stat.st_size, stat.st_mtime_ns,
+                array.shape)
+    return ("object", id(array), array.shape)
+
+
+def _cuda_kernel():
+    import cupy
+
+    return cupy.RawKernel(CUDA_SOURCE, "screen_int8", options=("--fmad=false",))  # a_i and L_i as the CPU rounds them
+
+
+def _topk_quantized_cuda(quantized, embeddings, queries, k, q_max, device, indices, scores):
+    """The GPU screening for every query (passes of :data:`CUDA_QUERIES`), then the exact re-rank on the host."""
+    import cupy
+
+    from clipengine.kernels.cuda import cupy_device
+
+    with cupy_device(device):
+        resident = resident_quantized(quantized, device)
+        n, dim = resident.codes.shape
+        per_launch = max(1, min(CUDA_QUERIES, _CUDA_SHARED_BYTES // (2 * dim)))
+        kernel = _cuda_kernel()
+        properties = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+        blocks = int(min(max(1, (n * 32 + _CUDA_THREADS - 1) // _CUDA_THREADS), 32 * properties["multiProcessorCount"]))
+        for first in range(0, len(queries), per_launch):
+            block = np.asarray(queries[first:first + per_launch], dtype=np.float64)
+            q_codes, q_scale, q_norm, slack = _quantize_queries(block, q_max, resident.max_norm)
+            count = len(block)
+            approx = cupy.empty((count, n), dtype=cupy.float32)
+            lower = cupy.empty((count, n), dtype=cupy.float32)
+            kernel((blocks,), (_CUDA_THREADS,),
+                   (resident.codes, resident.scales, resident.residuals, np.int64(n), np.int32(dim),
+                    cupy.asarray(q_codes), cupy.asarray(q_scale), cupy.asarray(q_norm), cupy.asarray(slack),
+                    np.int32(count), approx, lower),
+                   shared_mem=2 * count * dim)
+            # the k-th largest lower bound of each query (≤ the CPU's: the device rounded them down)
+            bounds = cupy.partition(lower, n - k, axis=1)[:, n - k].astype(cupy.float64)
+            residuals64 = resident.residuals.astype(cupy.float64)
+            for j in range(count):
+                upper = approx[j].astype(cupy.float64) + residuals64 * q_norm[j] + slack[j]
+                candidates = cupy.flatnonzero(upper >= bounds[j]).get().astype(np.int64)
+                indices[first + j], scores[first + j] = _rerank(embeddings, candidates, block[j], k)

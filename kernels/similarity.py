@@ -80,8 +80,8 @@ def label_segments(
     """Label every row of ``embeddings`` (N, D) float32 for every attribute.
 
     Returns ``labels`` (N, A) int32 (class index within its attribute), ``probs``
-    (N, A) float32 and ``margins`` (N, A) float32. ``device`` is ``"cpu"`` or
-    ``"cuda"``; ``on_chunk(rows_done_in_chunk)`` is called after each chunk
+    (N, A) float32 and ``margins`` (N, A) float32. ``device`` is ``"cpu"``, ``"cuda"`` or
+    ``"cuda:N"``; ``on_chunk(rows_done_in_chunk)`` is called after each chunk
     (progress bars). ``chunk_rows`` None sizes chunks to :data:`CHUNK_BYTES` of scratch: peak extra
     memory is about ``chunk_rows × P`` floats (plus ``chunk_rows × D`` when rows need a float32 copy).
     """
@@ -100,12 +100,13 @@ def label_segments(
     if n == 0:
         return labels, probs, margins
     args = (prompt_offsets, class_offsets, reduce, top_m, float(logit_scale))
-    if device == "cpu":
+    from clipengine.kernels.cuda import cupy_device, parse_device
+
+    if parse_device(device)[0] == "cpu":
         _label_cpu(embeddings, prompt_matrix, *args, chunk_rows, labels, probs, margins, on_chunk)
-    elif device == "cuda":
-        _label_cuda(embeddings, prompt_matrix, *args, chunk_rows, labels, probs, margins, on_chunk)
     else:
-        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        with cupy_device(device):
+            _label_cuda(embeddings, prompt_matrix, *args, chunk_rows, labels, probs, margins, on_chunk)
     return labels, probs, margins
 
 
@@ -363,7 +364,7 @@ def _label_rows(sims, prompt_offsets, class_offsets, reduce, top_m, scale, label
 
 # ---- GPU ---------------------------------------------------------------------------------------
 
-_CUDA_SOURCE = r"""
+CUDA_SOURCE = r"""
 #define MAX_TOP_M 32
 extern "C" __global__ void label_segments(
     const float* __restrict__ sims, const long long n, const long long n_prompts,
@@ -434,7 +435,7 @@ extern "C" __global__ void label_segments(
 def _cuda_kernel():
     import cupy
 
-    return cupy.RawKernel(_CUDA_SOURCE, "label_segments")
+    return cupy.RawKernel(CUDA_SOURCE, "label_segments")
 
 
 def _label_cuda(embeddings, prompt_matrix, prompt_offsets, class_offsets, reduce, top_m, scale,

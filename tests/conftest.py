@@ -1,4 +1,4 @@
-"""Shared test set-up: CPU only, offline, a private cache directory per test session.
+"""Shared test set-up: offline, a private cache directory per test session, CUDA hidden from CPU tests.
 
 Fixtures owned by one area live in that area's own conftest (tests/<area>/conftest.py)
 or in tests/fixtures_*.py modules imported from here.
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 
-# Before anything imports torch: tests run on the CPU and never download.
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# Tests never download. CUDA stays visible to the process: tests marked gpu use it; every other test runs
+# with CUDA_VISIBLE_DEVICES="" (the _hide_cuda_from_cpu_tests fixture), so that "auto" picks the CPU there
+# and subprocesses they start see no GPU.
 os.environ["CLIPENGINE_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,8 +37,15 @@ def _private_cache_dir(tmp_path_factory):
         os.environ["CLIPENGINE_CACHE_DIR"] = previous
 
 
+@pytest.fixture(autouse=True)
+def _hide_cuda_from_cpu_tests(request, monkeypatch):
+    """Tests not marked gpu see no GPU (the engine reads CUDA_VISIBLE_DEVICES before it probes CUDA)."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 def _cuda_available() -> bool:
-    return False if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "" else _probe_cuda()
+    return False if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1") else _probe_cuda()
 
 
 def _probe_cuda() -> bool:
@@ -50,9 +58,10 @@ def _probe_cuda() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    if _cuda_available():
+    # the marker, not item.keywords: keywords also hold the names of the folders above the test
+    if not any(item.get_closest_marker("gpu") for item in items) or _cuda_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu"):
             item.add_marker(skip_gpu)

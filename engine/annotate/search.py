@@ -3,7 +3,9 @@
 Two exact paths, picked by :func:`choose_path`: on the CPU over at least :data:`INDEX_MIN_ROWS` rows, an int8
 screening pass with a proven bound, then an exact re-rank of the few rows it cannot rule out
 (:mod:`clipengine.kernels.quantized`; its index is built once and kept in ``EMB_DIR/search_index/``); otherwise,
-and on the GPU, the chunked float32 GEMM (:mod:`clipengine.kernels.topk`). Both return the brute force's top k
+and on the GPU, the chunked float32 GEMM (:mod:`clipengine.kernels.topk`). On the GPU the rows (or, with
+``index="int8"``, the int8 index) are copied to the device once per process and stay there. Both return the
+brute force's top k
 (equal scores: the lower row first). The number of queries does not change the pick: up to 16 queries share one
 int8 scan, which ``bench/annotate.py`` measures against the float32 pass at several batch sizes.
 """
@@ -39,8 +41,8 @@ def search(
     Columns: ``query`` (str), ``rank`` (1-based), ``path`` (and ``box`` when the items have
     boxes), ``score`` (cosine similarity, Float32), ``row`` (row of ``embeddings.npy``).
     ``text_encoder`` defaults to the text tower of the model in ``emb_dir/model.json``.
-    ``index``: ``"auto"`` (see :func:`choose_path`), ``"int8"`` (the int8 screening on the CPU whatever
-    N) or ``"none"`` (the float32 pass); ``progress``: the bar while the index is built (once).
+    ``index``: ``"auto"`` (see :func:`choose_path`), ``"int8"`` (the int8 screening whatever N and device)
+    or ``"none"`` (the float32 pass); ``progress``: the bar while the index is built (once).
     """
     from clipengine.artifacts import read_encoded
     from clipengine.devices import resolve_device
@@ -77,11 +79,14 @@ def choose_path(n_rows: int, device: str, index: str = "auto") -> str:
     """``"int8"`` (screening + exact re-rank) or ``"float32"`` (chunked GEMM) for a search over ``n_rows``.
 
     ``auto``: int8 on the CPU over at least :data:`INDEX_MIN_ROWS` rows (a query reads N × D bytes instead of
-    4 N × D); float32 otherwise. ``int8`` forces it on the CPU; ``none`` never uses it.
+    4 N × D); float32 otherwise, and on the GPU (the rows stay resident there). ``int8`` forces it on either
+    device (on the GPU it holds a quarter of the float32 rows' memory); ``none`` never uses it.
     """
-    if device != "cpu" or index == "none" or n_rows == 0:
+    if index == "none" or n_rows == 0:
         return "float32"
-    return "int8" if index == "int8" or n_rows >= INDEX_MIN_ROWS else "float32"
+    if index == "int8":
+        return "int8"
+    return "int8" if device == "cpu" and n_rows >= INDEX_MIN_ROWS else "float32"
 
 
 def search_embeddings(
@@ -97,20 +102,19 @@ def search_embeddings(
 ) -> pl.DataFrame:
     """Rank ``items`` (N rows, ``path`` [, ``box``]) by (N, D) ``embeddings`` against (Q, D) ``query_embeddings``.
 
-    With ``quantized`` (the :class:`~clipengine.kernels.quantized.QuantizedRows` of ``embeddings``) on the CPU:
-    the int8 screening, then an exact re-rank. Otherwise all queries share one float32 pass (a GEMM per
-    chunk), so a batch of queries costs little more than one: that pass over N × D is memory bound."""
-    if quantized is not None and device == "cpu":
+    With ``quantized`` (the :class:`~clipengine.kernels.quantized.QuantizedRows` of ``embeddings``): the int8
+    screening, then an exact re-rank. Otherwise all queries share one float32 pass (a GEMM per chunk), so a
+    batch of queries costs little more than one: that pass over N × D is memory bound."""
+    if quantized is not None:
         from clipengine.devices import numba_threads
         from clipengine.kernels.quantized import topk_quantized
 
         with numba_threads():
-            index, score = topk_quantized(quantized, embeddings, query_embeddings, k)
+            index, score = topk_quantized(quantized, embeddings, query_embeddings, k, device=device)
     else:
-        from clipengine.kernels.topk import DEFAULT_CHUNK_ROWS, topk_search
+        from clipengine.kernels.topk import topk_search
 
-        index, score = topk_search(embeddings, query_embeddings, k, chunk_rows=chunk_rows or DEFAULT_CHUNK_ROWS,
-                                   device=device)
+        index, score = topk_search(embeddings, query_embeddings, k, chunk_rows=chunk_rows, device=device)
     n_hits = index.shape[1]
     flat = index.reshape(-1)
     keys = key_columns(items)[flat]

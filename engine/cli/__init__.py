@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("clipengine.cli.run:run", "The whole semantic test: encode, annotate, join errors, slice, report."),
     "report": ("clipengine.cli.report:report", "Write RUN/report.html for an existing run directory."),
     "bench": ("clipengine.cli.bench:bench", "Throughput benchmarks against the reference peers."),
+    "export": ("clipengine.cli.export:export", "Write a model's image graph as ONNX (what TensorRT builds from)."),
 }
 
 

@@ -55,3 +55,93 @@ def test_rejects_wrong_image_shape(tiny_clip):
         encoder.encode_images(np.zeros((2, 32, 32, 3), np.float32))
     assert encoder.encode_images(np.zeros((0, 32, 32, 3), np.uint8)).shape == (0, 32)
     assert encoder.encode_texts([]).shape == (0, 32)
+
+
+def test_layernorms_kept_fp32_in_a_half_precision_tower(tiny_clip, sample_photos):
+    """The CUDA path's tower preparation, on the CPU: bf16 weights, every LayerNorm replaced and computing
+    in fp32, output close to open_clip's fp32 forward."""
+    import copy
+
+    import torch
+
+    from clipengine.bindings.torch import LayerNormFp32, keep_layernorm_fp32
+    from clipengine.encode.models import load_model, resolve_model
+
+    towers = load_model(resolve_model(tiny_clip.model_config))
+    expected = sum(isinstance(m, torch.nn.LayerNorm) for m in towers.image_tower.modules())
+    tower = copy.deepcopy(towers.image_tower).to(torch.bfloat16)
+    assert keep_layernorm_fp32(tower) == expected == 6  # 2 per block + ln_pre + ln_post
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in tower.modules())
+    norms = [m for m in tower.modules() if isinstance(m, LayerNormFp32)]
+    assert all(m.weight.dtype == torch.float32 for m in norms)
+    seen = []
+    hooks = [m.register_forward_hook(lambda module, args, out: seen.append((args[0].dtype, out.dtype))) for m in norms]
+    reference, _ = open_clip_reference(tiny_clip, sample_photos)
+    pixels = torch.from_numpy(_decode(sample_photos, 32)).permute(0, 3, 1, 2).float() / 255.0
+    mean, std = torch.tensor(towers.mean).view(1, 3, 1, 1), torch.tensor(towers.std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        got = torch.nn.functional.normalize(tower(((pixels - mean) / std).to(torch.bfloat16)).float(), dim=-1)
+    for hook in hooks:
+        hook.remove()
+    assert seen and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in seen)  # the model's dtype outside
+    assert cosine(got.numpy(), reference).min() >= 0.999
+
+
+def test_layernorm_fp32_computes_in_fp32():
+    import torch
+
+    from clipengine.bindings.torch import LayerNormFp32
+
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(64)
+    with torch.no_grad():  # weights that bf16/fp16 cannot hold exactly
+        norm.weight.copy_(torch.randn(64))
+        norm.bias.copy_(torch.randn(64))
+    for dtype in (torch.float16, torch.bfloat16):
+        x = (torch.randn(4, 64) * 300 + 1000).to(dtype)  # fp16 statistics would overflow (x² > 65504)
+        got = LayerNormFp32(norm)(x)
+        want = norm(x.float()).to(dtype)  # statistics, scale and shift in fp32, rounded once at the end
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_batch_buckets():
+    from clipengine.bindings.torch import MIN_CUDA_BUCKET, batch_buckets, bucket_for
+
+    assert batch_buckets(512) == [16, 32, 64, 128, 256, 512]
+    assert batch_buckets(100) == [16, 32, 64, 100] and batch_buckets(8) == [8]
+    assert bucket_for(1, batch_buckets(512)) == MIN_CUDA_BUCKET
+    assert bucket_for(17, batch_buckets(512)) == 32 and bucket_for(512, batch_buckets(512)) == 512
+    assert bucket_for(65, batch_buckets(100)) == 100
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+@pytest.mark.parametrize("precision, minimum", [("fp16", 0.999), ("bf16", 0.999), ("fp32", 0.99999)])
+def test_cuda_matches_open_clip_eager_compiled_and_graphed(tiny_clip, sample_photos, device, precision, minimum):
+    from clipengine.bindings.torch import TorchEncoder
+    from clipengine.encode.models import load_model, resolve_model
+
+    towers = load_model(resolve_model(tiny_clip.model_config))
+    reference, _ = open_clip_reference(tiny_clip, sample_photos)
+    pixels = _decode(sample_photos, towers.image_size)
+    encoder = TorchEncoder(towers, device=device, precision=precision, max_batch=64)
+    for batch in (1, 5, 64, 150):  # a bucket each, the largest, and split beyond it
+        repeated = np.concatenate([pixels] * (batch // len(pixels) + 1))[:batch]
+        expected = np.concatenate([reference] * (batch // len(pixels) + 1))[:batch]
+        got = encoder.encode_images(repeated)
+        assert cosine(got, expected).min() >= minimum, (precision, batch)
+    assert "torch.compile" in encoder.image_forward and "CUDA graphs" in encoder.image_forward
+    assert "fallbacks" not in encoder.image_forward, encoder.image_forward
+    assert encoder.device.type == "cuda" and encoder.device.index == 0
+
+
+@pytest.mark.gpu
+def test_cuda_text_tower_leaves_the_callers_module_on_the_cpu(tiny_clip):
+    from clipengine.bindings.torch import TorchEncoder
+    from clipengine.encode.models import load_model, resolve_model
+
+    towers = load_model(resolve_model(tiny_clip.model_config))
+    encoder = TorchEncoder(towers, device="cuda:0", precision="fp16", compile=False, cuda_graphs=False)
+    assert encoder.encode_texts(TEXTS).shape == (3, 32)
+    assert next(towers.text_tower.parameters()).device.type == "cpu"

@@ -159,3 +159,32 @@ def test_rejects_bad_input():
 )
 def test_property_matches_brute_force(emb, query, k):
     assert_exact(emb, query[None], k)
+
+
+def test_rejects_a_device_it_cannot_name():
+    rng = np.random.default_rng(0)
+    emb = normalized(rng, (10, 4))
+    with pytest.raises(ValueError, match="device must be"):
+        topk_quantized(quantize_rows(emb), emb, emb[:1], 3, device="gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("clipengine.kernels.similarity", fromlist=["x"]).cuda_available(),
+                    reason="needs CuPy and a CUDA device")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+@pytest.mark.parametrize("dim", [512, 30])  # char4 loads; the scalar loop for widths not a multiple of 4
+def test_cuda_screening_equals_brute_force_and_stays_resident(device, dim, tmp_path):
+    rng = np.random.default_rng(dim)
+    base = normalized(rng, (50, dim))
+    emb = base[rng.integers(0, 50, 40_000)] + np.float32(1e-3) * normalized(rng, (40_000, dim))
+    emb[::97] = base[0]  # exact duplicates: ties by row
+    queries = np.concatenate([base[:5], normalized(rng, (20, dim))])  # 25 queries: two launches
+    quantized = quantize_rows(emb)
+    for k in (1, 20, 300):
+        index, score = topk_quantized(quantized, emb, queries, k, device=device)
+        want_index, want_score = brute_force(emb, queries, k)
+        np.testing.assert_array_equal(index, want_index)
+        np.testing.assert_array_equal(score, want_score)
+    resident = kq.resident_quantized(quantized, device)
+    assert kq.resident_quantized(quantized, device) is resident  # loaded once, not per query batch
+    kq.release_resident_quantized()

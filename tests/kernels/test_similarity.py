@@ -218,10 +218,10 @@ def test_empty_input():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not sim.cuda_available(), reason="needs CuPy and a CUDA device")
-@pytest.mark.parametrize("chunk_rows", [33, 100_000])
-def test_cuda_matches_cpu(chunk_rows):
+@pytest.mark.parametrize("chunk_rows, device", [(33, "cuda"), (100_000, "cuda:0")])
+def test_cuda_matches_cpu(chunk_rows, device):
     emb, prompts, po, co, reduce, top_m = random_problem(11, n=5000, d=64, prompts_per_class=(1, 8))
-    got = label_segments(emb, prompts, po, co, 100.0, reduce=reduce, top_m=top_m, chunk_rows=chunk_rows, device="cuda")
+    got = label_segments(emb, prompts, po, co, 100.0, reduce=reduce, top_m=top_m, chunk_rows=chunk_rows, device=device)
     assert_matches(got, reference(emb, prompts, po, co, 100.0, reduce, top_m), atol=1e-4)
 
 
@@ -248,7 +248,7 @@ def test_cuda_kernel_source_logic_on_the_cpu(tmp_path):
     import subprocess
 
     source = tmp_path / "kernel.c"
-    source.write_text(_C_STUB + sim._CUDA_SOURCE.replace('extern "C"', "") + _C_LAUNCH)
+    source.write_text(_C_STUB + sim.CUDA_SOURCE.replace('extern "C"', "") + _C_LAUNCH)
     library = tmp_path / "kernel.so"
     subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(library), str(source), "-lm"], check=True)
     lib = ctypes.CDLL(str(library))

@@ -104,3 +104,15 @@ def test_search_through_the_int8_index_equals_brute_force(tiny_clip, emb_dir):
     np.testing.assert_allclose(screened["score"].to_numpy(), plain["score"].to_numpy(), rtol=1e-6, atol=1e-6)
     with pytest.raises(ClipengineError, match="index must be"):
         search(emb_dir, "x", index="fast", device="cpu")
+
+
+def test_choose_path_keeps_the_float32_rows_on_the_gpu_unless_int8_is_asked():
+    from clipengine.annotate.search import INDEX_MIN_ROWS, choose_path
+
+    assert choose_path(INDEX_MIN_ROWS, "cpu") == "int8"
+    assert choose_path(INDEX_MIN_ROWS - 1, "cpu") == "float32"
+    assert choose_path(10 * INDEX_MIN_ROWS, "cuda") == "float32"
+    assert choose_path(10 * INDEX_MIN_ROWS, "cuda:1") == "float32"
+    assert choose_path(5, "cuda", "int8") == "int8" and choose_path(5, "cpu", "int8") == "int8"
+    assert choose_path(10 * INDEX_MIN_ROWS, "cpu", "none") == "float32"
+    assert choose_path(0, "cpu", "int8") == "float32"

@@ -4,6 +4,11 @@ import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
+
+from clipengine.config import DatasetConfig
+from clipengine.datasets import DATASETS, create_dataset, default_schema
+from clipengine.errors import ClipengineError
+
 from tests.fixtures_datasets import (
     CARLA_EXPECTED,
     CELEBA_ROWS,
@@ -13,10 +18,6 @@ from tests.fixtures_datasets import (
     make_celeba,
     make_folder,
 )
-
-from clipengine.config import DatasetConfig
-from clipengine.datasets import DATASETS, create_dataset, default_schema
-from clipengine.errors import ClipengineError
 
 
 def test_registry_names_and_default_schemas():

@@ -156,9 +156,9 @@ def test_interrupted_job_resumes_and_a_killed_worker_loses_nothing(ray_cluster, 
     """A finished local run over the first 8 items; a Ray job over all items that fails in its third
     shard; the same job again, whose first actor call SIGKILLs its own process: the job encodes
     exactly what neither the finished run nor the finished shards hold, once, and nothing is lost."""
+    from clipengine.artifacts import RAY_SHARDS_DIR as SHARDS_DIR
     from clipengine.encode.encoders import create_encoder
     from clipengine.executors import load_executor
-    from clipengine.artifacts import RAY_SHARDS_DIR as SHARDS_DIR
     from clipengine.executors.ray import ShardStore, encode_items
 
     out = tmp_path / "run"
@@ -240,6 +240,8 @@ def _assert_same_metadata(got, expected):
 def test_run_job_with_ray_executor_gives_the_local_results(ray_cluster, tiny_clip, tmp_path):
     """The whole run on Ray (labels made in the actors, shards under a file:// URI elsewhere) gives the
     local run's metadata, slices and report inputs."""
+    from clipengine.run.job import run_job
+
     from tests.engine.run.test_run import (
         DETERMINISTIC,
         assert_same_results,
@@ -247,8 +249,6 @@ def test_run_job_with_ray_executor_gives_the_local_results(ray_cluster, tiny_cli
         make_photo_folder,
         snapshot,
     )
-
-    from clipengine.run.job import run_job
 
     data = make_photo_folder(tmp_path, n=12)
     local = run_job(make_config(tmp_path, tiny_clip, data=data, out="local"))
@@ -284,9 +284,9 @@ class DieOnShard:
 
 
 def _place_schema(tmp_path):
-    from tests.engine.run.test_run import SCHEMA
-
     from clipengine.annotate.schemas import load_schema
+
+    from tests.engine.run.test_run import SCHEMA
 
     path = tmp_path / "place.yaml"
     path.write_text(SCHEMA)

@@ -12,11 +12,12 @@ import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
-from tests.fixtures_datasets import CARLA_EXPECTED, make_carla
 
 from clipengine.config import DatasetConfig, EncodeConfig, RunConfig, SliceConfig
 from clipengine.errors import ClipengineError
 from clipengine.run.job import STAGES, Hooks, run_job
+
+from tests.fixtures_datasets import CARLA_EXPECTED, make_carla
 
 SCHEMA = """name: place
 templates: ["a photo of a {}", "a picture of a {}"]
