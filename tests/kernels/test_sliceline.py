@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,9 @@ from clipengine.kernels.sliceline import (
     slice_mask,
 )
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sliceline"
+from tests.shared_data import SLICELINE_DATA
+
+DATA = SLICELINE_DATA
 FIXTURES = DATA / "systemds_fixtures.json"
 needs_data = pytest.mark.skipif(not FIXTURES.exists(), reason=f"SliceLine reference data not found at {DATA}")
 

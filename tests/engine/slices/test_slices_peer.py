@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import polars as pl
 import pytest
 
-from clipengine.slices.find import code_features, find_slices
+from clipengine.slices.coding import code_features
+from clipengine.slices.find import find_slices
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "sliceline"
+from tests.shared_data import SLICELINE_DATA
+
+DATA = SLICELINE_DATA
 
 
 def adult_frame() -> pl.DataFrame:
@@ -37,7 +38,9 @@ def test_compat_mode_agrees_with_pypi_sliceline_on_adult(min_sup, max_level):
     features = [c for c in frame.columns if c != "error"]
     result = find_slices(frame, error="error", features=features, k=10, alpha=0.95, min_sup=min_sup,
                          max_level=max_level, compat="systemds")
-    codes, used, labels, _ = code_features(frame, features)
+    used, coded, _ = code_features(frame, features)
+    codes = np.column_stack([c.codes for c in coded])
+    labels = [c.labels for c in coded]
     finder = sliceline.Slicefinder(alpha=0.95, k=10, max_l=max_level, min_sup=min_sup)
     finder.fit(codes, frame["error"].to_numpy().astype(float))
     peer = np.array([[s["slice_score"], s["sum_slice_error"], s["max_slice_error"], s["slice_size"]]
