@@ -778,7 +778,8 @@ def _implied_kernel(index, sets, set_offsets, domains, drop_set, lower_offsets, 
                 break
 
 
-def flagged_below(plan: CombinationPlan, lower: CombinationPlan, index: np.ndarray, lower_flag: np.ndarray) -> np.ndarray:
+def flagged_below(plan: CombinationPlan, lower: CombinationPlan, index: np.ndarray,
+                  lower_flag: np.ndarray) -> np.ndarray:
     """``(N,)`` bool: whether a (t − 1)-sub-combination of each combination ``index`` (N,) of ``plan`` is
     flagged in ``lower_flag`` (C',) bool over ``lower`` (e.g. already thin one level below)."""
     out = np.zeros(len(index), np.bool_)
