@@ -72,10 +72,11 @@ def coverage(source, features, t, min_count, odd, against, min_prob, soft, error
     names = [f.strip() for f in features.split(",") if f.strip()] if features else None
     result = measure_coverage(frame, config=config, features=names, odd=odd_spec, against=other,
                               against_source=against, is_run=is_run)
+    record = result.to_json() if out_dir or as_json else None
     if out_dir:
-        write_coverage(result, out_dir)
+        write_coverage(result, out_dir, record=record)
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+        click.echo(json.dumps(record, indent=2, ensure_ascii=False))
         return
     _print_text(result, source, TEXT_LIMIT if limit is None else limit)
 

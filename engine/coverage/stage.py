@@ -347,14 +347,12 @@ class CoverageResult:
 
 
 def _categorical(codes: np.ndarray | None, categories: list[str], n: int = 0) -> pl.Series:
-    import pyarrow as pa
-
-    dictionary = pa.array(categories, type=pa.string())
+    """An Enum column of ``categories[codes]`` (all null without ``codes``)."""
+    dtype = pl.Enum(categories)
     if codes is None:
-        indices = pa.nulls(n, type=pa.int32())
-    else:
-        indices = pa.array(np.asarray(codes, dtype=np.int32))
-    return pl.from_arrow(pa.DictionaryArray.from_arrays(indices, dictionary))
+        return pl.Series([None] * n, dtype=dtype)
+    return pl.Series(np.asarray(codes, dtype=np.int64)).replace_strict(list(range(len(categories))), categories,
+                                                                       return_dtype=dtype)
 
 
 def _per_set(level: Level, flags: np.ndarray) -> np.ndarray:
@@ -380,6 +378,8 @@ class _Feature:
     name: str
     text: pl.Series  # the values as text (nulls kept)
     prob: np.ndarray | None  # (m,) float32 label probabilities, or None (certain)
+    numeric: bool = False  # the column holds numbers (its values sort as numbers)
+    observed: pl.Series | None = None  # its distinct values (without an ODD)
 
 
 def _as_text(series: pl.Series, name: str) -> pl.Series | str:
@@ -403,13 +403,14 @@ def _as_text(series: pl.Series, name: str) -> pl.Series | str:
     return f"unsupported type {dtype}"
 
 
-def _domain(series: pl.Series, texts: list[pl.Series]) -> list[str]:
-    """Observed values in natural order (numbers numerically), over ``series`` (the frame's column)
-    and the text columns of every frame."""
-    seen = pl.concat([t.drop_nulls() for t in texts]).unique()
-    if series.dtype.is_numeric():
-        return [str(v) for v in sorted(int(x) for x in seen.to_list())]
-    return sorted(seen.to_list())
+def _domain(feature: _Feature, other: _Feature | None) -> list[str]:
+    """The observed values in natural order (numbers numerically), over both frames."""
+    seen = set(feature.observed.to_list())
+    if other is not None:
+        seen |= set(other.text.drop_nulls().unique().to_list())
+    if feature.numeric:
+        return [str(v) for v in sorted(int(x) for x in seen)]
+    return sorted(seen)
 
 
 def _features_of(frame: pl.DataFrame, is_run: bool, error: str | None) -> list[str]:
@@ -479,16 +480,23 @@ def _resolve_features(frame: pl.DataFrame, names: Sequence[str] | None, odd: Odd
         chosen = _features_of(frame, is_run, error)
     if error is not None and error in chosen:
         raise ClipengineError(f"the error column '{error}' cannot also be a feature")
-    features = []
+    texts = {}
     for name in chosen:
         text = _as_text(frame[name], name)
         if isinstance(text, str):
             if explicit:
                 raise ClipengineError(f"feature '{name}': {text}")
             skipped[name] = text
-            continue
+        else:
+            texts[name] = text.alias(name)
+    observed = {}
+    if odd is None and texts:  # every column's distinct values, the columns in parallel
+        row = pl.DataFrame(list(texts.values())).select(pl.all().drop_nulls().unique().implode()).row(0)
+        observed = dict(zip(texts, (pl.Series(values, dtype=pl.String) for values in row)))
+    features = []
+    for name, text in texts.items():
         if odd is None:
-            n_values = text.drop_nulls().n_unique()
+            n_values = observed[name].len()
             if n_values == 0:
                 if explicit:
                     raise ClipengineError(f"feature '{name}' has no values (all missing)")
@@ -500,7 +508,8 @@ def _resolve_features(frame: pl.DataFrame, names: Sequence[str] | None, odd: Odd
                     raise ClipengineError(f"feature '{name}': {reason} (list its values in an ODD file, or bin it)")
                 skipped[name] = reason
                 continue
-        features.append(_Feature(name, text, _probs_of(frame, name)))
+        numeric = frame[name].dtype.is_numeric()
+        features.append(_Feature(name, text, _probs_of(frame, name), numeric, observed.get(name)))
     return features, skipped
 
 
@@ -511,17 +520,24 @@ def _code(features: list[_Feature], domains: list[list[str]], min_prob: float | 
     codes = np.empty((len(features), m), np.int16)
     labels = np.empty((len(features), m), np.int16) if min_prob is not None else None
     outside = np.zeros((len(features), m), bool)
-    for j, (feature, domain) in enumerate(zip(features, domains)):
-        coded = feature.text.replace_strict(domain, list(range(len(domain))), default=None, return_dtype=pl.Int16)
-        present = feature.text.is_not_null().to_numpy()
-        code = coded.fill_null(-1).to_numpy().astype(np.int16)
-        off = present & (code < 0)
+    # an Enum of the domain numbers the values in its order, a value outside it becomes null; the
+    # columns are coded in parallel
+    texts = pl.DataFrame([f.text.alias(f"c{j}") for j, f in enumerate(features)])
+    exprs = []
+    for j, domain in enumerate(domains):
+        coded = pl.col(f"c{j}").cast(pl.Enum(domain), strict=False)
+        exprs.append(coded.to_physical().cast(pl.Int16).fill_null(-1).alias(f"code{j}"))
+        exprs.append((coded.is_null() & pl.col(f"c{j}").is_not_null()).alias(f"off{j}"))
+    coded = texts.select(exprs)
+    for j, feature in enumerate(features):
+        code = coded[f"code{j}"].to_numpy()
+        off = coded[f"off{j}"].to_numpy()
         if labels is not None:
             labels[j] = code
             if feature.prob is not None:
                 unsure = feature.prob < min_prob
                 code = np.where(unsure, np.int16(-1), code)
-                off &= ~unsure
+                off = off & ~unsure
         codes[j] = code
         outside[j] = off
     return codes, labels, outside
@@ -631,8 +647,7 @@ def measure_coverage(
     else:
         domains = []
         for i, feature in enumerate(chosen):
-            texts = [feature.text] + ([other_features[i].text] if other_features else [])
-            domains.append(_domain(frame[feature.name], texts))
+            domains.append(_domain(feature, other_features[i] if other_features else None))
             if len(domains[-1]) > config.max_levels:
                 raise ClipengineError(f"feature '{feature.name}': {len(domains[-1])} distinct values over both "
                                       f"tables > max_levels {config.max_levels}")
@@ -790,9 +805,10 @@ def _out_of_odd(result: CoverageResult, frame: pl.DataFrame, codes: np.ndarray, 
 # ---- writing -------------------------------------------------------------------------------------------
 
 
-def write_coverage(result: CoverageResult, out_dir: str | Path) -> tuple[Path, Path]:
+def write_coverage(result: CoverageResult, out_dir: str | Path, *, record: dict | None = None) -> tuple[Path, Path]:
     """Write ``coverage.parquet`` (one row per combination, :meth:`CoverageResult.to_polars`) and
-    ``coverage.json`` (:meth:`CoverageResult.to_json`) into ``out_dir``, atomically; deterministic."""
+    ``coverage.json`` (``record``, by default :meth:`CoverageResult.to_json`) into ``out_dir``,
+    atomically; deterministic."""
     from clipengine.bindings.files import write_json, write_parquet
 
     out_dir = Path(out_dir)
@@ -800,5 +816,5 @@ def write_coverage(result: CoverageResult, out_dir: str | Path) -> tuple[Path, P
     parquet_path, json_path = out_dir / COVERAGE_PARQUET, out_dir / COVERAGE_JSON
     write_parquet(parquet_path, result.to_polars(),
                   metadata={"clipengine.coverage": json.dumps(result.summary(), sort_keys=True)})
-    write_json(json_path, result.to_json())
+    write_json(json_path, result.to_json() if record is None else record)
     return parquet_path, json_path
