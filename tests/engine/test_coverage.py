@@ -324,7 +324,7 @@ def test_default_features_skip_keys_probabilities_and_wide_columns():
     frame = pl.DataFrame({"path": [f"{i}.jpg" for i in range(80)], "a": ["x", "y"] * 40, "a_prob": [0.9] * 80,
                           "a_margin": [0.5] * 80, "id": [str(i) for i in range(80)], "error": [0, 1] * 40})
     result = measure_coverage(frame, config=config(t=1, max_levels=64))
-    assert result.features == ["a"] and "id" in result.skipped_features
+    assert result.features == ["a"] and list(result.skipped_features) == ["id"]  # path, _prob, _margin: not features
 
 
 def test_write_coverage_files_are_the_result(tmp_path):
