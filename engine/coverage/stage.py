@@ -593,13 +593,14 @@ def measure_coverage(
 
     >>> import polars as pl
     >>> frame = pl.DataFrame({"weather": ["rain", "fog", "rain", "clear"], "time": ["day", "day", "night", "night"]})
-    >>> result = measure_coverage(frame)
-    >>> result.to_json()["coverage"][1]["covered"], result.to_json()["coverage"][1]["valid"]
+    >>> result = measure_coverage(frame, config=CoverageConfig(progress=False))
+    >>> pairs = result.to_json()["coverage"][1]
+    >>> pairs["covered"], pairs["valid"]
     (4, 6)
+    >>> [m["predicates"] for m in result.to_json()["missing"]]
+    [{'weather': 'clear', 'time': 'day'}, {'weather': 'fog', 'time': 'night'}]
     """
-    from clipengine import envs
     from clipengine.kernels import coverage as kernels
-    from clipengine.progress import progress_bar
 
     if isinstance(frame, pl.LazyFrame):
         frame = frame.collect()
@@ -668,45 +669,8 @@ def measure_coverage(
         if config.soft:
             other_probs = np.stack([f.prob if f.prob is not None else np.ones(against.height, np.float32)
                                     for f in other_features])
-    # rows the passes below walk, for the progress bar
-    passes = 1 + (label_codes is not None) + (config.t if config.soft else 0)
-    if errors is not None:
-        passes += config.t if not binary else 0
-    total_rows = passes * m + (int(np.sum(errors == 1)) if errors is not None and binary else 0)
-    if other_codes is not None:
-        total_rows += other_codes.shape[1] * (config.t if config.soft else 1)
-    threads = envs.num_threads()
-    bar = progress_bar(total_rows, "coverage: counting", enabled=config.progress, unit="row")
-    try:
-        def count(table):
-            return [c for _, c in kernels.count_combinations(table, sizes, config.t, threads=threads,
-                                                               on_rows=bar.update)]
-
-        def soft_sums(table, weights, t):
-            return kernels.sum_combinations(table, sizes, t, values=np.ones((1, table.shape[1])), weights=weights,
-                                            threads=threads, on_rows=bar.update)[1][0]
-
-        plans = [kernels.plan_combinations(sizes, t) for t in range(1, config.t + 1)]
-        hard = count(codes)
-        labels = count(label_codes) if label_codes is not None else hard
-        effective = [soft_sums(codes, probs, t) for t in range(1, config.t + 1)] if config.soft else hard
-        error_sums = error_squares = None
-        if errors is not None:
-            if binary:  # the error rows' own counts
-                error_sums = [c.astype(np.float64) for c in count(np.ascontiguousarray(codes[:, errors == 1]))]
-            else:
-                error_sums, error_squares = [], []
-                for t in range(1, config.t + 1):
-                    _, sums = kernels.sum_combinations(codes, sizes, t, values=np.stack([errors, errors * errors]),
-                                                       threads=threads, on_rows=bar.update)
-                    error_sums.append(sums[0])
-                    error_squares.append(sums[1])
-        other = None
-        if other_codes is not None:
-            other = ([soft_sums(other_codes, other_probs, t) for t in range(1, config.t + 1)] if config.soft
-                     else count(other_codes))
-    finally:
-        bar.close()
+    plans, hard, labels, effective, error_sums, error_squares, other = _count_all(
+        config, sizes, codes, label_codes, probs, errors, binary, other_codes, other_probs)
 
     rule_features, rule_values = _rules(odd, chosen, domains)
     shares = effective[0].astype(np.float64) / m
@@ -733,6 +697,53 @@ def measure_coverage(
     if against is not None:
         result.against = {"source": against_source, "rows": int(against.height)}
     return result
+
+
+def _count_all(config: CoverageConfig, sizes: np.ndarray, codes: np.ndarray, label_codes: np.ndarray | None,
+               probs: np.ndarray | None, errors: np.ndarray | None, binary: bool, other_codes: np.ndarray | None,
+               other_probs: np.ndarray | None):
+    """Every pass over the rows, per t: ``(plans, hard, labels, effective, error_sums, error_squares,
+    other)`` — counts by the mode's labels, by every label, the counts coverage uses (soft sums with
+    ``soft``), error counts (0/1: the error rows' own counts) or sums and sums of squares, and the
+    ``--against`` table's counts."""
+    from clipengine import envs
+    from clipengine.kernels import coverage as kernels
+    from clipengine.progress import progress_bar
+
+    m, ts = codes.shape[1], range(1, config.t + 1)
+    passes = 1 + (label_codes is not None) + (config.t if config.soft else 0)
+    passes += config.t if errors is not None and not binary else 0
+    total_rows = passes * m + (int(np.sum(errors == 1)) if errors is not None and binary else 0)
+    if other_codes is not None:
+        total_rows += other_codes.shape[1] * (config.t if config.soft else 1)
+    threads = envs.num_threads()
+    bar = progress_bar(total_rows, "coverage: counting", enabled=config.progress, unit="row")
+    try:
+        def count(table):
+            return kernels.count_combinations(table, sizes, config.t, threads=threads, on_rows=bar.update)
+
+        def sums(table, t, values, weights=None):
+            return kernels.sum_combinations(table, sizes, t, values=values, weights=weights, threads=threads,
+                                            on_rows=bar.update)[1]
+
+        levels = count(codes)
+        plans, hard = [plan for plan, _ in levels], [c for _, c in levels]
+        labels = [c for _, c in count(label_codes)] if label_codes is not None else hard
+        effective = [sums(codes, t, np.ones((1, m)), probs)[0] for t in ts] if config.soft else hard
+        error_sums = error_squares = None
+        if errors is not None and binary:
+            error_sums = [c.astype(np.float64) for _, c in count(np.ascontiguousarray(codes[:, errors == 1]))]
+        elif errors is not None:
+            pairs = [sums(codes, t, np.stack([errors, errors * errors])) for t in ts]
+            error_sums, error_squares = [p[0] for p in pairs], [p[1] for p in pairs]
+        other = None
+        if other_codes is not None and config.soft:
+            other = [sums(other_codes, t, np.ones((1, other_codes.shape[1])), other_probs)[0] for t in ts]
+        elif other_codes is not None:
+            other = [c for _, c in count(other_codes)]
+    finally:
+        bar.close()
+    return plans, hard, labels, effective, error_sums, error_squares, other
 
 
 def _rules(odd: Odd | None, chosen: list[_Feature], domains: list[list[str]]):

@@ -407,15 +407,19 @@ def test_cli_text_lists_missing_in_words(table, tmp_path, capsys):
     assert "weather = fog AND time = night" in out and "out of the ODD: 2 items" in out
 
 
-def test_cli_errors_are_one_line_with_exit_code_2(table, tmp_path):
+def test_cli_errors_are_one_line_with_exit_code_2(table, tmp_path, capsys):
+    from clipengine.cli import main
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("features: {weather: [fog, fog]}\n")
-    for args, message in (([str(table), "--odd", str(bad)], "'features.weather' lists 'fog' twice"),
-                          ([str(table), "--features", "weather,nope"], "'nope' not found")):
-        run = subprocess.run([sys.executable, "-m", "clipengine", "coverage", *args], capture_output=True, text=True)
-        assert run.returncode == 2, run.stderr
-        lines = run.stderr.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0] and "Traceback" not in run.stderr
-    run = subprocess.run([sys.executable, "-m", "clipengine", "coverage", str(table), "--t", "5"],
+    # the installed entry point, as a user runs it
+    run = subprocess.run([sys.executable, "-m", "clipengine", "coverage", str(table), "--odd", str(bad)],
                          capture_output=True, text=True)
-    assert run.returncode == 2 and "--t" in run.stderr
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'features.weather' lists 'fog' twice" in lines[0] and "Traceback" not in run.stderr
+    for args, message in ((["--features", "weather,nope"], "'nope' not found"), (["--t", "5"], "--t")):
+        with pytest.raises(SystemExit) as code:
+            main(["coverage", str(table), *args])
+        assert code.value.code == 2
+        assert message in capsys.readouterr().err
