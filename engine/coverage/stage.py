@@ -122,9 +122,10 @@ class CoverageResult:
                 for fs, vs in zip(features.tolist(), values.tolist())]
 
     @staticmethod
-    def describe(predicates: dict[str, str]) -> str:
-        """``"weather = fog AND time = night"``."""
-        return " AND ".join(f"{name} = {value}" for name, value in predicates.items())
+    def describe(predicates: dict[str, Any]) -> str:
+        """``"weather = fog AND time = night"`` (a list of values: ``"weather in (fog, rain)"``)."""
+        return " AND ".join(f"{name} in ({', '.join(value)})" if isinstance(value, list) else f"{name} = {value}"
+                            for name, value in predicates.items())
 
     # ---- summaries ----------------------------------------------------------------------------
 
@@ -772,44 +773,47 @@ def _out_of_odd(result: CoverageResult, frame: pl.DataFrame, codes: np.ndarray, 
     from clipengine.kernels.coverage import value_offsets
 
     offsets = value_offsets(np.array([len(d) for d in domains]))
-    rows_off = outside.any(axis=0)
-    reasons: dict[int, list[str]] = {}
     for j, feature in enumerate(chosen):
-        if not outside[j].any():
-            continue
-        bad = feature.text.filter(pl.Series(outside[j]))
-        top = bad.value_counts(sort=True).head(TOP_VALUES)
-        result.out_of_odd_values[feature.name] = {str(v): int(n) for v, n in zip(top[top.columns[0]], top["count"])}
-    excluded_rows = np.zeros(codes.shape[1], bool)
+        if outside[j].any():
+            top = feature.text.filter(pl.Series(outside[j])).value_counts(sort=True).head(TOP_VALUES)
+            result.out_of_odd_values[feature.name] = {str(v): int(n) for v, n in zip(top[top.columns[0]],
+                                                                                   top["count"])}
+
+    def matches(r: int, rows) -> np.ndarray:
+        """Which ``rows`` show rule r (every feature of it known, with a value it names)."""
+        hit = np.ones(np.shape(codes[0, rows]), bool)
+        for j in rule_features[r][rule_features[r] >= 0]:
+            code = codes[j, rows]
+            hit &= (code >= 0) & rule_values[r, offsets[j] + np.maximum(code, 0)]
+        return hit
+
+    def words(r: int) -> dict[str, Any]:
+        out = {}
+        for j in rule_features[r][rule_features[r] >= 0]:
+            matched = [domains[j][v] for v in np.flatnonzero(rule_values[r, offsets[j]: offsets[j + 1]])]
+            out[chosen[j].name] = matched[0] if len(matched) == 1 else matched
+        return out
+
+    off = outside.any(axis=0)
+    groups = [np.flatnonzero(outside[j]) for j in range(len(chosen)) if outside[j].any()]
     for r in range(rule_features.shape[0]):
-        hit = np.ones(codes.shape[1], bool)
-        predicates = {}
-        for j in rule_features[r]:
-            if j < 0:
-                break
-            allowed = rule_values[r, offsets[j]: offsets[j + 1]]
-            code = codes[j]
-            hit &= (code >= 0) & allowed[np.maximum(code, 0)]
-            matched = [domains[j][v] for v in np.flatnonzero(allowed)]
-            predicates[chosen[j].name] = matched[0] if len(matched) == 1 else matched
-        n = int(hit.sum())
-        if n:
-            result.excluded_present.append({"predicates": predicates, "count": n})
-            excluded_rows |= hit
-            for i in np.flatnonzero(hit)[:EXAMPLES]:
-                reasons.setdefault(int(i), []).append(
-                    "excluded: " + " AND ".join(f"{k} = {v}" for k, v in predicates.items()))
-    rows = np.flatnonzero(rows_off | excluded_rows)
+        hit = matches(r, slice(None))
+        if hit.any():
+            result.excluded_present.append({"predicates": words(r), "count": int(hit.sum())})
+            off |= hit
+            groups.append(np.flatnonzero(hit))
+    rows = np.flatnonzero(off)
     result.out_of_odd = int(rows.shape[0])
     result.out_of_odd_rows = rows
+    # examples of every reason: the first items of each feature's outside values and of each exclusion
+    share = max(1, EXAMPLES // max(len(groups), 1))
+    examples = sorted(set(np.concatenate([g[:share] for g in groups]).tolist()) if groups else [])[:EXAMPLES]
     keys = [k for k in KEY_COLUMNS if k in frame.columns]
-    for i in rows[:EXAMPLES]:
-        i = int(i)
-        example: dict[str, Any] = {"row": i}
-        for key in keys:
-            example[key] = frame[key][i]
-        listed = [f"{f.name} = {f.text[i]}" for j, f in enumerate(chosen) if outside[j, i]]
-        example["reasons"] = listed + reasons.get(i, [])
+    for i in examples:
+        example: dict[str, Any] = {"row": i, **{key: frame[key][i] for key in keys}}
+        example["reasons"] = [f"{f.name} = {f.text[i]}" for j, f in enumerate(chosen) if outside[j, i]] + [
+            "excluded: " + CoverageResult.describe(words(r))
+            for r in range(rule_features.shape[0]) if matches(r, [i])[0]]
         result.out_of_odd_examples.append(json.loads(json.dumps(example, default=str)))
 
 
