@@ -176,6 +176,16 @@ def test_constraints_leave_the_denominator_and_out_of_odd_items_are_counted():
     assert row["count"].to_list() == [2]
 
 
+def test_an_unknown_value_never_matches_an_exclusion():
+    odd = parse_odd("features:\n  weather: [clear, fog]\n  time: [day, night]\nexclude:\n  - {weather: clear, time: night}\n")
+    frame = pl.DataFrame({"weather": ["hail", None, "clear", "fog"], "time": ["night", "night", "night", "day"]})
+    out = measure_coverage(frame, config=config(t=2), odd=odd).to_json()
+    assert out["out_of_odd"] == 2  # hail, and clear at night; the item without weather is not out of the ODD
+    assert out["excluded_present"] == [{"predicates": {"weather": "clear", "time": "night"}, "count": 1}]
+    assert out["out_of_odd_values"] == {"weather": {"hail": 1}}
+    assert out["unknown"] == {"weather": 2, "time": 0}
+
+
 def brute_coverage(frame, features, t, min_count, rules=()):
     """(covered, valid) per t by walking rows and combinations in plain Python."""
     domains = {f: sorted(set(frame[f].drop_nulls().to_list())) for f in features}
