@@ -177,7 +177,8 @@ def test_constraints_leave_the_denominator_and_out_of_odd_items_are_counted():
 
 
 def test_an_unknown_value_never_matches_an_exclusion():
-    odd = parse_odd("features:\n  weather: [clear, fog]\n  time: [day, night]\nexclude:\n  - {weather: clear, time: night}\n")
+    odd = parse_odd("features:\n  weather: [clear, fog]\n  time: [day, night]\n"
+                    "exclude:\n  - {weather: clear, time: night}\n")
     frame = pl.DataFrame({"weather": ["hail", None, "clear", "fog"], "time": ["night", "night", "night", "day"]})
     out = measure_coverage(frame, config=config(t=2), odd=odd).to_json()
     assert out["out_of_odd"] == 2  # hail, and clear at night; the item without weather is not out of the ODD
