@@ -118,6 +118,36 @@ class SliceConfig:
     progress: bool = True
 
 
+# ---- coverage -------------------------------------------------------------------------------
+DEFAULT_COVERAGE_T = 2
+DEFAULT_MIN_COUNT = 1
+DEFAULT_COVERAGE_LIMIT = 1000
+DEFAULT_COVERAGE_MAX_LEVELS = 64
+DEFAULT_COVERAGE_TABLE_ROWS = 5_000_000
+
+
+@dataclass(frozen=True)
+class CoverageConfig:
+    """Settings of the coverage stage. ``t``: largest number of features per combination (1–4);
+    ``min_count``: items a combination needs to count as covered; ``odd``: the ODD YAML file (None:
+    every feature's observed values, no exclusions); ``min_prob``: labels below this probability count
+    as unknown; ``soft``: count each item by the product of its labels' probabilities; ``limit``: most
+    missing combinations listed; ``error``: the error column (None: ``error`` when there is one);
+    ``max_levels``: without an ODD, features with more values are skipped; ``table_rows``: at most
+    this many combinations in coverage.parquet before it keeps only t ≤ 2 and the missing ones."""
+
+    t: int = DEFAULT_COVERAGE_T
+    min_count: int = DEFAULT_MIN_COUNT
+    odd: Path | None = None
+    min_prob: float | None = None
+    soft: bool = False
+    limit: int = DEFAULT_COVERAGE_LIMIT
+    error: str | None = None
+    max_levels: int = DEFAULT_COVERAGE_MAX_LEVELS
+    table_rows: int = DEFAULT_COVERAGE_TABLE_ROWS
+    progress: bool = True
+
+
 # ---- run ------------------------------------------------------------------------------------
 DEFAULT_IOU_THRESHOLD = 0.5
 DEFAULT_CARLA_CLASSES = ("Pedestrian",)

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("clipengine.cli.evaluate:evaluate", "Compare labels with ground truth: accuracy, precision, recall, F1."),
     "search": ("clipengine.cli.search:search", "Text-to-image retrieval over stored embeddings."),
     "slices": ("clipengine.cli.slices:slices", "Find the top-K weak slices of a table with SliceLine."),
+    "coverage": ("clipengine.cli.coverage:coverage", "Which combinations of conditions a table covers, misses or holds thinly."),
     "run": ("clipengine.cli.run:run", "The whole semantic test: encode, annotate, join errors, slice, report."),
     "report": ("clipengine.cli.report:report", "Write RUN/report.html for an existing run directory."),
     "bench": ("clipengine.cli.bench:bench", "Throughput benchmarks against the reference peers."),
