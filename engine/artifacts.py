@@ -50,6 +50,8 @@ LABEL_QUALITY_MD = "label_quality.md"
 THRESHOLDS = "thresholds.json"
 SLICES_PARQUET = "slices.parquet"
 SLICES_JSON = "slices.json"
+COVERAGE_JSON = "coverage.json"
+COVERAGE_PARQUET = "coverage.parquet"
 SUMMARY = "summary.md"
 REPORT = "report.html"
 THUMBS_DIR = "thumbs"
@@ -60,7 +62,8 @@ SEARCH_INDEX_DIR = "search_index"
 LOCK = ".lock"
 ENCODE_OUTPUTS = (EMBEDDINGS, ITEMS, ITEM_STATS, SKIPPED, MODEL)
 _ALL_NAMES = (ITEMS, EMBEDDINGS, ITEM_STATS, SKIPPED, MODEL, ERRORS, METADATA, NAIVE_METADATA, LABEL_QUALITY_CSV,
-              LABEL_QUALITY_MD, THRESHOLDS, SLICES_PARQUET, SLICES_JSON, SUMMARY, REPORT, MANIFEST)
+              LABEL_QUALITY_MD, THRESHOLDS, SLICES_PARQUET, SLICES_JSON, COVERAGE_JSON, COVERAGE_PARQUET, SUMMARY,
+              REPORT, MANIFEST)
 
 # ---- columns --------------------------------------------------------------------------------
 KEY_COLUMNS = ("path", "box")  # what identifies an item in every table
@@ -81,6 +84,7 @@ META_LOGIT_SCALE = "clipengine.logit_scale"
 META_SCHEMA_CONTENT = "clipengine.schema_content"
 META_THRESHOLDS = "clipengine.thresholds"
 META_SLICES = "clipengine.slices"  # slices.parquet: the run-level facts of slices.json
+META_COVERAGE = "clipengine.coverage"  # coverage.parquet: the summary of coverage.json
 SLICES_FORMAT = 2  # slices.json "format": 2 adds the numeric bounds of binned predicates
 
 
@@ -347,19 +351,22 @@ def write_errors(run_dir: str | os.PathLike, frame) -> Path:
     return path
 
 
-def read_joined(run_dir: str | os.PathLike, *, metadata: str = METADATA):
+def read_joined(run_dir: str | os.PathLike, *, metadata: str = METADATA, errors_required: bool = True):
     """The table slicing sees: ``metadata`` ⋈ ``errors.parquet`` on :data:`KEY_COLUMNS` (inner join,
-    metadata's row order). An errors column named like an attribute is renamed ``given_<name>``.
+    metadata's row order). An errors column named like a metadata column is renamed ``given_<name>``.
     Returns ``(frame, attributes, extra)``: the attribute names and the errors table's other feature
-    columns (not ``error``, not ``true_*``)."""
+    columns (not ``error``, not ``true_*``). Without ``errors.parquet`` and ``errors_required=False``:
+    the metadata alone."""
     run_dir = Path(run_dir)
     labels = read_parquet_file(run_dir / metadata)
+    attributes = attribute_columns(labels.columns)
+    if not errors_required and not (run_dir / ERRORS).is_file():
+        return labels, attributes, []
     errors = read_parquet_file(run_dir / ERRORS)
     keys = [k for k in KEY_COLUMNS if k in labels.columns and k in errors.columns]
     if "path" not in keys:
         raise ClipengineError(f"{run_dir}: {metadata} and {ERRORS} need a 'path' column each")
-    attributes = attribute_columns(labels.columns)
-    errors = errors.rename({c: GIVEN_PREFIX + c for c in errors.columns if c in attributes})
+    errors = errors.rename({c: GIVEN_PREFIX + c for c in errors.columns if c in labels.columns and c not in keys})
     extra = [c for c in errors.columns
              if c not in KEY_COLUMNS and c != ERROR_COLUMN and not c.startswith(TRUTH_PREFIX) and not c.startswith("__")]
     frame = labels.join(errors, on=keys, how="inner", nulls_equal=True, maintain_order="left")
@@ -400,6 +407,25 @@ def read_slices(run_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
                               "run `clipengine run` (or `clipengine slices`) again to rewrite it")
     records = [r for r in data["slices"] if isinstance(r, dict)]
     return {k: v for k, v in data.items() if k != "slices"}, records
+
+
+# ---- coverage --------------------------------------------------------------------------------------
+def write_coverage(out_dir: str | os.PathLike, table, summary: dict, record: dict) -> tuple[Path, Path]:
+    """``coverage.parquet`` (``table``: one row per combination, ``summary`` in its metadata) and
+    ``coverage.json`` (``record``), atomically; deterministic."""
+    from clipengine.bindings.files import write_json, write_parquet
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_parquet(out_dir / COVERAGE_PARQUET, table, metadata={META_COVERAGE: json.dumps(summary, sort_keys=True)})
+    write_json(out_dir / COVERAGE_JSON, record)
+    return out_dir / COVERAGE_PARQUET, out_dir / COVERAGE_JSON
+
+
+def read_coverage(run_dir: str | os.PathLike) -> dict | None:
+    """``coverage.json`` of a run directory, or None when it has none."""
+    path = Path(run_dir) / COVERAGE_JSON
+    return read_json_file(path) if path.is_file() else None
 
 
 # ---- label quality, summary, report ----------------------------------------------------------------

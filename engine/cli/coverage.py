@@ -1,4 +1,4 @@
-"""``clipengine coverage``: options → ``CoverageConfig`` → :func:`clipengine.coverage.measure_coverage`."""
+"""``clipengine coverage``: options → ``CoverageConfig`` → :func:`clipengine.coverage.stage.measure_coverage`."""
 
 from __future__ import annotations
 
@@ -61,7 +61,9 @@ def coverage(source, features, t, min_count, odd, against, min_prob, soft, error
     import json
 
     from clipengine.config import DEFAULT_COVERAGE_LIMIT, CoverageConfig
-    from clipengine.coverage import load_odd, measure_coverage, read_coverage_input, write_coverage
+    from clipengine.coverage.inputs import read_coverage_input
+    from clipengine.coverage.odd import load_odd
+    from clipengine.coverage.stage import measure_coverage, write_coverage
 
     config = CoverageConfig(t=t, min_count=min_count, odd=odd, min_prob=min_prob, soft=soft,
                             limit=DEFAULT_COVERAGE_LIMIT if limit is None else limit, error=error,

@@ -1,29 +1,8 @@
-"""Coverage of an operational design domain: t-way value combinations present, missing or thin.
+"""Stage: coverage of an operational design domain — t-way value combinations present, missing or thin.
 
-:func:`measure_coverage` (frame in, :class:`CoverageResult` out) is the stage; :func:`load_odd`
-reads the ODD file; :func:`read_coverage_input` reads a run directory or a table;
-:func:`write_coverage` writes ``coverage.json`` / ``coverage.parquet``.
+- ``odd``: the ODD file (features, allowed values, excluded combinations), loaded as data.
+- ``inputs``: a run directory (metadata ⋈ errors) or a table.
+- ``stage``: :func:`~clipengine.coverage.stage.measure_coverage` (frame in, ``CoverageResult`` out) and
+  its outputs through :mod:`clipengine.artifacts` (``coverage.json``, ``coverage.parquet``); the counting
+  is :mod:`clipengine.kernels.coverage`.
 """
-
-from clipengine.coverage.inputs import read_coverage_input, read_run_table
-from clipengine.coverage.odd import Odd, load_odd, parse_odd
-from clipengine.coverage.stage import (
-    COVERAGE_JSON,
-    COVERAGE_PARQUET,
-    CoverageResult,
-    measure_coverage,
-    write_coverage,
-)
-
-__all__ = [
-    "COVERAGE_JSON",
-    "COVERAGE_PARQUET",
-    "CoverageResult",
-    "Odd",
-    "load_odd",
-    "measure_coverage",
-    "parse_odd",
-    "read_coverage_input",
-    "read_run_table",
-    "write_coverage",
-]

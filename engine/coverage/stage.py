@@ -49,8 +49,6 @@ from clipengine.config import CoverageConfig
 from clipengine.coverage.odd import Odd
 from clipengine.errors import ClipengineError
 
-COVERAGE_JSON = "coverage.json"
-COVERAGE_PARQUET = "coverage.parquet"
 PROB_SUFFIX = "_prob"
 MARGIN_SUFFIX = "_margin"
 KEY_COLUMNS = ("path", "box")
@@ -212,7 +210,7 @@ class CoverageResult:
         return record
 
     def _error_fields(self, level: Level, index: np.ndarray, *, scalar: bool = False) -> dict[str, Any]:
-        from clipengine import stats
+        from clipengine.slices import stats
 
         n = level.hard[index].astype(np.float64)
         total = level.errors[index]
@@ -821,15 +819,10 @@ def _out_of_odd(result: CoverageResult, frame: pl.DataFrame, codes: np.ndarray, 
 
 
 def write_coverage(result: CoverageResult, out_dir: str | Path, *, record: dict | None = None) -> tuple[Path, Path]:
-    """Write ``coverage.parquet`` (one row per combination, :meth:`CoverageResult.to_polars`) and
-    ``coverage.json`` (``record``, by default :meth:`CoverageResult.to_json`) into ``out_dir``,
-    atomically; deterministic."""
-    from clipengine.bindings.files import write_json, write_parquet
+    """``coverage.parquet`` (one row per combination, :meth:`CoverageResult.to_polars`) and ``coverage.json``
+    (``record``, by default :meth:`CoverageResult.to_json`) in ``out_dir``
+    (:func:`clipengine.artifacts.write_coverage`)."""
+    from clipengine import artifacts
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    parquet_path, json_path = out_dir / COVERAGE_PARQUET, out_dir / COVERAGE_JSON
-    write_parquet(parquet_path, result.to_polars(),
-                  metadata={"clipengine.coverage": json.dumps(result.summary(), sort_keys=True)})
-    write_json(json_path, result.to_json() if record is None else record)
-    return parquet_path, json_path
+    return artifacts.write_coverage(out_dir, result.to_polars(), result.summary(),
+                                    result.to_json() if record is None else record)

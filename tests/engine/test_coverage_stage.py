@@ -11,16 +11,11 @@ import numpy as np
 import polars as pl
 import pytest
 
+from clipengine.artifacts import COVERAGE_JSON, COVERAGE_PARQUET
 from clipengine.config import CoverageConfig
-from clipengine.coverage import (
-    COVERAGE_JSON,
-    COVERAGE_PARQUET,
-    load_odd,
-    measure_coverage,
-    parse_odd,
-    read_run_table,
-    write_coverage,
-)
+from clipengine.coverage.inputs import read_run_table
+from clipengine.coverage.odd import load_odd, parse_odd
+from clipengine.coverage.stage import measure_coverage, write_coverage
 from clipengine.errors import ClipengineError
 
 ISSUE_ODD = """\
@@ -143,7 +138,7 @@ def test_thin_combinations_are_listed_thinnest_first_with_error_rates():
     assert first["predicates"] == {"a": "x", "b": "p"} and first["count"] == 3
     assert second["predicates"] == {"a": "y", "b": "q"} and second["count"] == 7
     # 3 items, 3 errors: rate 1 with a wide Wilson interval
-    from clipengine.stats import wilson_interval
+    from clipengine.slices.stats import wilson_interval
 
     low, high = wilson_interval(np.array([3.0]), np.array([3.0]))
     assert first["errors"] == 3 and first["error_rate"] == 1.0
@@ -346,7 +341,7 @@ def test_write_coverage_files_are_the_result(tmp_path):
     assert json.loads(js.read_text()) == json.loads(json.dumps(result.to_json()))
     table = pl.read_parquet(parquet)
     assert table.height == 4 + 4 and set(table["t"].to_list()) == {1, 2}
-    from clipengine.bindings.files import read_parquet_metadata
+    from clipengine.artifacts import read_parquet_metadata
 
     assert json.loads(read_parquet_metadata(parquet)["clipengine.coverage"])["coverage"] == result.coverage()
 
