@@ -47,7 +47,7 @@ from clipengine import artifacts
 from clipengine.compare.difference import SliceSums, compare_means
 from clipengine.compare.drift import Drift, measure_drift
 from clipengine.compare.family import FeatureDefinition, SliceDefinition, build_family, feature_definition
-from clipengine.config import CompareConfig
+from clipengine.config import DEFAULT_BINS, CompareConfig
 from clipengine.errors import ClipengineError
 from clipengine.slices.coding import predicate_mask
 from clipengine.slices.stats import benjamini_hochberg, slice_intervals
@@ -363,7 +363,7 @@ def change_search(old: RunSide, new: RunSide, old_rows: np.ndarray, new_rows: np
     bins = {name: list(d.edges) for name, d in definitions.items() if d.binned and d.edges}
     try:
         result = find_slices(frame, error=CHANGE_COLUMN, features=features, k=config.k, max_level=config.max_level,
-                             bins=bins, max_q=None, max_levels=config.max_levels)
+                             bins=bins or DEFAULT_BINS, max_q=None, max_levels=config.max_levels)
     except ClipengineError as error:  # e.g. every feature single-valued among the shared items
         facts["skipped"] = str(error)
         return [], None, facts
