@@ -5,7 +5,7 @@ are the same items (same key) in both. Which test fits depends on that overlap:
 
 | errors | the same items in both (``n_matched = n_old = n_new``) | no item in common | some in common |
 | --- | --- | --- | --- |
-| 0/1 | McNemar's test, exact mid-p (binomial on the items that flipped); Newcombe's paired score interval | Fisher's exact test; Newcombe's hybrid score interval (from Wilson intervals) | partially-overlapping-samples t (normal approximation) |
+| 0/1 | McNemar's test, exact mid-p (binomial on the items that flipped); Newcombe's paired square-and-add interval | Fisher's exact test; Newcombe's hybrid score interval (from Wilson intervals) | partially-overlapping-samples t (normal approximation) |
 | other | paired t | Welch | partially-overlapping-samples t |
 
 The paired 0/1 test is the mid-p version of the exact conditional McNemar test: the exact test
@@ -110,9 +110,11 @@ def newcombe_unpaired_interval(x_old, n_old, x_new, n_new, confidence: float = D
 
 
 def newcombe_paired_interval(both, up, down, neither, confidence: float = DEFAULT_CONFIDENCE):
-    """Newcombe's score interval (his method 10, 1998) of ``p_new − p_old`` for paired 0/1
+    """Newcombe's square-and-add interval (his method 10, 1998) of ``p_new − p_old`` for paired 0/1
     outcomes: ``both`` items with an error in both runs, ``up`` 0 → 1, ``down`` 1 → 0, ``neither``.
-    The Wilson intervals of the two margins are combined with the phi correlation of the table."""
+    The Wilson intervals of the two margins are combined with the correlation of the table, whose
+    numerator ``ad − bc`` is continuity-corrected as Newcombe does: less ``n/2`` when above ``n/2``,
+    0 between 0 and ``n/2``, kept when negative."""
     a, b, c, d = (np.asarray(v, dtype=np.float64) for v in (both, up, down, neither))
     n = a + b + c + d
     new_errors, old_errors = a + b, a + c
@@ -121,7 +123,9 @@ def newcombe_paired_interval(both, up, down, neither, confidence: float = DEFAUL
     with np.errstate(invalid="ignore", divide="ignore"):
         p1, p2 = new_errors / n, old_errors / n
         margins = (a + b) * (c + d) * (a + c) * (b + d)
-        phi = np.where(margins > 0, (a * d - b * c) / np.sqrt(np.where(margins > 0, margins, 1.0)), 0.0)
+        cross = a * d - b * c
+        cross = np.where(cross > n / 2, cross - n / 2, np.where(cross >= 0, 0.0, cross))
+        phi = np.where(margins > 0, cross / np.sqrt(np.where(margins > 0, margins, 1.0)), 0.0)
         diff = (b - c) / n
         below = np.sqrt(np.maximum((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
         above = np.sqrt(np.maximum((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))

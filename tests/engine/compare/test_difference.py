@@ -46,18 +46,24 @@ def test_newcombe_unpaired_interval_matches_newcombe_1998():
     np.testing.assert_allclose(high, [0.3339, 0.1926, 0.2775], atol=5e-5)
 
 
+def test_newcombe_paired_interval_matches_the_contingencytables_package():
+    # Fagerland, Lydersen & Laake's R package contingencytables (tests/testthat/test-ch8.R): the paired
+    # table [[59, 6], [16, 80]] gives -0.0621 (-0.1186 to -0.0046); rows are the new run here
+    low, high = newcombe_paired_interval([59], [6], [16], [80])
+    assert (low[0], high[0]) == pytest.approx((-0.1186, -0.0046), abs=5e-5)
+
+
 def test_newcombe_paired_interval_without_correlation_is_the_unpaired_one():
-    # a table with phi = 0 (both margins independent): the paired interval reduces to method 10
-    both, up, down, neither = np.array([4.0]), np.array([16.0]), np.array([6.0]), np.array([24.0])
-    phi_numerator = both * neither - up * down
-    assert phi_numerator[0] == 0
+    # ad − bc within [0, n/2]: the corrected correlation is 0 and the interval that of independent samples
+    both, up, down, neither = np.array([4.0]), np.array([16.0]), np.array([6.0]), np.array([25.0])
+    assert 0 <= both * neither - up * down <= (both + up + down + neither) / 2
     n = both + up + down + neither
     paired = newcombe_paired_interval(both, up, down, neither)
     unpaired = newcombe_unpaired_interval(both + down, n, both + up, n)
     np.testing.assert_allclose(paired, unpaired, rtol=1e-12)
 
 
-def test_newcombe_paired_interval_covers_the_difference():
+def test_newcombe_paired_interval_covers_the_difference_and_uses_the_pairing():
     rng = np.random.default_rng(2)
     n, reps = 60, 3000
     # correlated outcomes: p(old) = 0.2, p(new) = 0.3, with a shared item effect
@@ -71,6 +77,9 @@ def test_newcombe_paired_interval_covers_the_difference():
     low, high = newcombe_paired_interval(both, up, down, n - both - up - down)
     coverage = np.mean((low <= true) & (true <= high))
     assert 0.93 <= coverage <= 0.975, coverage
+    # positively correlated runs: narrower than treating the two runs as independent samples
+    low_u, high_u = newcombe_unpaired_interval(both + down, np.full(reps, n), both + up, np.full(reps, n))
+    assert np.median((high - low) / (high_u - low_u)) < 0.9
 
 
 def _sums(old: np.ndarray, new: np.ndarray, matched_old: np.ndarray, matched_new: np.ndarray) -> SliceSums:
