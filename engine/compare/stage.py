@@ -50,7 +50,7 @@ from clipengine.compare.family import FeatureDefinition, SliceDefinition, build_
 from clipengine.config import DEFAULT_BINS, CompareConfig
 from clipengine.errors import ClipengineError
 from clipengine.slices.coding import predicate_mask
-from clipengine.slices.stats import benjamini_hochberg, slice_intervals
+from clipengine.slices.stats import DEFAULT_CONFIDENCE, benjamini_hochberg, slice_intervals
 
 FORMAT = 1
 STATUSES = ("worse", "new", "better", "gone", "unchanged")  # the order slices are listed in
@@ -291,25 +291,17 @@ def compare_sides(old: RunSide, new: RunSide, config: CompareConfig | None = Non
                                     binary=binary, config=config, old=old, new=new) if errors_agree else []
     drift_records = _drift_records(measure_drift(drift_tables), config)
 
-    changed = old_errors[old_rows] != new_errors[new_rows]
-    failing = (old_errors[old_rows] == 0) & (new_errors[new_rows] > 0)
-    fixed = (old_errors[old_rows] > 0) & (new_errors[new_rows] == 0)
-    keys = [c for c in artifacts.KEY_COLUMNS if c in new.frame.columns]
-    items = new.frame[new_rows[changed]].select(keys).with_columns(
-        pl.Series("old_error", old_errors[old_rows[changed]]), pl.Series("new_error", new_errors[new_rows[changed]]),
-        pl.Series("change", np.where(failing[changed], "newly failing", np.where(fixed[changed], "fixed", "changed"))),
-    )
-    examples = items.filter(pl.col("change") == "newly failing").head(ITEM_EXAMPLES).select(keys).to_dicts()
+    items, item_facts = _changed_items(new.frame, old_errors[old_rows], new_errors[new_rows], new_rows)
+    item_facts.update(matched=int(old_rows.size), old_only=int(old.frame.height - old_rows.size),
+                      new_only=int(new.frame.height - new_rows.size))
     facts = {
         "old": _run_facts(old, old_errors),
         "new": _run_facts(new, new_errors),
         "binary_errors": binary,
         "settings": {"max_q": config.max_q, "min_diff": config.min_diff, "min_psi": config.min_psi,
-                     "confidence": 0.95},
+                     "confidence": DEFAULT_CONFIDENCE},
         "family": _family_facts(family, slice_records, skipped, change_facts),
-        "items": {"matched": int(old_rows.size), "old_only": int(old.frame.height - old_rows.size),
-                  "new_only": int(new.frame.height - new_rows.size), "newly_failing": int(failing.sum()),
-                  "fixed": int(fixed.sum()), "changed": int(changed.sum()), "newly_failing_examples": examples},
+        "items": item_facts,
         "features": {name: ({"binned_by": d.source} if d.binned else {"by": "value"}) for name, d in definitions.items()},
     }
     comparison = Comparison(facts, slice_records, drift_records, mismatches, not_compared, items)
@@ -319,6 +311,23 @@ def compare_sides(old: RunSide, new: RunSide, config: CompareConfig | None = Non
                          "gone": sum(1 for r in slice_records if r["status"] == "gone"),
                          "drift": sum(1 for r in drift_records if r["finding"])}
     return comparison
+
+
+def _changed_items(new_frame: pl.DataFrame, old_errors: np.ndarray, new_errors: np.ndarray, new_rows: np.ndarray):
+    """The matched items whose error changed (``old_errors``/``new_errors``: ``(P,)`` of the pairs, in the
+    new run's order) as a frame — key columns, both errors, ``change`` (newly failing: 0 → > 0; fixed:
+    > 0 → 0; else changed) — and their counts with the first newly failing items' keys."""
+    changed = old_errors != new_errors
+    failing = (old_errors == 0) & (new_errors > 0)
+    fixed = (old_errors > 0) & (new_errors == 0)
+    keys = [c for c in artifacts.KEY_COLUMNS if c in new_frame.columns]
+    items = new_frame[new_rows[changed]].select(keys).with_columns(
+        pl.Series("old_error", old_errors[changed]), pl.Series("new_error", new_errors[changed]),
+        pl.Series("change", np.where(failing[changed], "newly failing", np.where(fixed[changed], "fixed", "changed"))),
+    )
+    examples = items.filter(pl.col("change") == "newly failing").head(ITEM_EXAMPLES).select(keys).to_dicts()
+    return items, {"newly_failing": int(failing.sum()), "fixed": int(fixed.sum()), "changed": int(changed.sum()),
+                   "newly_failing_examples": examples}
 
 
 def _run_facts(side: RunSide, errors: np.ndarray) -> dict:
@@ -377,10 +386,13 @@ def _compare_slices(family, old_masks: _Masks, new_masks: _Masks, old_errors, ne
     sums = {name: np.zeros(count) for name in SliceSums.__dataclass_fields__}
     flipped_up, flipped_down = np.zeros(count, np.int64), np.zeros(count, np.int64)
     paired_old, paired_new = old_errors[old_rows], new_errors[new_rows]
+    # the same items in the same order in both runs (a new model on the same data): no gathers
+    aligned = (old_rows.size == old_errors.size == new_errors.size and np.array_equal(old_rows, new_rows)
+               and np.array_equal(old_rows, np.arange(old_rows.size)))
     for i, member in enumerate(family):
         in_old, in_new = old_masks.of(member), new_masks.of(member)
         e1, e2 = old_errors[in_old], new_errors[in_new]
-        both = in_old[old_rows] & in_new[new_rows]
+        both = in_old & in_new if aligned else in_old[old_rows] & in_new[new_rows]
         a, b = paired_old[both], paired_new[both]
         for name, value in (("n_old", e1.size), ("sum_old", e1.sum()), ("sq_old", np.dot(e1, e1)),
                             ("n_new", e2.size), ("sum_new", e2.sum()), ("sq_new", np.dot(e2, e2)),
