@@ -154,14 +154,22 @@ def level_one(definition: FeatureDefinition, frames: Sequence[pl.DataFrame], *, 
             column = column.fill_nan(None)
         has_null |= column.null_count() > 0
         for value in column.drop_nulls().unique().to_list():
+            if isinstance(value, float) and math.isinf(value):  # labelled as slice coding labels them
+                value = NEG_INF_LABEL if value < 0 else POS_INF_LABEL
             seen.setdefault(json.dumps(value, default=str), value)
     if len(seen) + has_null > max_levels:
         return f"{len(seen) + has_null} values > max_levels {max_levels}"
-    for _, value in sorted(seen.items(), key=lambda kv: (str(type(kv[1])), kv[1] if isinstance(kv[1], (int, float, str)) else kv[0])):
+    for value in sorted(seen.values(), key=_value_order):
         slices.append(SliceDefinition({name: value}, {}, level_one=True))
     if has_null:
         slices.append(SliceDefinition({name: None}, {}, level_one=True))
     return slices
+
+
+def _value_order(value) -> tuple:
+    """Values sorted within their type (numbers as numbers, text as text), types apart."""
+    plain = isinstance(value, (bool, int, float, str))
+    return type(value).__name__, value if plain else json.dumps(value, default=str)
 
 
 # ---- reported slices ------------------------------------------------------------------------------
