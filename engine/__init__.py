@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY_ATTRIBUTES = {
     "find_slices": "clipengine.slices.find:find_slices",
+    "compare_runs": "clipengine.compare.stage:compare_runs",
 }
 
 

@@ -14,6 +14,7 @@ A run directory (``clipengine run``'s ``RUN``, or the output folder of a single 
 | ``metadata_naive.parquet`` | annotate | the same with the first prompt per class (label-quality comparison) |
 | ``label_quality.csv`` / ``.md`` | eval | per attribute and class: support, accuracy, precision, recall, F1 per strategy |
 | ``slices.parquet`` / ``slices.json`` | slices | one row per slice with its statistics and the numeric bounds of binned predicates |
+| ``compare.json`` / ``compare_items.parquet`` | compare | the comparison with a baseline run: slices (status, both error rates, difference, interval, q-value), drift per attribute, mismatches; the matched items whose error changed |
 | ``summary.md``, ``report.html`` + ``thumbs/`` | summary, report | for people |
 | ``manifest.json`` | run | inputs, model, schema, settings, versions, per-stage fingerprints and timings |
 
@@ -52,6 +53,8 @@ SLICES_PARQUET = "slices.parquet"
 SLICES_JSON = "slices.json"
 COVERAGE_JSON = "coverage.json"
 COVERAGE_PARQUET = "coverage.parquet"
+COMPARE_JSON = "compare.json"
+COMPARE_ITEMS = "compare_items.parquet"
 SUMMARY = "summary.md"
 REPORT = "report.html"
 THUMBS_DIR = "thumbs"
@@ -62,8 +65,8 @@ SEARCH_INDEX_DIR = "search_index"
 LOCK = ".lock"
 ENCODE_OUTPUTS = (EMBEDDINGS, ITEMS, ITEM_STATS, SKIPPED, MODEL)
 _ALL_NAMES = (ITEMS, EMBEDDINGS, ITEM_STATS, SKIPPED, MODEL, ERRORS, METADATA, NAIVE_METADATA, LABEL_QUALITY_CSV,
-              LABEL_QUALITY_MD, THRESHOLDS, SLICES_PARQUET, SLICES_JSON, COVERAGE_JSON, COVERAGE_PARQUET, SUMMARY,
-              REPORT, MANIFEST)
+              LABEL_QUALITY_MD, THRESHOLDS, SLICES_PARQUET, SLICES_JSON, COVERAGE_JSON, COVERAGE_PARQUET, COMPARE_JSON,
+              COMPARE_ITEMS, SUMMARY, REPORT, MANIFEST)
 
 # ---- columns --------------------------------------------------------------------------------
 KEY_COLUMNS = ("path", "box")  # what identifies an item in every table
@@ -426,6 +429,81 @@ def read_coverage(run_dir: str | os.PathLike) -> dict | None:
     """``coverage.json`` of a run directory, or None when it has none."""
     path = Path(run_dir) / COVERAGE_JSON
     return read_json_file(path) if path.is_file() else None
+
+
+# ---- labelling record ---------------------------------------------------------------------------
+def read_labelling(run_dir: str | os.PathLike, *, metadata: str = METADATA) -> dict:
+    """How a run's labels were made, from ``metadata.parquet``'s key/value record: ``model_id``,
+    ``schema``, ``schema_hash``, ``attributes`` (name → its schema entry: kind, classes, prompts,
+    strategy), ``thresholds`` (binary attribute → probability threshold). Empty where not recorded."""
+    path = Path(run_dir) / metadata
+    try:
+        meta = read_parquet_metadata(path)
+    except Exception:
+        return {}
+    record: dict[str, Any] = {"model_id": meta.get(META_MODEL_ID), "schema": meta.get(META_SCHEMA),
+                              "schema_hash": meta.get(META_SCHEMA_HASH)}
+    try:
+        content = json.loads(meta[META_SCHEMA_CONTENT]) if META_SCHEMA_CONTENT in meta else {}
+        thresholds = json.loads(meta[META_THRESHOLDS]) if META_THRESHOLDS in meta else {}
+    except ValueError:
+        raise ClipengineError(f"{path}: its schema record is not valid JSON") from None
+    entries = content.get("attributes") if isinstance(content, dict) else None
+    # the truth columns name where eval finds ground truth: not part of what a label means
+    record["attributes"] = {str(e["name"]): {k: v for k, v in e.items() if k not in ("name", "truth")}
+                            for e in entries or [] if isinstance(e, dict) and "name" in e}
+    record["thresholds"] = thresholds if isinstance(thresholds, dict) else {}
+    return record
+
+
+# ---- comparison with a baseline ----------------------------------------------------------------------
+COMPARED_INPUTS = (METADATA, ERRORS, SLICES_JSON)  # what a comparison reads of each run
+
+
+def comparison_digest(run_dir: str | os.PathLike) -> str | None:
+    """sha256 over the files a comparison reads of a run (:data:`COMPARED_INPUTS`); None when one is
+    missing. ``compare.json`` records it for both runs, so a page can tell whether it is still current."""
+    from clipengine.bindings.files import sha256_file
+
+    run_dir = Path(run_dir)
+    paths = [run_dir / name for name in COMPARED_INPUTS]
+    if not all(path.is_file() for path in paths):
+        return None
+    return hashlib.sha256("".join(sha256_file(path) for path in paths).encode()).hexdigest()
+
+
+def write_comparison(out_dir: str | os.PathLike, document: dict, items) -> tuple[Path, Path]:
+    """``compare.json`` (``document``) and ``compare_items.parquet`` (``items``: ``path`` [, ``box``],
+    ``old_error``, ``new_error``, ``change``), atomically; deterministic (no timings)."""
+    from clipengine.bindings.files import write_json, write_parquet
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_parquet(out_dir / COMPARE_ITEMS, items)
+    write_json(out_dir / COMPARE_JSON, document)
+    return out_dir / COMPARE_JSON, out_dir / COMPARE_ITEMS
+
+
+def comparison_is_current(run_dir: str | os.PathLike, document: dict) -> bool:
+    """Whether ``document`` (a ``compare.json``) was made from ``run_dir``'s compared files as they are now."""
+    new = document.get("new") if isinstance(document.get("new"), dict) else {}
+    recorded = new.get("digest")
+    return recorded is not None and recorded == comparison_digest(run_dir)
+
+
+def read_comparison(run_dir: str | os.PathLike) -> tuple[dict, Any] | None:
+    """``(compare.json, compare_items.parquet as a frame or None)``; None when there is no
+    ``compare.json``; a one-line error when it is unreadable."""
+    run_dir = Path(run_dir)
+    path = run_dir / COMPARE_JSON
+    if not path.is_file():
+        return None
+    document = read_json_file(path)
+    if not isinstance(document, dict) or not isinstance(document.get("slices"), list):
+        raise ClipengineError(f"{path}: holds no comparison (not written by `clipengine compare`)")
+    items_path = run_dir / COMPARE_ITEMS
+    items = read_parquet_file(items_path) if items_path.is_file() else None
+    return document, items
 
 
 # ---- label quality, summary, report ----------------------------------------------------------------

@@ -148,6 +148,29 @@ class CoverageConfig:
     progress: bool = True
 
 
+# ---- compare --------------------------------------------------------------------------------
+DEFAULT_MIN_DIFF = 0.0  # smallest |new − old| error-rate change that counts as worse/better
+DEFAULT_MIN_PSI = 0.0  # smallest population stability index that counts as drift
+DEFAULT_MIN_SHARED = 100  # items both runs must hold before their error changes are searched
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Settings of a comparison with a baseline run. A slice is worse/better when its Benjamini–Hochberg
+    q-value is ≤ ``max_q`` and its error changed by at least ``min_diff``; an attribute drifted when its
+    q-value is ≤ ``max_q`` and its PSI ≥ ``min_psi``; features with more than ``max_levels`` values
+    give no level-1 slices. Where the runs share at least ``min_shared`` items, a SliceLine search over
+    their error changes adds its top ``k`` slices of at most ``max_level`` predicates."""
+
+    max_q: float = DEFAULT_MAX_Q
+    min_diff: float = DEFAULT_MIN_DIFF
+    min_psi: float = DEFAULT_MIN_PSI
+    max_levels: int = DEFAULT_MAX_LEVELS
+    k: int = DEFAULT_K
+    max_level: int = DEFAULT_MAX_LEVEL
+    min_shared: int = DEFAULT_MIN_SHARED
+
+
 # ---- run ------------------------------------------------------------------------------------
 DEFAULT_IOU_THRESHOLD = 0.5
 DEFAULT_CARLA_CLASSES = ("Pedestrian",)
@@ -181,6 +204,8 @@ class RunConfig:
 
     ``schema`` None means the dataset's default schema; ``out`` None means ``runs/<dataset>``;
     ``auto_model`` True means: the default CLIP weights when they can be had, else ConSE.
+    ``baseline``: an earlier run directory to compare this run with (``compare.json``, and a section of
+    the report), with the settings ``compare``.
     """
 
     dataset: str = "fashion-mnist"
@@ -201,3 +226,5 @@ class RunConfig:
     ray_shards: str | None = None  # shard files' folder: a path or pyarrow filesystem URI (None: RUN/shards-ray)
     quiet: bool = False
     log_json: bool = False
+    baseline: Path | None = None
+    compare: CompareConfig = field(default_factory=CompareConfig)

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "slices": ("clipengine.cli.slices:slices", "Find the top-K weak slices of a table with SliceLine."),
     "coverage": ("clipengine.cli.coverage:coverage", "Which combinations of conditions a table covers, misses or holds thinly."),
     "run": ("clipengine.cli.run:run", "The whole semantic test: encode, annotate, join errors, slice, report."),
+    "compare": ("clipengine.cli.compare:compare", "Compare two runs: slices worse or better, new or gone; drift."),
     "report": ("clipengine.cli.report:report", "Write RUN/report.html for an existing run directory."),
     "bench": ("clipengine.cli.bench:bench", "Throughput benchmarks against the reference peers."),
     "export": ("clipengine.cli.export:export", "Write a model's image graph as ONNX (what TensorRT builds from)."),

@@ -69,6 +69,7 @@ Example:
   clipengine run --dataset carla --root carla_export/ --detections dets/ --out runs/carla
   clipengine run --dataset folder --root photos/ --schema scene --k 20
   clipengine run --config nightly.yaml --quiet --log-json
+  clipengine run --dataset folder --root photos/ --out runs/2024-05-02 --baseline runs/2024-05-01
   clipengine run --dataset folder --root /shared/photos --out /shared/runs/nightly --executor ray --ray-address auto
   clipengine run --dataset folder --root /shared/photos --executor ray --ray-address auto \\
       --ray-shards s3://my-bucket/clipengine/nightly-shards
@@ -104,6 +105,13 @@ Example:
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decode threads [one per core].")
 @click.option("--strategy", default=None, help="Prompt aggregation (mean, max, topm, naive; per attribute a=max).")
 @slice_options
+@click.option("--baseline", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="An earlier run directory to compare this run with (clipengine compare): writes RUN/compare.json "
+                   "and adds a 'since the baseline' section to the report.")
+@click.option("--min-diff", type=click.FloatRange(min=0), default=defaults.DEFAULT_MIN_DIFF, show_default=True,
+              help="--baseline: smallest change of a slice's error rate that counts as worse/better.")
+@click.option("--min-psi", type=click.FloatRange(min=0), default=defaults.DEFAULT_MIN_PSI, show_default=True,
+              help="--baseline: smallest population stability index that counts as drift.")
 @click.option("--no-report", is_flag=True, default=False, help="Skip report.html.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where encoding runs: this process, or a Ray cluster (needs clipengine[ray]).")
@@ -121,9 +129,9 @@ Example:
 @click.option("--log-json", is_flag=True, default=False, help="JSON-lines events on stdout (machine-readable).")
 def run(dataset, root, out, schema, detections, predictions, errors_file, classes, iou, limit, seed, model, pretrained,
         weights, backend, device, precision, batch_size, workers, strategy, k, alpha, min_sup, max_level, bins,
-        binning, drop_nulls, compat, max_q, no_report, executor, ray_address, ray_workers, gpus_per_worker,
+        binning, drop_nulls, compat, max_q, baseline, min_diff, min_psi, no_report, executor, ray_address, ray_workers, gpus_per_worker,
         cpus_for_decode, ray_shards, quiet, log_json) -> None:
-    from clipengine.config import AnnotateConfig, DatasetConfig, EncodeConfig, RunConfig
+    from clipengine.config import AnnotateConfig, CompareConfig, DatasetConfig, EncodeConfig, RunConfig
     from clipengine.errors import ClipengineError
     from clipengine.run.job import RunLog, run_job
 
@@ -152,6 +160,8 @@ def run(dataset, root, out, schema, detections, predictions, errors_file, classe
         ray_shards=ray_shards,
         quiet=quiet,
         log_json=log_json,
+        baseline=baseline,
+        compare=CompareConfig(max_q=max_q, min_diff=min_diff, min_psi=min_psi),
     )
     log = RunLog(quiet=quiet, log_json=log_json)
     try:
@@ -171,6 +181,8 @@ def run(dataset, root, out, schema, detections, predictions, errors_file, classe
     reused = f"; reused {', '.join(result.reused)}" if result.reused else ""
     click.echo(f"{result.run_dir}: ran {', '.join(result.ran) or 'nothing'}{reused} ({result.seconds:.1f} s)")
     _print_top_slices(result.run_dir)
+    if baseline is not None:
+        _print_comparison(result.run_dir)
     click.echo(f"summary: {result.run_dir / artifacts.SUMMARY}")
     if (result.run_dir / artifacts.REPORT).is_file():
         click.echo(f"report:  {result.run_dir / artifacts.REPORT}")
@@ -188,3 +200,19 @@ def _print_top_slices(run_dir: Path, top: int = 3) -> None:
         text = " AND ".join(f"{k} = {v}" for k, v in record.get("predicates", {}).items())
         mark = "" if record.get("significant") else " (not significant)"
         click.echo(f"  {rank}. {text}: {record.get('size')} items, error {100 * (record.get('error_mean') or 0):.1f} %{mark}")
+
+
+def _print_comparison(run_dir: Path) -> None:
+    from clipengine.artifacts import read_comparison
+    from clipengine.errors import ClipengineError
+
+    try:
+        found = read_comparison(run_dir)
+    except ClipengineError:
+        return
+    if found is None:
+        return
+    counts = found[0].get("findings", {})
+    click.echo(f"since the baseline: {counts.get('worse', 0)} slices worse, {counts.get('better', 0)} better, "
+               f"{counts.get('new', 0)} new weak, {counts.get('drift', 0)} attributes drifted "
+               f"(clipengine compare gives the details and an exit code)")

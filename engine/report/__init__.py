@@ -2,7 +2,8 @@
 
 ``write_report(run_dir)`` reads ``manifest.json``, ``model.json``, ``items.parquet``,
 ``metadata.parquet``, ``errors.parquet``, ``slices.json``, ``label_quality.csv``,
-``skipped.parquet`` and ``summary.md`` (each optional but the item table) and writes
+``skipped.parquet``, ``summary.md`` and ``compare.json`` + ``compare_items.parquet`` (each optional but
+the item table) and writes
 ``report.html`` with its thumbnails in ``thumbs/`` (or inlined with ``single_file``).
 The page needs no network: styles, script and charts (SVG) are inline. Every string
 that comes from data is escaped by Jinja2's autoescape. The same run directory gives
@@ -91,7 +92,10 @@ def render_report(run, *, out_dir: Path, single_file: bool = False):
                     width=5.0,
                 )
 
+    from clipengine.report.baseline import baseline_section
+
     context = {
+        "baseline": baseline_section(run, thumbs),
         "title": _dataset_name(run.manifest) or run.run_dir.resolve().name,
         "run_name": run.run_dir.resolve().name,
         "facts": _facts(run, overall, slices),
@@ -134,7 +138,7 @@ def _environment():
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    environment.filters.update(pct=_pct, num=_num, sci=_sci, fixed=_fixed, position=_position)
+    environment.filters.update(pct=_pct, num=_num, sci=_sci, fixed=_fixed, position=_position, change=_change)
     return environment
 
 
@@ -229,6 +233,13 @@ def _sci(value: float | None) -> str:
     if value == 0:
         return "0"
     return f"{value:.3f}" if value >= 0.001 else f"{value:.1e}"
+
+
+def _change(value: float | None, binary: bool = True) -> str:
+    """A change of an error rate: ``+19.3 pts`` (0/1 errors, percentage points) or ``+0.0123``."""
+    if value is None:
+        return "–"
+    return f"{100 * value:+.1f} pts" if binary else f"{value:+.3g}"
 
 
 def _fixed(value: float | None, digits: int = 2) -> str:

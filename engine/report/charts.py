@@ -102,3 +102,58 @@ def _inline(svg: str) -> str:
     svg = svg[start:]
     svg = re.sub(r'<svg([^>]*?) width="[^"]*" height="[^"]*"', r'<svg\1 class="chart" role="img"', svg, count=1)
     return svg.strip()
+
+
+WORSE = "#b91c1c"  # slices that got worse since the baseline
+BETTER = "#15803d"  # ... better
+
+
+def change_chart(
+    labels: list[str],
+    old: list[tuple[float | None, float | None, float | None]],
+    new: list[tuple[float | None, float | None, float | None]],
+    worse: list[bool],
+    *,
+    xlabel: str = "error rate (95 % interval)",
+    salt: str = "",
+    width: float = 7.2,
+) -> str:
+    """Each slice's error rate in the baseline (grey) and in this run (red: worse, green: better),
+    each ``(rate, low, high)`` with its interval, one row per slice, as an ``<svg>`` string."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    style = dict(_STYLE, **{"svg.hashsalt": f"clipengine-report-{salt}"})
+    with plt.rc_context(style):
+        rows = len(labels)
+        figure, axes = plt.subplots(figsize=(width, max(1.8, 0.9 + 0.42 * max(rows, 1))))
+        try:
+            positions = list(range(rows))[::-1]
+            for i, y in enumerate(positions):
+                for (rate, low, high), offset, colour in ((old[i], 0.17, QUIET),
+                                                          (new[i], -0.17, WORSE if worse[i] else BETTER)):
+                    if low is not None and high is not None:
+                        axes.plot([low, high], [y + offset] * 2, color=colour, linewidth=2.2, solid_capstyle="butt")
+                    if rate is not None:
+                        axes.plot([rate], [y + offset], marker="o", markersize=4.5, color=colour, linestyle="none")
+            axes.plot([], [], color=QUIET, linewidth=2.2, label="baseline")
+            axes.plot([], [], color=WORSE, linewidth=2.2, label="this run, worse")
+            axes.plot([], [], color=BETTER, linewidth=2.2, label="this run, better")
+            axes.legend(loc="lower right", fontsize=8, frameon=False)
+            axes.set_yticks(positions, [_cut(label) for label in labels])
+            axes.set_ylim(-0.7, rows - 0.3)
+            finite = [v for triple in (*old, *new) for v in triple if v is not None]
+            upper = max(finite) if finite else 1.0
+            axes.set_xlim(0, min(1.0, upper * 1.08 + 0.01) if upper <= 1 else upper * 1.08)
+            axes.set_xlabel(xlabel, color=MUTED)
+            axes.grid(axis="x", color=GRID, linewidth=0.6)
+            axes.set_axisbelow(True)
+            axes.tick_params(axis="y", length=0)
+            figure.tight_layout(pad=0.4)
+            buffer = io.StringIO()
+            figure.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
+        finally:
+            plt.close(figure)
+    return _inline(buffer.getvalue())

@@ -43,6 +43,8 @@ class RunData:
     skipped: int | None
     skipped_reasons: list[tuple[str, int]]
     notes: dict[str, str] = field(default_factory=dict)  # section -> why it is empty
+    comparison: dict[str, Any] | None = None  # compare.json, when it describes the run's current files
+    comparison_items: Any = None  # compare_items.parquet as a frame (or None)
 
 
 def read_run(run_dir: str | Path) -> RunData:
@@ -84,6 +86,7 @@ def read_run(run_dir: str | Path) -> RunData:
 
     summary_md = artifacts.read_summary(run_dir)
     skipped, reasons = _read_skipped(run_dir)
+    comparison, comparison_items = _read_comparison(run_dir, notes)
     return RunData(
         run_dir=run_dir,
         manifest=manifest,
@@ -99,7 +102,26 @@ def read_run(run_dir: str | Path) -> RunData:
         skipped=skipped,
         skipped_reasons=reasons,
         notes=notes,
+        comparison=comparison,
+        comparison_items=comparison_items,
     )
+
+
+def _read_comparison(run_dir: Path, notes: dict[str, str]):
+    """compare.json (+ its items) when present and still about this run's files; else a note why not."""
+    try:
+        found = artifacts.read_comparison(run_dir)
+    except ClipengineError as error:
+        notes["baseline"] = str(error)
+        return None, None
+    if found is None:
+        return None, None
+    document, items = found
+    if not artifacts.comparison_is_current(run_dir, document):
+        notes["baseline"] = (f"{artifacts.COMPARE_JSON} was made from this run's files as they were before they "
+                             f"changed; run `clipengine compare BASELINE {run_dir} --out {run_dir}` again")
+        return None, None
+    return document, items
 
 
 def _read_parquet(path: Path, notes: dict[str, str], section: str):

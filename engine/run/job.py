@@ -10,8 +10,9 @@ This module only sequences stages (each usable alone, each in its own package) a
 | annotate | :func:`clipengine.annotate.stage.annotate_run` | metadata.parquet (+ metadata_naive.parquet with ground truth) | encode, schema hash, strategy |
 | eval | :func:`clipengine.annotate.evaluate.evaluate_run` | label_quality.csv / .md | annotate, errors |
 | slices | :func:`clipengine.slices.find.slice_run` | slices.parquet, slices.json | annotate, errors, slice settings, features |
-| summary | :func:`clipengine.run.summary.write_summary` | summary.md | slices, eval |
-| report | :func:`clipengine.report.write_report` | report.html (+ thumbs/) | summary |
+| compare (with ``--baseline``) | :func:`clipengine.compare.stage.compare_runs` | compare.json, compare_items.parquet | slices, the baseline's compared files (content), compare settings |
+| summary | :func:`clipengine.run.summary.write_summary` | summary.md | slices, eval, compare |
+| report | :func:`clipengine.report.write_report` | report.html (+ thumbs/) | summary, compare |
 
 A stage runs when its fingerprint differs from the finished one in the manifest (or it never
 finished); otherwise it is reused. Encode is incremental (only new items go through the model)
@@ -36,6 +37,7 @@ from clipengine.errors import ClipengineError
 from clipengine.run.manifest import Manifest, fingerprint, now_iso, package_versions
 
 STAGES = ("encode", "errors", "annotate", "eval", "slices", "summary", "report")
+COMPARE_STAGE = "compare"  # runs after slices when the job has a baseline run
 
 
 @dataclass
@@ -149,6 +151,7 @@ class _Job:
         from clipengine.progress import progress_bar
 
         started = time.perf_counter()
+        baseline_digest = self._check_baseline()
         schema_file = Path(self.schema_name)
         given = [*self.dataset.input_files(), *([schema_file] if schema_file.is_file() else [])]
         artifacts.check_inputs_kept(self.run_dir, given)
@@ -187,10 +190,14 @@ class _Job:
         features = artifacts.joined_features(schema.attribute_names, self.dataset.error_features())
         slice_settings = {k: v for k, v in dataclasses.asdict(self.config.slices).items() if k != "progress"}
         slices_fp = fingerprint("slices", annotate_fp, errors_fp, slice_settings, features, artifacts.SLICES_FORMAT)
-        summary_fp = fingerprint("summary", slices_fp, eval_fp)
-        report_fp = fingerprint("report", summary_fp)
+        compare_fp = None
+        if self.config.baseline is not None:
+            compare_fp = fingerprint("compare", slices_fp, str(Path(self.config.baseline).resolve()), baseline_digest,
+                                     dataclasses.asdict(self.config.compare))
+        summary_fp = fingerprint("summary", slices_fp, eval_fp, *([compare_fp] if compare_fp else []))
+        report_fp = fingerprint("report", summary_fp, *([compare_fp] if compare_fp else []))
 
-        bar = progress_bar(len(STAGES), "run", enabled=self.progress, unit="stage")
+        bar = progress_bar(len(STAGES) + (compare_fp is not None), "run", enabled=self.progress, unit="stage")
         try:
             targets = label_targets(schema, annotate_cfg, has_truth)
             # an executor that labels in its encode pass does so only when the annotate stage must run
@@ -203,6 +210,8 @@ class _Job:
             else:
                 bar.update(1)
             self.stage("slices", slices_fp, lambda: self._slices(features), bar)
+            if compare_fp is not None:
+                self.stage(COMPARE_STAGE, compare_fp, self._compare, bar)
             self.stage("summary", summary_fp, self._summary, bar)
             if self.config.report:
                 self.stage("report", report_fp, self._report, bar)
@@ -282,6 +291,29 @@ class _Job:
             "significant": int(result.significant.sum()) if len(result) else 0,
             "skipped_features": result.skipped_features,
         }
+
+    def _check_baseline(self) -> str | None:
+        """The content digest of the baseline's compared files; a one-line error (before any work)
+        when the baseline is this run's own folder or not a finished run."""
+        if self.config.baseline is None:
+            return None
+        baseline = Path(self.config.baseline)
+        if baseline.resolve() == self.run_dir.resolve():
+            raise ClipengineError(f"--baseline {baseline} is this run's own directory; give an earlier run")
+        digest = artifacts.comparison_digest(baseline)
+        if digest is None:
+            missing = [name for name in artifacts.COMPARED_INPUTS if not (baseline / name).is_file()]
+            raise ClipengineError(f"--baseline {baseline}: not a finished run (no {', '.join(missing)})")
+        return digest
+
+    def _compare(self) -> tuple[list[str], dict]:
+        from clipengine.compare.stage import compare_runs, write_comparison
+
+        comparison = compare_runs(self.config.baseline, self.run_dir, self.config.compare)
+        write_comparison(self.run_dir, comparison)
+        return [artifacts.COMPARE_JSON, artifacts.COMPARE_ITEMS], {
+            "baseline": str(self.config.baseline), **comparison.facts["findings"],
+            "mismatches": len(comparison.mismatches)}
 
     def _summary(self) -> tuple[list[str], dict]:
         from clipengine.run.summary import write_summary

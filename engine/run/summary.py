@@ -105,6 +105,39 @@ def _label_quality_section(run_dir: Path) -> list[str]:
     return lines + ["", "Per-class precision / recall / F1: `label_quality.md`.", ""]
 
 
+def _baseline_section(run_dir: Path) -> list[str]:
+    """What changed since the baseline (``compare.json``), when the run has a current comparison."""
+    try:
+        found = artifacts.read_comparison(run_dir)
+    except ClipengineError as error:
+        return ["## Since the baseline", "", f"No comparison ({escape(error)}).", ""]
+    if found is None or not artifacts.comparison_is_current(run_dir, found[0]):
+        return []
+    document = found[0]
+    binary = document.get("binary_errors", True)
+    counts = document.get("findings") or {}
+    old = document.get("old") or {}
+    lines = ["## Since the baseline", "",
+             f"Baseline `{escape(old.get('run', '?'))}`: {counts.get('worse', 0)} slices worse, "
+             f"{counts.get('better', 0)} better, {counts.get('new', 0)} new weak slices, "
+             f"{counts.get('drift', 0)} attributes drifted (details: `{artifacts.COMPARE_JSON}`, the report).", ""]
+    for mismatch in document.get("mismatches") or []:
+        lines.append(f"- not compared: {escape(mismatch.get('what'))} {escape(mismatch.get('name'))}: "
+                     f"{escape(mismatch.get('reason'))}")
+    changed = [r for r in document.get("slices") or [] if r.get("status") in ("worse", "better") and r.get("finding")]
+    if changed:
+        rate = _pct if binary else _fmt
+        lines += ["", "| status | slice | baseline | now | change (95 % CI) | q-value |", "| --- | --- | --- | --- | --- | --- |"]
+        for record in changed[:TOP_SLICES]:
+            scale = 100 if binary else 1
+            change = (f"{scale * record['diff']:+.1f} ({scale * (record.get('ci_low') or 0):+.1f} to "
+                      f"{scale * (record.get('ci_high') or 0):+.1f})") if record.get("diff") is not None else "–"
+            lines.append(f"| {record['status']} | {_slice_text(record.get('predicates', {}))} | "
+                         f"{rate(record.get('old_error_mean'))} | {rate(record.get('new_error_mean'))} | {change} | "
+                         f"{_sci(record.get('q_value'))} |")
+    return lines + [""]
+
+
 def build_summary(run_dir: str | Path, manifest: dict) -> str:
     """The Markdown text of ``summary.md`` for ``run_dir`` and its manifest."""
     run_dir = Path(run_dir)
@@ -129,6 +162,7 @@ def build_summary(run_dir: str | Path, manifest: dict) -> str:
         facts.append(("inputs left out", f"{len(skipped_inputs)} (see manifest.json → dataset.skipped_inputs)"))
     lines += [f"- **{k}**: {v}" for k, v in facts]
     lines += ["", "## Top slices", ""] + _slices_section(run_dir) + [""]
+    lines += _baseline_section(run_dir)
     lines += _label_quality_section(run_dir)
     skipped = artifacts.read_skipped(run_dir)
     if skipped is not None and skipped.height:
