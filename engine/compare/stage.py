@@ -31,6 +31,8 @@ writes ``compare.json`` and ``compare_items.parquet``. The work, in order:
    that level: not evidence of no change).
 6. **Drift** (:mod:`clipengine.compare.drift`): per compared feature its level counts in both runs,
    χ² test, q-values over the features, PSI; ``drifted`` when q ≤ ``max_q`` and PSI ≥ ``min_psi``.
+7. **Coverage** (:mod:`clipengine.coverage`): pairs of compared categorical features' values the old
+   run covered and the new one misses (``coverage.newly_missing``), and the reverse.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ STATUSES = ("worse", "new", "better", "gone", "unchanged")  # the order slices a
 FAIL_ON = ("worse", "new", "drift")
 CHANGE_COLUMN = "__change"
 ITEM_EXAMPLES = 20  # newly failing items listed in compare.json (all of them are in compare_items.parquet)
+
+COVERAGE_T = 2  # value combinations compared between the runs: pairs
+COVERAGE_LIMIT = 100  # combinations listed each way
 
 
 @dataclass
@@ -304,6 +309,9 @@ def compare_sides(old: RunSide, new: RunSide, config: CompareConfig | None = Non
         "items": item_facts,
         "features": {name: ({"binned_by": d.source} if d.binned else {"by": "value"}) for name, d in definitions.items()},
     }
+    coverage = _coverage_change(old, new, [name for name, d in definitions.items() if not d.binned], config)
+    if coverage is not None:
+        facts["coverage"] = coverage
     comparison = Comparison(facts, slice_records, drift_records, mismatches, not_compared, items)
     facts["findings"] = {"worse": sum(1 for r in slice_records if r["status"] == "worse" and r["finding"]),
                          "better": sum(1 for r in slice_records if r["status"] == "better" and r["finding"]),
@@ -311,6 +319,27 @@ def compare_sides(old: RunSide, new: RunSide, config: CompareConfig | None = Non
                          "gone": sum(1 for r in slice_records if r["status"] == "gone"),
                          "drift": sum(1 for r in drift_records if r["finding"])}
     return comparison
+
+
+def _coverage_change(old: RunSide, new: RunSide, features: list[str], config: CompareConfig) -> dict | None:
+    """Pairs of attribute values the old run covered and the new one misses (and the reverse), by
+    :func:`clipengine.coverage.stage.measure_coverage` with the old run as ``against``; None without
+    two features of categories both runs have."""
+    from clipengine.config import CoverageConfig
+    from clipengine.coverage.stage import measure_coverage
+
+    names = [f for f in features if f in old.frame.columns and f in new.frame.columns]
+    if len(names) < 2:
+        return None
+    settings = CoverageConfig(t=COVERAGE_T, max_levels=config.max_levels, limit=COVERAGE_LIMIT, progress=False)
+    try:
+        result = measure_coverage(new.frame, config=settings, features=names, against=old.frame,
+                                  against_source="the baseline")
+    except ClipengineError as error:  # e.g. a feature with too many values to count combinations of
+        return {"t": COVERAGE_T, "skipped": str(error)}
+    differences = result.differences(COVERAGE_LIMIT)
+    return {"t": COVERAGE_T, "features": names, "per_t": differences["coverage"],
+            "newly_missing": differences["other_not_this"], "newly_covered": differences["this_not_other"]}
 
 
 def _changed_items(new_frame: pl.DataFrame, old_errors: np.ndarray, new_errors: np.ndarray, new_rows: np.ndarray):

@@ -322,3 +322,18 @@ def test_min_psi_and_min_diff_gate_findings():
     loose = compare_sides(old_side, new_side, CompareConfig(min_diff=0.1))
     assert {tuple(r["predicates"]) for r in loose.findings(("worse",))} >= {tuple(PLANTED)}
     assert all(abs(r["diff"]) >= 0.1 for r in loose.findings(("worse",)))
+
+
+def test_pairs_of_conditions_the_new_run_no_longer_covers_are_listed():
+    rng = np.random.default_rng(8)
+    old_items = make_items(rng, 3000)
+    new_items = make_items(rng, 3000, prefix="new")
+    foggy_nights = in_slice(new_items, {"weather": "fog", "time": "night"})
+    new_items = new_items.with_columns(pl.Series("time", np.where(foggy_nights, "day", new_items["time"].to_numpy())))
+    errors = (rng.random(3000) < 0.1).astype(float)
+    comparison = compare_sides(run_side("old", old_items, errors), run_side("new", new_items, errors))
+    coverage = comparison.to_dict()["coverage"]
+    assert coverage["t"] == 2 and set(coverage["features"]) == set(ATTRIBUTES)
+    missing = [c["predicates"] for c in coverage["newly_missing"]["combinations"]]
+    assert missing == [{"weather": "fog", "time": "night"}]
+    assert coverage["newly_missing"]["total"] == 1 and coverage["newly_covered"]["total"] == 0
