@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from clipengine.artifacts import TRUTH_PREFIX, item_keys
+from clipengine.artifacts import LABELS_CSV, TRUTH_PREFIX, item_keys
 from clipengine.errors import ClipengineError
 
 INCLUSION_COLUMN = "inclusion_prob"
-LABELS_CSV = "labels.csv"
+__all__ = ["INCLUSION_COLUMN", "LABELS_CSV", "LabelSet", "read_labels"]
 
 
 @dataclass(frozen=True)
