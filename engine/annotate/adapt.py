@@ -6,8 +6,9 @@ method of :data:`METHODS` (closed-form fits in :mod:`clipengine.kernels.fewshot`
 ``zs(x) + α·s·adapter(x)`` for α in :data:`ALPHAS` plus the adapter alone; ``s`` scales the adapter's
 logits to the zero-shot logits' spread on the fitting items, so one α grid serves every method and
 model (Tip-Adapter's β from :data:`TIP_BETAS`). Each candidate is scored by stratified
-:data:`N_FOLDS`-fold cross-validation on the labelled items only, every item weighted by its inverse
-inclusion probability. ``auto`` adopts the best candidate only when it beats zero-shot by more than
+:data:`N_FOLDS`-fold cross-validation on the labelled items only, repeated :data:`CV_REPEATS` times on
+different folds (the choice among many close candidates is less at the mercy of one split), every
+item weighted by its inverse inclusion probability. ``auto`` adopts the best candidate only when it beats zero-shot by more than
 one standard error of the paired per-item difference; otherwise the attribute stays zero-shot.
 An explicit method takes its best α (and β) whatever zero-shot scores.
 
@@ -34,6 +35,7 @@ ALPHAS = (0.25, 0.5, 1.0, 2.0, 4.0)  # adapter weight relative to the zero-shot 
 ADAPTER_ONLY = None  # the α of "the adapter alone, zero-shot left out"
 TIP_BETAS = (1.0, 5.5, 20.0)  # Tip-Adapter's sharpness; 5.5 is the authors' default
 N_FOLDS = 5
+CV_REPEATS = 2
 MIN_LABELS = 4  # fewer labelled items than this (or a single labelled class): no adaptation
 SEED = 0  # folds are deterministic: the same labels give the same choice
 
@@ -171,20 +173,23 @@ def choose(features: np.ndarray, labels: np.ndarray, weights: np.ndarray, zero_s
         return keep
     methods = METHODS if requested == "auto" else (requested,)
     candidates = _candidates(methods)
-    correct = {candidate: np.zeros(n) for candidate in candidates}
-    folds = fewshot.stratified_folds(labels, min(N_FOLDS, n), seed)
-    for fold in range(folds.max() + 1):
-        test, train = folds == fold, folds != fold
-        for method in methods:
-            for beta in (TIP_BETAS if method == "tip" else (None,)):
-                adapter = _adapter(method, features[train], labels[train], weights[train], n_classes, scale, beta)
-                factor = _scale_factor(zero_shot[train], adapter(features[train]))
-                held_out = adapter(features[test])
-                for alpha in (*ALPHAS, ADAPTER_ONLY):
-                    predicted = _blend(zero_shot[test], held_out, factor, alpha).argmax(axis=1)
-                    correct[Candidate(method, alpha, beta)][test] = predicted == labels[test]
-    scored = [(_weighted_accuracy(correct[c], weights), -i, c) for i, c in enumerate(candidates)]
-    accuracy, _, best = max(scored)  # ties: the earlier candidate (smaller α, simpler method)
+    correct = {candidate: np.zeros(n) for candidate in candidates}  # share of repeats that got each item right
+    for repeat in range(CV_REPEATS):
+        folds = fewshot.stratified_folds(labels, min(N_FOLDS, n), seed + 1000 * repeat)
+        for fold in range(folds.max() + 1):
+            test, train = folds == fold, folds != fold
+            for method in methods:
+                for beta in (TIP_BETAS if method == "tip" else (None,)):
+                    adapter = _adapter(method, features[train], labels[train], weights[train], n_classes, scale, beta)
+                    factor = _scale_factor(zero_shot[train], adapter(features[train]))
+                    held_out = adapter(features[test])
+                    for alpha in (*ALPHAS, ADAPTER_ONLY):
+                        predicted = _blend(zero_shot[test], held_out, factor, alpha).argmax(axis=1)
+                        correct[Candidate(method, alpha, beta)][test] += (predicted == labels[test]) / CV_REPEATS
+    # ties (to rounding): the earlier candidate (smaller α, simpler method)
+    scored = [(round(_weighted_accuracy(correct[c], weights), 9), -i, c) for i, c in enumerate(candidates)]
+    _, _, best = max(scored)
+    accuracy = _weighted_accuracy(correct[best], weights)
     se = _paired_se(correct[best] - zs_correct, weights)
     if requested != "auto":
         return Choice(best, accuracy, zs_accuracy, se, f"{requested} as asked: cross-validated accuracy "
