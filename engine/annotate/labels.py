@@ -207,6 +207,8 @@ def label_studio_table(path: Path, classes: dict[str, tuple[str, ...]]) -> pl.Da
         tasks = [tasks]
     if not isinstance(tasks, list):
         raise ClipengineError(f"{where}: a Label Studio export is a list of tasks")
+    if not tasks:
+        raise ClipengineError(f"{where}: lists no labelled item")
     records: list[dict] = []
     for number, task in enumerate(tasks, start=1):
         if not isinstance(task, dict):
