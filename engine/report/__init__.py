@@ -161,7 +161,7 @@ SAMPLE_LABELLERS = ("zero_shot", "adapted")  # label_quality.csv's columns measu
 
 
 def _reliability(rows, columns) -> list[dict[str, Any]]:
-    """label_quality.csv's sample measurements per attribute: which labeller served, accuracy with
+    """The label-quality table's sample measurements per attribute: which labeller served, accuracy with
     its interval for zero-shot and adapted, reliable or not (and why), per class precision and
     recall with intervals. Empty without a labels file."""
     if rows is None or not {"attribute", "class", "served", "reliable"} <= set(columns):
