@@ -70,6 +70,12 @@ def zero_shot_logits(features: np.ndarray, prompt_matrix: np.ndarray, prompt_off
 
 
 # ---- fits (closed form) ---------------------------------------------------------------------------
+def _one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    out = np.zeros((len(labels), n_classes))
+    out[np.arange(len(labels)), labels] = 1.0
+    return out
+
+
 def _normalized_weights(labels: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
     w = np.ones(len(labels)) if weights is None else np.asarray(weights, np.float64)
     return w / w.sum()
@@ -81,8 +87,7 @@ def fit_prototypes(features: np.ndarray, labels: np.ndarray, n_classes: int,
     ``labels`` (n,) int) and (C,) bool: which classes have a labelled item (others' rows are zero)."""
     x = np.asarray(features, np.float64)
     w = _normalized_weights(labels, weights)
-    sums = np.zeros((n_classes, x.shape[1]))
-    np.add.at(sums, labels, x * w[:, None])
+    sums = _one_hot(labels, n_classes).T @ (x * w[:, None])  # (C, D)
     has = np.bincount(labels, minlength=n_classes) > 0
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
     return np.where(norms > 0, sums / np.where(norms > 0, norms, 1.0), 0.0), has
@@ -98,11 +103,10 @@ def fit_gda(features: np.ndarray, labels: np.ndarray, n_classes: int,
     x = np.asarray(features, np.float64)
     n, d = x.shape
     w = _normalized_weights(labels, weights)
-    counts = np.zeros(n_classes)
-    np.add.at(counts, labels, w)
+    one_hot = _one_hot(labels, n_classes)  # (n, C)
+    counts = w @ one_hot
     has = np.bincount(labels, minlength=n_classes) > 0
-    means = np.zeros((n_classes, d))
-    np.add.at(means, labels, x * w[:, None])
+    means = one_hot.T @ (x * w[:, None])
     means[has] /= counts[has, None]
     residuals = (x - means[labels]) * np.sqrt(w)[:, None]  # (n, D): S = RᵀR
     trace = float(np.sum(residuals * residuals))
@@ -162,10 +166,8 @@ def gda_logits(features: np.ndarray, weight_rows: np.ndarray, bias: np.ndarray, 
 
 def tip_values(labels: np.ndarray, n_classes: int) -> np.ndarray:
     """(n, C) float64 cache values: one-hot labels, unlabelled classes getting the labelled mean."""
-    onehot = np.zeros((len(labels), n_classes))
-    onehot[np.arange(len(labels)), labels] = 1.0
     has = np.bincount(labels, minlength=n_classes) > 0
-    return onehot @ fill_matrix(has)
+    return _one_hot(labels, n_classes) @ fill_matrix(has)
 
 
 def tip_logits(features: np.ndarray, cache: np.ndarray, values: np.ndarray, beta: float) -> np.ndarray:
@@ -192,18 +194,22 @@ def stratified_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
 class AdaptedSide:
     """Every attribute's classifier in one flat layout (C classes over A attributes; K cache rows):
 
-    - ``matrix`` (C + P + K, D) float32: C linear rows (zero-shot folded in where the strategy is
+    - ``matrix`` (L + P + K, D) float32: L linear rows (zero-shot folded in where the strategy is
       linear, plus α·adapter for prototype/gda), then P prompt rows (zero-shot with a non-linear
       per-class reduction), then K cache rows (tip);
+    - ``linear_index`` (C,) int64: class c's linear row, or −1 for a class whose linear part is zero
+      (softmax is shift-invariant: an attribute's first class can be subtracted from all of its
+      classes, which leaves a binary attribute one row instead of two);
     - ``bias`` (C,) float32; ``class_offsets`` (A + 1,) int64;
     - ``prompt_offsets`` (C + 1,) int64 into the P prompt rows (an empty range: no prompt part);
       ``reduce`` (C,) int8, ``top_m`` (C,) int32, ``zs_weight`` (C,) float32 (multiplies the reduced
       prompt logit), ``scale`` (CLIP's logit scale);
-    - ``cache_betas`` (G,) float32 and ``cache_values`` (G, K, C) float32 (α folded in): class c gains
-      ``Σ_k exp(β_g(s_k − 1)) · values[g, k, c]`` for each group g.
+    - ``cache_betas`` (G,) float32 and ``cache_values`` (G, K, L) float32 (α folded in): linear row l gains
+      ``Σ_k exp(β_g(s_k − 1)) · values[g, k, l]`` for each group g.
     """
 
     matrix: np.ndarray
+    linear_index: np.ndarray
     bias: np.ndarray
     class_offsets: np.ndarray
     prompt_offsets: np.ndarray
@@ -219,6 +225,10 @@ class AdaptedSide:
         return int(self.bias.shape[0])
 
     @property
+    def n_linear_rows(self) -> int:
+        return int((self.linear_index >= 0).sum())
+
+    @property
     def n_prompt_rows(self) -> int:
         return int(self.prompt_offsets[-1])
 
@@ -228,10 +238,13 @@ class AdaptedSide:
 
 
 def check_side(side: AdaptedSide, dim: int) -> None:
-    c, k = side.n_classes, side.n_cache_rows
-    if side.matrix.dtype != np.float32 or side.matrix.shape != (c + side.n_prompt_rows + k, dim):
-        raise ValueError(f"matrix must be ({c} + {side.n_prompt_rows} + {k}, {dim}) float32, got "
+    c, k, n_linear = side.n_classes, side.n_cache_rows, side.n_linear_rows
+    if side.matrix.dtype != np.float32 or side.matrix.shape != (n_linear + side.n_prompt_rows + k, dim):
+        raise ValueError(f"matrix must be ({n_linear} + {side.n_prompt_rows} + {k}, {dim}) float32, got "
                          f"{side.matrix.shape} {side.matrix.dtype}")
+    used = side.linear_index[side.linear_index >= 0]
+    if side.linear_index.shape != (c,) or not np.array_equal(np.sort(used), np.arange(n_linear)):
+        raise ValueError("linear_index must be (C,), each linear row once, −1 for none")
     if side.class_offsets[0] != 0 or side.class_offsets[-1] != c or np.any(np.diff(side.class_offsets) < 1):
         raise ValueError("class_offsets must run from 0 to the number of classes, each attribute one class or more")
     if side.prompt_offsets.shape != (c + 1,) or side.prompt_offsets[0] != 0 or np.any(np.diff(side.prompt_offsets) < 0):
@@ -239,8 +252,8 @@ def check_side(side: AdaptedSide, dim: int) -> None:
     if side.top_m.min(initial=1) < 1 or side.top_m.max(initial=1) > MAX_TOP_M:
         raise ValueError(f"top_m must be within 1..{MAX_TOP_M}")
     if side.cache_values.ndim != 3 or side.cache_values.shape[0] != side.cache_betas.shape[0] \
-            or side.cache_values.shape[2] != c:
-        raise ValueError("cache_values must be (G, K, C) with one beta per group")
+            or side.cache_values.shape[2] != n_linear:
+        raise ValueError("cache_values must be (G, K, L) with one beta per group")
 
 
 def auto_chunk_rows(embeddings: np.ndarray, n_columns: int) -> int:
@@ -267,26 +280,26 @@ def label_adapted(embeddings: np.ndarray, side: AdaptedSide, *, chunk_rows: int 
     margins = np.empty((n, n_attributes), np.float32)
     if n == 0:
         return labels, probs, margins
-    c, p, k = side.n_classes, side.n_prompt_rows, side.n_cache_rows
+    n_linear, p, k = side.n_linear_rows, side.n_prompt_rows, side.n_cache_rows
     rows = min(n, chunk_rows or auto_chunk_rows(embeddings, side.matrix.shape[0]))
     transposed = np.ascontiguousarray(side.matrix.T)  # (D, R)
     sims = np.empty((rows, side.matrix.shape[0]), np.float32)
     affinity = np.empty((rows, k), np.float32)
-    cache_sum = np.empty((rows, c), np.float32)
+    cache_sum = np.empty((rows, n_linear), np.float32)
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         r = stop - start
         block = np.ascontiguousarray(embeddings[start:stop], dtype=np.float32)  # (r, D)
         out = sims[:r]
-        np.matmul(block, transposed, out=out)  # (r, C + P + K)
-        linear = out[:, :c]
+        np.matmul(block, transposed, out=out)  # (r, L + P + K)
+        linear = out[:, :n_linear]
         for g in range(side.cache_betas.shape[0]):
-            _affinity(out[:, c + p:], np.float32(side.cache_betas[g]), affinity[:r])
+            _affinity(out[:, n_linear + p:], np.float32(side.cache_betas[g]), affinity[:r])
             np.matmul(affinity[:r], side.cache_values[g], out=cache_sum[:r])
             linear += cache_sum[:r]
-        _finish_rows(out, side.bias, c, side.class_offsets, side.prompt_offsets, side.reduce, side.top_m,
-                     side.zs_weight, np.float64(side.scale), labels[start:stop], probs[start:stop],
-                     margins[start:stop])
+        _finish_rows(out, side.linear_index, side.bias, n_linear, side.class_offsets, side.prompt_offsets,
+                     side.reduce, side.top_m, side.zs_weight, np.float64(side.scale), labels[start:stop],
+                     probs[start:stop], margins[start:stop])
         if on_chunk is not None:
             on_chunk(r)
     return labels, probs, margins
@@ -344,9 +357,9 @@ def _reduce(row, p0, p1, code, m, scale, scratch):
 
 
 @njit(parallel=True, cache=True)
-def _finish_rows(sims, bias, n_classes, class_offsets, prompt_offsets, reduce, top_m, zs_weight, scale,
+def _finish_rows(sims, linear_index, bias, n_linear, class_offsets, prompt_offsets, reduce, top_m, zs_weight, scale,
                  labels, probs, margins):
-    """Per row: class logit = linear column + bias + zs_weight · reduced prompt logit; softmax top-2."""
+    """Per row: class logit = its linear column (if any) + bias + zs_weight · reduced prompt logit; softmax top-2."""
     n = sims.shape[0]
     n_attributes = class_offsets.shape[0] - 1
     max_classes = max(1, np.max(np.diff(class_offsets)))
@@ -361,11 +374,13 @@ def _finish_rows(sims, bias, n_classes, class_offsets, prompt_offsets, reduce, t
                 count = class_offsets[a + 1] - c0
                 for j in range(count):
                     cls = c0 + j
-                    value = row[cls] + bias[cls]
+                    value = bias[cls]
+                    if linear_index[cls] >= 0:
+                        value += row[linear_index[cls]]
                     p0 = prompt_offsets[cls]
                     p1 = prompt_offsets[cls + 1]
                     if p1 > p0:
-                        value += zs_weight[cls] * _reduce(row, n_classes + p0, n_classes + p1, reduce[cls],
+                        value += zs_weight[cls] * _reduce(row, n_linear + p0, n_linear + p1, reduce[cls],
                                                           top_m[cls], scale, scratch)
                     logits[j] = value
                 best = logits[0]
@@ -392,10 +407,13 @@ def _finish_rows(sims, bias, n_classes, class_offsets, prompt_offsets, reduce, t
 def adapted_logits_reference(embeddings: np.ndarray, side: AdaptedSide) -> np.ndarray:
     """(N, C) float64 class logits of :func:`label_adapted`, in plain NumPy (the whole matrix at once)."""
     x = np.asarray(embeddings, np.float64)
-    c, p = side.n_classes, side.n_prompt_rows
+    c, n_linear, p = side.n_classes, side.n_linear_rows, side.n_prompt_rows
     matrix = side.matrix.astype(np.float64)
-    logits = x @ matrix[:c].T + side.bias
-    prompts = matrix[c:c + p]
+    expand = np.zeros((n_linear, c))  # linear rows → classes
+    has_row = side.linear_index >= 0
+    expand[side.linear_index[has_row], np.flatnonzero(has_row)] = 1.0
+    logits = x @ matrix[:n_linear].T @ expand + side.bias
+    prompts = matrix[n_linear:n_linear + p]
     for cls in range(c):
         p0, p1 = side.prompt_offsets[cls], side.prompt_offsets[cls + 1]
         if p1 > p0:
@@ -403,7 +421,8 @@ def adapted_logits_reference(embeddings: np.ndarray, side: AdaptedSide) -> np.nd
                                    side.top_m[cls:cls + 1], side.scale)
             logits[:, cls] += side.zs_weight[cls] * one[:, 0]
     for g in range(side.cache_betas.shape[0]):
-        logits += tip_logits(x, matrix[c + p:], side.cache_values[g].astype(np.float64), float(side.cache_betas[g]))
+        values = side.cache_values[g].astype(np.float64) @ expand
+        logits += tip_logits(x, matrix[n_linear + p:], values, float(side.cache_betas[g]))
     return logits
 
 

@@ -150,6 +150,31 @@ def _candidates(methods) -> list[Candidate]:
     return out
 
 
+def _fold_predictions(methods, features, labels, weights, zero_shot, test_features, test_zero_shot, n_classes,
+                      scale) -> np.ndarray:
+    """(candidates, m) labels every candidate of ``methods`` (fitted on the given items) gives the m test
+    items, in :func:`_candidates`' order; the α grid evaluated at once."""
+    alphas = np.asarray(ALPHAS)
+    zs_spread = _spread(zero_shot)
+    blocks = []
+    for method in methods:
+        if method == "tip":  # one similarity matrix for every β
+            values = fewshot.tip_values(labels, n_classes)
+            sims_fit = np.asarray(features, np.float64) @ np.asarray(features, np.float64).T
+            sims_test = np.asarray(test_features, np.float64) @ np.asarray(features, np.float64).T
+            pairs = [(np.exp(-beta * (1.0 - sims_fit)) @ values, np.exp(-beta * (1.0 - sims_test)) @ values)
+                     for beta in TIP_BETAS]
+        else:
+            adapter = _adapter(method, features, labels, weights, n_classes, scale)
+            pairs = [(adapter(features), adapter(test_features))]
+        for fitted, held_out in pairs:
+            spread = _spread(fitted)
+            factor = zs_spread / spread if spread > 0 else 1.0
+            blends = test_zero_shot[None] + (alphas * factor)[:, None, None] * held_out[None]  # (α, m, C)
+            blocks += [blends.argmax(axis=2), held_out.argmax(axis=1)[None]]
+    return np.concatenate(blocks)
+
+
 def _blend(zero_shot: np.ndarray, adapter: np.ndarray, factor: float, alpha: float | None) -> np.ndarray:
     return adapter if alpha is None else zero_shot + alpha * factor * adapter
 
@@ -172,20 +197,16 @@ def choose(features: np.ndarray, labels: np.ndarray, weights: np.ndarray, zero_s
                        f"class{'es' if classes_seen != 1 else ''}; adaptation needs {MIN_LABELS} of two classes or more")
         return keep
     methods = METHODS if requested == "auto" else (requested,)
-    candidates = _candidates(methods)
-    correct = {candidate: np.zeros(n) for candidate in candidates}  # share of repeats that got each item right
+    candidates = _candidates(methods)  # blocks of len(ALPHAS) + 1 per (method, β), in _fold_predictions' order
+    correct = np.zeros((len(candidates), n))  # share of repeats that got each item right
     for repeat in range(CV_REPEATS):
         folds = fewshot.stratified_folds(labels, min(N_FOLDS, n), seed + 1000 * repeat)
         for fold in range(folds.max() + 1):
             test, train = folds == fold, folds != fold
-            for method in methods:
-                for beta in (TIP_BETAS if method == "tip" else (None,)):
-                    adapter = _adapter(method, features[train], labels[train], weights[train], n_classes, scale, beta)
-                    factor = _scale_factor(zero_shot[train], adapter(features[train]))
-                    held_out = adapter(features[test])
-                    for alpha in (*ALPHAS, ADAPTER_ONLY):
-                        predicted = _blend(zero_shot[test], held_out, factor, alpha).argmax(axis=1)
-                        correct[Candidate(method, alpha, beta)][test] += (predicted == labels[test]) / CV_REPEATS
+            predicted = _fold_predictions(methods, features[train], labels[train], weights[train], zero_shot[train],
+                                          features[test], zero_shot[test], n_classes, scale)
+            correct[:, test] += (predicted == labels[test]) / CV_REPEATS
+    correct = dict(zip(candidates, correct))
     # ties (to rounding): the earlier candidate (smaller α, simpler method)
     scored = [(round(_weighted_accuracy(correct[c], weights), 9), -i, c) for i, c in enumerate(candidates)]
     _, _, best = max(scored)
@@ -260,9 +281,8 @@ def _adapt_attributes(embeddings, schema, side, scale, labels, requested):
         zs_predictions = zero_shot.argmax(axis=1)
         n_classes = len(attribute.classes)
         if requested == "none":
-            choice = Choice(Candidate(ZERO_SHOT), math.nan, _weighted_accuracy(zs_predictions == truth, weights), 0.0,
-                            "zero-shot as asked (--adapt none)")
-            choice.accuracy = choice.zero_shot_accuracy
+            accuracy = _weighted_accuracy(zs_predictions == truth, weights)
+            choice = Choice(Candidate(ZERO_SHOT), accuracy, accuracy, 0.0, "zero-shot as asked (--adapt none)")
         else:
             choice = choose(features, truth, weights, zero_shot, n_classes, scale, requested)
         adaptation = AttributeAdaptation(
@@ -341,18 +361,30 @@ def build_adapted_side(schema, side, scale: float, adaptations: dict[str, Attrib
             caches.setdefault(part["beta"], []).append((part["cache"], part["values"], c0))
     cache_rows, cache_index = _shared_cache(caches)
     betas = sorted(caches)
-    values = np.zeros((len(betas), len(cache_rows), n_classes), np.float32)
+    values = np.zeros((len(betas), len(cache_rows), n_classes))
     for g, beta in enumerate(betas):
         for (cache, attribute_values, c0), positions in zip(caches[beta], cache_index[beta]):
             np.add.at(values[g][:, c0:c0 + attribute_values.shape[1]], positions, attribute_values)
-    matrix = np.concatenate([linear, *[p.astype(np.float64) for p in prompt_rows],
+    # an attribute with no prompt part: its first class subtracted from all (softmax is shift-invariant),
+    # so that class needs no row (a binary attribute: one row)
+    linear_index = np.arange(n_classes)
+    for a in range(len(schema.attributes)):
+        c0, c1 = int(side.class_offsets[a]), int(side.class_offsets[a + 1])
+        if prompt_offsets[c1] == prompt_offsets[c0]:
+            linear[c0:c1] -= linear[c0].copy()
+            bias[c0:c1] -= bias[c0]
+            values[:, :, c0:c1] -= values[:, :, c0:c0 + 1].copy()
+            linear_index[c0] = -1
+    kept = linear_index >= 0
+    linear_index[kept] = np.arange(kept.sum())
+    matrix = np.concatenate([linear[kept], *[p.astype(np.float64) for p in prompt_rows],
                              np.asarray(cache_rows, np.float64).reshape(-1, dim)])
     return fewshot.AdaptedSide(
-        matrix=np.ascontiguousarray(matrix, np.float32), bias=bias.astype(np.float32),
-        class_offsets=np.asarray(side.class_offsets, np.int64), prompt_offsets=np.asarray(prompt_offsets, np.int64),
-        reduce=np.asarray(side.reduce, np.int8), top_m=np.asarray(side.top_m, np.int32),
-        zs_weight=zs_weight.astype(np.float32), scale=float(scale), cache_betas=np.asarray(betas, np.float32),
-        cache_values=values)
+        matrix=np.ascontiguousarray(matrix, np.float32), linear_index=linear_index.astype(np.int64),
+        bias=bias.astype(np.float32), class_offsets=np.asarray(side.class_offsets, np.int64),
+        prompt_offsets=np.asarray(prompt_offsets, np.int64), reduce=np.asarray(side.reduce, np.int8),
+        top_m=np.asarray(side.top_m, np.int32), zs_weight=zs_weight.astype(np.float32), scale=float(scale),
+        cache_betas=np.asarray(betas, np.float32), cache_values=np.ascontiguousarray(values[:, :, kept], np.float32))
 
 
 def _shared_cache(caches):

@@ -205,14 +205,16 @@ def metadata_frame(schema: Schema, labels: np.ndarray, probs: np.ndarray, margin
     """Per attribute ``<attr>``, ``<attr>_prob``, ``<attr>_margin`` and, given ``human`` (N, A) bool,
     ``<attr>_source`` (``human``/``model``)."""
     columns = {}
+    sources = pl.Series([artifacts.SOURCE_MODEL, artifacts.SOURCE_HUMAN], dtype=pl.String)
     for a, attribute in enumerate(schema.attributes):
-        names = np.asarray(attribute.class_names, dtype=object)
-        columns[attribute.name] = pl.Series(attribute.name, names[labels[:, a]], dtype=pl.String)
+        # class names gathered by index on polars' side: no Python string per row
+        names = pl.Series(attribute.name, attribute.class_names, dtype=pl.String)
+        columns[attribute.name] = names.gather(np.ascontiguousarray(labels[:, a], dtype=np.uint32))
         columns[f"{attribute.name}{artifacts.PROB_SUFFIX}"] = pl.Series(probs[:, a], dtype=pl.Float32)
         columns[f"{attribute.name}{artifacts.MARGIN_SUFFIX}"] = pl.Series(margins[:, a], dtype=pl.Float32)
         if human is not None:
-            source = np.where(human[:, a], artifacts.SOURCE_HUMAN, artifacts.SOURCE_MODEL)
-            columns[f"{attribute.name}{artifacts.SOURCE_SUFFIX}"] = pl.Series(source, dtype=pl.String)
+            source = sources.gather(human[:, a].astype(np.uint32))
+            columns[f"{attribute.name}{artifacts.SOURCE_SUFFIX}"] = source.alias(f"{attribute.name}{artifacts.SOURCE_SUFFIX}")
     return pl.DataFrame(columns)
 
 
@@ -364,8 +366,9 @@ def metadata_record(schema: Schema, model_id: str, logit_scale: float) -> dict[s
 
 
 def text_encoder_for(stored: artifacts.EncodedDir, config: AnnotateConfig):
-    """The text tower of the model that made ``stored``; ``config.model``, when given, must be that model."""
-    from clipengine.encode.encoders import create_encoder, text_encoder_from_dir
+    """The text tower of the model that made ``stored``; ``config.model``, when given, must be that model.
+    Without it, the tower is loaded only when a prompt embedding is not cached yet."""
+    from clipengine.encode.encoders import create_encoder
 
     if config.model is not None:
         from clipengine.config import EncodeConfig
@@ -374,7 +377,38 @@ def text_encoder_for(stored: artifacts.EncodedDir, config: AnnotateConfig):
         given = str(encoder.model_record.get("model_id", ""))
         check_same_model(stored.model_id, given, stored.path)
         return encoder
-    return text_encoder_from_dir(stored.path, device=config.device)
+    return TextTowerOnDemand(stored, config.device)
+
+
+class TextTowerOnDemand:
+    """The text tower of an encode folder's model, loaded on its first ``encode_texts``: labelling with
+    prompt embeddings already cached (per model and schema) needs no model at all. Its
+    ``model_record`` is the folder's ``model.json`` wherever that records all a text tower would
+    (the logit scale; a model family without one), else the loaded tower's."""
+
+    def __init__(self, stored: artifacts.EncodedDir, device: str):
+        self._stored = stored
+        self._device = device
+        self._encoder = None
+
+    def _tower(self):
+        if self._encoder is None:
+            from clipengine.encode.encoders import text_encoder_from_dir
+
+            self._encoder = text_encoder_from_dir(self._stored.path, device=self._device)
+        return self._encoder
+
+    @property
+    def model_record(self) -> dict:
+        from clipengine.encode.models import MODEL_FAMILIES
+
+        record = self._stored.record
+        if "logit_scale" in record or record.get("source") in MODEL_FAMILIES:
+            return record
+        return self._tower().model_record
+
+    def encode_texts(self, texts):
+        return self._tower().encode_texts(texts)
 
 
 def check_same_model(stored_id: str, given_id: str, where) -> None:

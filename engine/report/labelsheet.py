@@ -98,11 +98,10 @@ def read_run_labels(run_dir: Path):
     items = artifacts.read_parquet_file(run_dir / artifacts.ITEMS)
     path = run_dir / artifacts.METADATA
     metadata = artifacts.read_parquet_file(path)
-    content = artifacts.read_parquet_metadata(path).get(artifacts.META_SCHEMA_CONTENT)
-    if content is None:
-        raise ClipengineError(f"{path}: records no schema; write it with `clipengine annotate` or `clipengine run`")
-    schema = json.loads(content)
     meta = artifacts.read_parquet_metadata(path)
+    if artifacts.META_SCHEMA_CONTENT not in meta:
+        raise ClipengineError(f"{path}: records no schema; write it with `clipengine annotate` or `clipengine run`")
+    schema = json.loads(meta[artifacts.META_SCHEMA_CONTENT])
     schema.setdefault("name", meta.get(artifacts.META_SCHEMA))
     schema.setdefault("hash", meta.get(artifacts.META_SCHEMA_HASH))
     item_keys, metadata_keys = artifacts.item_keys(items), artifacts.item_keys(metadata)

@@ -92,22 +92,25 @@ def test_zero_shot_logits_agree_with_the_labelling_kernel(reduce_code):
 
 
 def random_side(rng, d=24, with_cache=True) -> fewshot.AdaptedSide:
-    """Three attributes (3, 2 and 1 classes): linear rows, prompt rows of every reduction, two cache groups."""
+    """Three attributes (3, 2 and 1 classes): linear rows (one class without), prompt rows of every
+    reduction, two cache groups."""
     class_offsets = np.array([0, 3, 5, 6])
     n_classes = 6
     prompt_counts = [0, 3, 2, 0, 4, 1]  # classes 0 and 3: linear only
     prompt_offsets = np.concatenate([[0], np.cumsum(prompt_counts)])
+    linear_index = np.array([2, 0, -1, 1, 4, 3])  # class 2 has no linear row; rows in any order
     k = 7 if with_cache else 0
-    matrix = np.concatenate([rng.standard_normal((n_classes, d)) * 3, unit_rows(rng, prompt_offsets[-1], d),
+    matrix = np.concatenate([rng.standard_normal((5, d)) * 3, unit_rows(rng, prompt_offsets[-1], d),
                              unit_rows(rng, k, d)]).astype(np.float32)
     groups = 2 if with_cache else 0
     return fewshot.AdaptedSide(
-        matrix=matrix, bias=rng.standard_normal(n_classes).astype(np.float32), class_offsets=class_offsets,
+        matrix=matrix, linear_index=linear_index, bias=rng.standard_normal(n_classes).astype(np.float32),
+        class_offsets=class_offsets,
         prompt_offsets=prompt_offsets.astype(np.int64),
         reduce=np.array([REDUCE_MAX, REDUCE_MEAN, REDUCE_LOGSUMEXP, REDUCE_MAX, REDUCE_TOPM, REDUCE_MAX], np.int8),
         top_m=np.array([1, 1, 1, 1, 3, 1], np.int32), zs_weight=np.array([1, 1, 0.5, 1, 2, 1], np.float32),
         scale=20.0, cache_betas=np.array([1.0, 5.5][:groups], np.float32),
-        cache_values=rng.uniform(0, 2, (groups, k, n_classes)).astype(np.float32))
+        cache_values=rng.uniform(0, 2, (groups, k, 5)).astype(np.float32))
 
 
 @pytest.mark.parametrize("with_cache", [True, False])
