@@ -74,15 +74,23 @@ def test_an_asked_method_is_used_and_too_few_labels_keep_zero_shot():
 
 
 def test_out_of_fold_labels_never_come_from_a_fit_on_the_item_itself():
+    """Near-duplicate pairs sharing a label teach cross-validation to trust a sharp cache; the single
+    items' labels are random. A cache that holds the item itself would recall every single item; a
+    cache without it can only guess."""
     rng = np.random.default_rng(3)
-    x = unit(rng.standard_normal((80, DIM)))
-    y = rng.integers(0, 2, 80)  # labels unrelated to the embeddings
-    zs = np.zeros((80, 2))
-    memorizing = adapt.Candidate("tip", None, 200.0)  # a sharp cache recalls every fitted item
-    in_sample = adapt.predict(memorizing, x, y, np.ones(80), zs, 2, 50.0, x, zs)
-    assert (in_sample == y).mean() == 1.0
-    held_out = adapt.out_of_fold(x, y, np.ones(80), zs, 2, 50.0, "tip")
-    assert (held_out == y).mean() < 0.7  # chance, not recall
+    pairs = unit(rng.standard_normal((60, DIM)))
+    singles = unit(rng.standard_normal((60, DIM)))
+    x = np.concatenate([pairs, unit(pairs + 0.01 * rng.standard_normal(pairs.shape)), singles])
+    pair_labels = rng.integers(0, 2, 60)
+    y = np.concatenate([pair_labels, pair_labels, rng.integers(0, 2, 60)])
+    zs = np.zeros((180, 2))
+    inner = adapt.choose(x, y, np.ones(180), zs, 2, 50.0, "tip")
+    assert inner.candidate.alpha is None and inner.candidate.beta == max(adapt.TIP_BETAS)  # the sharp cache alone
+    in_sample = adapt.predict(inner.candidate, x, y, np.ones(180), zs, 2, 50.0, x, zs)
+    assert (in_sample[120:] == y[120:]).mean() == 1.0  # recall, when the item is in the cache
+    held_out = adapt.out_of_fold(x, y, np.ones(180), zs, 2, 50.0, "tip")
+    assert (held_out[:120] == y[:120]).mean() > 0.9  # the pairs: each other's label
+    assert (held_out[120:] == y[120:]).mean() < 0.75  # the single items: a guess, not recall
 
 
 @pytest.mark.parametrize("strategy", ["mean", "max"])
@@ -147,14 +155,16 @@ def test_annotate_with_labels_adapts_keeps_human_labels_and_records_the_choice(t
     schema_path = tmp_path / "toy.yaml"
     schema_path.write_text(SCHEMA.format(shape_strategy="mean"))
     rows = np.random.default_rng(6).choice(300, 45, replace=False)
-    labels = write_labels(tmp_path / "labels.csv", rows, y)
+    given = y.copy()
+    given[rows[0]] = (y[rows[0]] + 1) % 3  # a person may disagree with what the embeddings suggest
+    labels = write_labels(tmp_path / "labels.csv", rows, given)
     config = AnnotateConfig(schema=str(schema_path), device="cpu", progress=False, labels=labels)
     out = tmp_path / "metadata.parquet"
     table = annotate_dir(folder, config, out, text_encoder=text_encoder)
     names = np.asarray(["round", "square", "pointy"])
     human = table["shape_source"].to_numpy() == "human"
     assert human.sum() == 45 and set(np.flatnonzero(human)) == set(rows.tolist())
-    assert (table["shape"].to_numpy()[human] == names[y[human]]).all()
+    assert (table["shape"].to_numpy()[human] == names[given[human]]).all()
     assert (table["shape_prob"].to_numpy()[human] == 1.0).all()
     assert (table["size_source"].to_numpy() == "model").all()  # labelled nowhere: zero-shot
     unlabelled = ~human

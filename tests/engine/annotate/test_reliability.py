@@ -52,25 +52,27 @@ def write_metadata(path, labels, *, sources=None, record=None):
 
 
 def test_precision_recall_and_accuracy_counted_by_hand(tmp_path):
-    # model: day day night night day night ; truth: day night night day day (row 5 unlabelled)
+    # model: day day day night day (night) ; truth: day night night night day (row 5 unlabelled)
     metadata = write_metadata(tmp_path / "metadata.parquet", {
-        "time": ["day", "day", "night", "night", "day", "night"], "weather": ["sun"] * 6})
+        "time": ["day", "day", "day", "night", "day", "night"], "weather": ["sun"] * 6})
     labels = tmp_path / "labels.csv"
-    labels.write_text("path,true_time\nimg0.png,day\nimg1.png,night\nimg2.png,night\nimg3.png,day\nimg4.png,day\n"
+    labels.write_text("path,true_time\nimg0.png,day\nimg1.png,night\nimg2.png,night\nimg3.png,night\nimg4.png,day\n"
                       "img5.png,\n")
     report = evaluate_labels(metadata, labels)
     [time] = report.attributes
     assert time.served == "zero-shot" and time.n == 5
     assert time.accuracy("zero_shot")[0] == pytest.approx(3 / 5)
-    assert time.precision("zero_shot", 0)[0] == pytest.approx(2 / 3)  # labelled day: img0, img1, img4
-    assert time.recall("zero_shot", 0)[0] == pytest.approx(2 / 3)  # true day: img0, img3, img4
-    assert time.precision("zero_shot", 1)[0] == pytest.approx(1 / 2)
+    assert time.precision("zero_shot", 0)[0] == pytest.approx(2 / 4)  # labelled day: img0-2, img4
+    assert time.recall("zero_shot", 0)[0] == pytest.approx(2 / 2)  # true day: img0, img4
+    assert time.precision("zero_shot", 1)[0] == pytest.approx(1 / 1)
+    assert time.recall("zero_shot", 1)[0] == pytest.approx(1 / 3)
     table = report.to_polars()
     overall = table.filter(pl.col("class") == "(all)").row(0, named=True)
     assert overall["zero_shot_accuracy"] == pytest.approx(0.6) and overall["reliable"] == "no"
     assert overall["zero_shot_accuracy_low"] < 0.6 < overall["zero_shot_accuracy_high"]
     night = table.filter(pl.col("class") == "night").row(0, named=True)
-    assert night["labelled"] == 2 and night["zero_shot_predicted"] == 2 and night["reliable"] == "no"
+    assert night["labelled"] == 3 and night["zero_shot_predicted"] == 1 and night["reliable"] == "no"
+    assert night["zero_shot_f1"] == pytest.approx(2 * 1 * (1 / 3) / (1 + 1 / 3))
 
 
 def test_an_attribute_is_reliable_when_every_assigned_class_has_a_good_precision_interval(tmp_path):

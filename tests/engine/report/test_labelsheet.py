@@ -20,6 +20,7 @@ from clipengine.errors import ClipengineError
 from clipengine.report.labelsheet import make_sheet
 
 HOSTILE = 'a</script><script>window.__pwned=1</script><img src=x onerror="window.__pwned=2">, "q".png'
+QUOTED = 'say "cheese".png'  # a quote and no comma: still a quoted CSV field
 SCHEMA = {"format": 1, "attributes": [
     {"name": "garment", "kind": "exclusive", "positive": None, "strategy": "mean", "top_m": 1,
      "classes": [{"name": n, "prompts": [n]} for n in ("shirt", "coat", "bag")]},
@@ -31,10 +32,11 @@ N_ITEMS = 12
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    """A run folder: 12 images (one with a hostile name, nested as its slashes say), items, labels."""
+    """A run folder: 12 images (one with a quote in its name, one with a hostile name, nested as its
+    slashes say), items, labels."""
     run = tmp_path_factory.mktemp("run")
     rng = np.random.default_rng(0)
-    paths = [f"img{i:02d}.png" for i in range(N_ITEMS - 1)] + [HOSTILE]
+    paths = [f"img{i:02d}.png" for i in range(N_ITEMS - 2)] + [QUOTED, HOSTILE]
     for i, path in enumerate(paths):
         target = run / path
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,7 @@ def test_a_run_with_labels_adapts_evaluates_and_records(labelled_run):
     overall = quality.filter((pl.col("attribute") == "scene") & (pl.col("class") == "(all)")).row(0, named=True)
     assert overall["reliable"] in ("yes", "no") and overall["labelled"] == 16 and overall["served"] == record["method"]
     assert overall["naive_accuracy"] is not None  # the ground-truth comparison beside the sample's
+    assert overall["support"] == 24 - 16  # measured on the items no person labelled
     assert overall["zero_shot_accuracy_low"] <= overall["zero_shot_accuracy"] <= overall["zero_shot_accuracy_high"]
     summary = (run_dir / artifacts.SUMMARY).read_text()
     assert "## Label reliability (measured on your labelled sample)" in summary
