@@ -116,7 +116,8 @@ def read_run_labels(run_dir: Path):
 
 
 def check_no_labels_lost(path: Path) -> None:
-    """Refuse to replace a ``labels.csv`` in which a person has already filled in labels."""
+    """Refuse to replace a ``labels.csv`` unless it is a sheet with no label filled in yet (one a person
+    has labelled, or a file that is not a sheet at all, is kept)."""
     if not path.is_file():
         return
     from clipengine.tables import read_table
@@ -124,9 +125,12 @@ def check_no_labels_lost(path: Path) -> None:
     try:
         table = read_table(path, what="labels", as_text=True)
     except ClipengineError:
-        return
-    filled = sum(table.get_column(c).drop_nulls().str.strip_chars().ne("").sum()
-                 for c in table.columns if c.startswith(artifacts.TRUTH_PREFIX))
+        table = None
+    truth = [c for c in table.columns if c.startswith(artifacts.TRUTH_PREFIX)] if table is not None else []
+    if not truth:
+        raise ClipengineError(f"{path} exists and is not an empty labelling sheet; choose another --out "
+                              "(or move that file away)")
+    filled = sum(table.get_column(c).drop_nulls().str.strip_chars().ne("").sum() for c in truth)
     if filled:
         raise ClipengineError(f"{path} already holds {filled} labels a person gave; choose another --out "
                               "(or move that file away)")

@@ -119,6 +119,12 @@ def test_a_sheet_with_a_persons_labels_is_never_replaced(run_dir, tmp_path):
     path.write_text("\n".join(filled) + "\n")
     with pytest.raises(ClipengineError, match="already holds 1 labels a person gave"):
         make_sheet(run_dir, tmp_path, n=3, seed=2)
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / artifacts.LABELS_CSV).write_text("my own notes; not a sheet\n")
+    with pytest.raises(ClipengineError, match="exists and is not an empty labelling sheet"):
+        make_sheet(run_dir, other, n=3, seed=2)
+    assert (other / artifacts.LABELS_CSV).read_text() == "my own notes; not a sheet\n"
     with pytest.raises(ClipengineError, match="'colour' is not an attribute"):
         make_sheet(run_dir, tmp_path / "other", n=3, attributes=["colour"])
 
