@@ -12,11 +12,25 @@ A run directory (``clipengine run``'s ``RUN``, or the output folder of a single 
 | ``errors.parquet`` | errors | ``path`` [, ``box``], ``error`` and the dataset's own feature and ``true_*`` columns |
 | ``metadata.parquet`` | annotate | ``path`` [, ``box``], then per attribute ``<attr>``, ``<attr>_prob``, ``<attr>_margin``; file metadata: model id, schema name/hash/content, strategies, logit scale |
 | ``metadata_naive.parquet`` | annotate | the same with the first prompt per class (label-quality comparison) |
-| ``label_quality.csv`` / ``.md`` | eval | per attribute and class: support, accuracy, precision, recall, F1 per strategy |
+| ``label_quality.csv`` / ``.md`` | eval | per attribute and class: support, accuracy, precision, recall, F1 per strategy; with a labels file, each with its 95 % interval from the sample, which labeller served, and whether the attribute is reliable |
 | ``slices.parquet`` / ``slices.json`` | slices | one row per slice with its statistics and the numeric bounds of binned predicates |
 | ``compare.json`` / ``compare_items.parquet`` | compare | the comparison with a baseline run: slices (status, both error rates, difference, interval, q-value), drift per attribute, mismatches; the matched items whose error changed |
 | ``summary.md``, ``report.html`` + ``thumbs/`` | summary, report | for people |
 | ``manifest.json`` | run | inputs, model, schema, settings, versions, per-stage fingerprints and timings |
+
+With a labels file (``--labels``), ``metadata.parquet`` adds ``<attr>_source`` (``human`` for the
+labelled items, which keep their person's label, else ``model``) and records per attribute the
+adaptation chosen (``clipengine.adaptation``), the labels file (``clipengine.labels``) and, for every
+labelled item, its true, zero-shot and out-of-fold served label (``clipengine.label_checks``).
+
+A labelling sheet (``clipengine sample RUN --out DIR``) is a folder of its own:
+
+| file | rows / content |
+| --- | --- |
+| ``labels.csv`` | the labels file to fill (:mod:`clipengine.annotate.labels` has its columns) |
+| ``labels.html`` | the same items as a self-contained page: thumbnails, predicted labels pre-selected, corrected by click or key, downloaded as the filled ``labels.csv`` |
+| ``sample.json`` | the draw: seed, design, population size, strata and inclusion probabilities, items |
+| ``label_studio_tasks.json`` / ``label_studio_config.xml`` | Label Studio's import: tasks with the predictions as pre-annotations, and the labelling config |
 
 Every write is atomic (:mod:`clipengine.bindings.files`). ``shards/`` (local executor) and
 ``shards-ray/`` (Ray) hold finished encode work while a run is going (:mod:`clipengine.shards`);
@@ -59,6 +73,12 @@ SUMMARY = "summary.md"
 REPORT = "report.html"
 THUMBS_DIR = "thumbs"
 MANIFEST = "manifest.json"
+LABELS_CSV = "labels.csv"  # a labelling sheet's files (clipengine sample)
+LABELS_HTML = "labels.html"
+SAMPLE_RECORD = "sample.json"
+LABEL_STUDIO_TASKS = "label_studio_tasks.json"
+LABEL_STUDIO_CONFIG = "label_studio_config.xml"
+SHEET_FILES = (LABELS_CSV, LABELS_HTML, SAMPLE_RECORD, LABEL_STUDIO_TASKS, LABEL_STUDIO_CONFIG)
 SHARDS_DIR = "shards"
 RAY_SHARDS_DIR = "shards-ray"
 SEARCH_INDEX_DIR = "search_index"
@@ -73,6 +93,9 @@ KEY_COLUMNS = ("path", "box")  # what identifies an item in every table
 ERROR_COLUMN = "error"
 PROB_SUFFIX = "_prob"
 MARGIN_SUFFIX = "_margin"
+SOURCE_SUFFIX = "_source"  # with a labels file: "human" (the person's label) or "model"
+SOURCE_HUMAN = "human"
+SOURCE_MODEL = "model"
 TRUTH_PREFIX = "true_"  # a dataset column holding the ground truth of attribute <attr>
 GIVEN_PREFIX = "given_"  # a dataset column named like a schema attribute is sliced on as given_<name>
 
@@ -88,6 +111,9 @@ META_SCHEMA_CONTENT = "clipengine.schema_content"
 META_THRESHOLDS = "clipengine.thresholds"
 META_SLICES = "clipengine.slices"  # slices.parquet: the run-level facts of slices.json
 META_COVERAGE = "clipengine.coverage"  # coverage.parquet: the summary of coverage.json
+META_ADAPTATION = "clipengine.adaptation"  # metadata.parquet with labels: {attribute: choice, CV accuracy, labels}
+META_LABELS = "clipengine.labels"  # ... the labels file: path, sha256, rows, population
+META_LABEL_CHECKS = "clipengine.label_checks"  # ... per labelled item: true, zero-shot and out-of-fold labels
 SLICES_FORMAT = 2  # slices.json "format": 2 adds the numeric bounds of binned predicates
 
 
@@ -339,9 +365,22 @@ def write_metadata(path: str | os.PathLike, table, record: dict[str, str]) -> No
 
 
 def attribute_columns(columns: Iterable[str]) -> list[str]:
-    """The attribute names among a metadata table's columns (not keys, not ``_prob``/``_margin``)."""
+    """The attribute names among a metadata table's columns (not keys, not ``_prob``/``_margin``/``_source``)."""
     return [c for c in columns if c not in KEY_COLUMNS and c != "file"
-            and not c.endswith(PROB_SUFFIX) and not c.endswith(MARGIN_SUFFIX)]
+            and not c.endswith((PROB_SUFFIX, MARGIN_SUFFIX, SOURCE_SUFFIX))]
+
+
+def read_adaptation(path: str | os.PathLike) -> tuple[dict, dict | None, dict | None]:
+    """``(adaptation, labels, checks)`` recorded in a metadata file written with a labels file:
+    ``{attribute: record}``, the labels file's record and the label checks (``{}, None, None`` without)."""
+    meta = read_parquet_metadata(path)
+    try:
+        adaptation = json.loads(meta.get(META_ADAPTATION, "{}"))
+        labels = json.loads(meta[META_LABELS]) if META_LABELS in meta else None
+        checks = json.loads(meta[META_LABEL_CHECKS]) if META_LABEL_CHECKS in meta else None
+    except ValueError as error:
+        raise ClipengineError(f"{path}: its adaptation record is not readable JSON ({_first_line(error)})") from None
+    return adaptation, labels, checks
 
 
 # ---- errors -----------------------------------------------------------------------------------
@@ -615,6 +654,17 @@ def locked(run_dir: str | os.PathLike) -> Iterator[None]:
             del _HELD[key]
             handle.seek(0)
             handle.truncate()
+
+
+def write_sheet_file(folder: str | os.PathLike, name: str, content: str | bytes) -> Path:
+    """One file of a labelling sheet (:data:`SHEET_FILES`), written atomically."""
+    from clipengine.bindings.files import write_bytes, write_text
+
+    if name not in SHEET_FILES:
+        raise ValueError(f"{name!r} is not a labelling sheet file")
+    path = Path(folder) / name
+    (write_bytes if isinstance(content, bytes) else write_text)(path, content)
+    return path
 
 
 def check_inputs_kept(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike],

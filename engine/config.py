@@ -65,6 +65,9 @@ class EncodeConfig:
 
 
 # ---- annotate -------------------------------------------------------------------------------
+DEFAULT_ADAPT = "auto"  # with a labels file: adapt each attribute where cross-validation says it helps
+DEFAULT_MIN_PRECISION = 0.5  # an attribute is unreliable when a class's 95 % precision interval starts below this
+DEFAULT_SAMPLE_SIZE = 200  # clipengine sample --n
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,9 @@ class AnnotateConfig:
     given, it must be that same model (annotate refuses to mix models). ``chunk_rows`` None sizes
     the kernel's chunks to a fixed scratch budget (``clipengine.kernels.similarity.CHUNK_BYTES``).
     ``thresholds``: a ``thresholds.json`` from ``clipengine eval --calibrate``, applied to binary attributes.
+    ``labels``: a labels file (``clipengine sample``'s ``labels.csv`` filled in, or Label Studio's JSON
+    export): labelled items keep their label, and ``adapt`` (auto, none, prototype, gda, tip) says
+    how the attributes it labels adapt to it (:mod:`clipengine.annotate.adapt`).
     """
 
     schema: str = "celeba"
@@ -86,6 +92,8 @@ class AnnotateConfig:
     model: ModelConfig | None = None
     thresholds: Path | None = None
     progress: bool = True
+    labels: Path | None = None
+    adapt: str = DEFAULT_ADAPT
 
 
 # ---- slices ---------------------------------------------------------------------------------

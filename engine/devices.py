@@ -98,3 +98,14 @@ def numba_threads(threads: int | None = None) -> Iterator[int]:
         yield wanted
     finally:
         numba.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Run many small BLAS calls (few-shot fits on a few hundred labelled rows) on one thread, and
+    restore the caller's BLAS thread counts afterwards: on small matrices a thread pool's hand-offs
+    cost more than the arithmetic, by orders of magnitude when the cores are busy."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

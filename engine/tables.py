@@ -20,11 +20,13 @@ TAB_SUFFIXES = (".tsv", ".tab")
 INFER_SCHEMA_ROWS = 10_000
 
 
-def read_table(path: str | os.PathLike, *, what: str = "table"):
+def read_table(path: str | os.PathLike, *, what: str = "table", as_text: bool = False):
     """A CSV, TSV (``.tsv``/``.tab``) or Parquet (``.parquet``/``.pq``) file as a Polars frame; another
     suffix is tried as Parquet, then CSV. A one-line error naming ``what`` and the file when it is
-    missing or unreadable."""
+    missing or unreadable. ``as_text``: every CSV column as text, as written (``007`` stays ``007``)."""
     import polars as pl
+
+    infer = {"infer_schema": False} if as_text else {"infer_schema_length": INFER_SCHEMA_ROWS}
 
     path = Path(path)
     if not path.is_file():
@@ -34,13 +36,13 @@ def read_table(path: str | os.PathLike, *, what: str = "table"):
         if suffix in PARQUET_SUFFIXES:
             return pl.read_parquet(path)
         if suffix in TAB_SUFFIXES:
-            return pl.read_csv(path, separator="\t", infer_schema_length=INFER_SCHEMA_ROWS)
+            return pl.read_csv(path, separator="\t", **infer)
         if suffix == ".csv":
-            return pl.read_csv(path, infer_schema_length=INFER_SCHEMA_ROWS)
+            return pl.read_csv(path, **infer)
         try:
             return pl.read_parquet(path)
         except Exception:
-            return pl.read_csv(path, infer_schema_length=INFER_SCHEMA_ROWS)
+            return pl.read_csv(path, **infer)
     except Exception as error:  # polars raises many kinds; the user needs one line
         text = str(error).strip()
         first = text.splitlines()[0] if text else type(error).__name__

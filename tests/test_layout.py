@@ -90,7 +90,8 @@ def test_no_import_cycle_in_the_engine():
 def test_run_directory_file_names_are_spelled_in_one_module():
     names = re.compile(r"""["'](?:items|metadata|metadata_naive|errors|skipped|slices|compare_items)\.parquet["']|"""
                        r"""["'](?:embeddings|item_stats)\.npy["']|["'](?:model|slices|manifest|compare)\.json["']|"""
-                       r"""["'](?:summary\.md|report\.html|label_quality\.(?:csv|md))["']""")
+                       r"""["'](?:summary\.md|report\.html|label_quality\.(?:csv|md))["']|"""
+                       r"""["'](?:labels\.(?:csv|html)|sample\.json|label_studio_(?:tasks\.json|config\.xml))["']""")
     offenders = []
     for path in (ROOT / "engine").rglob("*.py"):
         # dataset adapters read the user's input files, one of which is named like an artifact

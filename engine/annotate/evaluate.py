@@ -578,12 +578,53 @@ def calibrate_thresholds(
 
 
 
-def evaluate_run(run_dir: str | os.PathLike, schema, truth: pl.DataFrame, mapping: dict[str, str]) -> EvalReport:
-    """The eval stage of a run: ``metadata_naive.parquet`` and ``metadata.parquet`` (the schema's own
-    strategies) against ``truth``; writes ``label_quality.csv``/``.md`` into ``run_dir``."""
+def evaluate_run(run_dir: str | os.PathLike, schema, truth: pl.DataFrame | None, mapping: dict[str, str],
+                 labels: str | os.PathLike | None = None):
+    """The eval stage of a run: with ground truth, ``metadata_naive.parquet`` and ``metadata.parquet``
+    (the schema's own strategies, or the served labels when adapted; items a person labelled left
+    out) against ``truth``; with a labels file, the reliability of each attribute measured on it
+    (:mod:`clipengine.annotate.reliability`). Writes ``label_quality.csv``/``.md`` into ``run_dir``;
+    returns ``(EvalReport or None, ReliabilityReport or None)``."""
     run_dir = Path(run_dir)
-    frames = {"naive": artifacts.read_parquet_file(run_dir / artifacts.NAIVE_METADATA),
-              schema.strategy_name: artifacts.read_parquet_file(run_dir / artifacts.METADATA)}
-    report = label_quality(frames, truth, mapping, schema=schema)
-    report.write(run_dir)
-    return report
+    report = reliability = None
+    if truth is not None:
+        metadata = artifacts.read_parquet_file(run_dir / artifacts.METADATA)
+        naive = artifacts.read_parquet_file(run_dir / artifacts.NAIVE_METADATA)
+        adaptation, _, _ = artifacts.read_adaptation(run_dir / artifacts.METADATA)
+        served = "served" if any(r.get("method") != "zero-shot" for r in adaptation.values()) else schema.strategy_name
+        metadata, naive = without_human_labels(metadata, naive)
+        report = label_quality({"naive": naive, served: metadata}, truth, mapping, schema=schema)
+    if labels is not None:
+        from clipengine.annotate.reliability import evaluate_labels
+
+        reliability = evaluate_labels(run_dir / artifacts.METADATA, labels)
+    write_label_quality(run_dir, report, reliability)
+    return report, reliability
+
+
+def without_human_labels(metadata: pl.DataFrame, *others: pl.DataFrame) -> tuple[pl.DataFrame, ...]:
+    """``metadata`` and ``others`` (same rows) with each attribute's label emptied where a person gave
+    it (``<attr>_source`` human): ground truth then measures the model on the items it labelled."""
+    sources = [c for c in metadata.columns if c.endswith(artifacts.SOURCE_SUFFIX)]
+    out = [metadata, *others]
+    for column in sources:
+        name = column[: -len(artifacts.SOURCE_SUFFIX)]
+        human = metadata.get_column(column) == artifacts.SOURCE_HUMAN
+        out = [frame.with_columns(pl.when(human).then(None).otherwise(pl.col(name)).alias(name))
+               if name in frame.columns else frame for frame in out]
+    return tuple(out)
+
+
+def write_label_quality(out_dir: str | os.PathLike, report: EvalReport | None = None, reliability=None):
+    """``label_quality.csv``/``.md`` from ground truth (``report``), a labelled sample (``reliability``)
+    or both (one row per attribute and class, the columns of both side by side)."""
+    if report is None and reliability is None:
+        raise ClipengineError("eval: give ground truth (--truth) or a labels file (--labels)")
+    if reliability is None:
+        return report.write(out_dir)
+    table, markdown = reliability.to_polars(), reliability.to_markdown()
+    if report is not None:
+        truth_table = report.to_polars()
+        table = truth_table.join(table, on=["attribute", "class"], how="full", coalesce=True, maintain_order="left")
+        markdown = report.to_markdown() + "\n" + markdown
+    return artifacts.write_label_quality(out_dir, table, markdown)

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "encode": ("clipengine.cli.encode:encode", "Encode images (or object crops) into CLIP embeddings."),
     "encode-text": ("clipengine.cli.encode:encode_text", "Encode text prompts into CLIP embeddings."),
     "annotate": ("clipengine.cli.annotate:annotate", "Label stored embeddings zero-shot with a prompt schema."),
+    "sample": ("clipengine.cli.sample:sample", "Draw items of a run to label: a sheet, an offline labelling page."),
     "eval": ("clipengine.cli.evaluate:evaluate", "Compare labels with ground truth: accuracy, precision, recall, F1."),
     "search": ("clipengine.cli.search:search", "Text-to-image retrieval over stored embeddings."),
     "slices": ("clipengine.cli.slices:slices", "Find the top-K weak slices of a table with SliceLine."),

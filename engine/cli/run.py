@@ -66,6 +66,8 @@ Datasets:
 \b
 Example:
   clipengine run --dataset fashion-mnist
+  clipengine sample runs/fashion-mnist --n 200 --out labels/   # label in labels/labels.html, then:
+  clipengine run --dataset fashion-mnist --labels labels.csv
   clipengine run --dataset carla --root carla_export/ --detections dets/ --out runs/carla
   clipengine run --dataset folder --root photos/ --schema scene --k 20
   clipengine run --config nightly.yaml --quiet --log-json
@@ -104,6 +106,12 @@ Example:
               help="Images per model call.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decode threads [one per core].")
 @click.option("--strategy", default=None, help="Prompt aggregation (mean, max, topm, naive; per attribute a=max).")
+@click.option("--labels", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="A labelled sample (`clipengine sample`'s labels.csv filled in, or Label Studio's JSON export): "
+                   "labelled items keep their labels, attributes adapt to them (--adapt), and the eval stage "
+                   "measures each attribute's reliability on them.")
+@click.option("--adapt", type=click.Choice(["auto", "none", "prototype", "gda", "tip"]), default=defaults.DEFAULT_ADAPT,
+              show_default=True, help="With --labels: how attributes adapt (auto: where cross-validation says it helps).")
 @slice_options
 @click.option("--baseline", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="An earlier run directory to compare this run with (clipengine compare): writes RUN/compare.json "
@@ -128,9 +136,9 @@ Example:
 @click.option("--quiet", is_flag=True, default=False, help="No progress bars or stage lines.")
 @click.option("--log-json", is_flag=True, default=False, help="JSON-lines events on stdout (machine-readable).")
 def run(dataset, root, out, schema, detections, predictions, errors_file, classes, iou, limit, seed, model, pretrained,
-        weights, backend, device, precision, batch_size, workers, strategy, k, alpha, min_sup, max_level, bins,
-        binning, drop_nulls, compat, max_q, baseline, min_diff, min_psi, no_report, executor, ray_address, ray_workers, gpus_per_worker,
-        cpus_for_decode, ray_shards, quiet, log_json) -> None:
+        weights, backend, device, precision, batch_size, workers, strategy, labels, adapt, k, alpha, min_sup,
+        max_level, bins, binning, drop_nulls, compat, max_q, baseline, min_diff, min_psi, no_report, executor,
+        ray_address, ray_workers, gpus_per_worker, cpus_for_decode, ray_shards, quiet, log_json) -> None:
     from clipengine.config import AnnotateConfig, CompareConfig, DatasetConfig, EncodeConfig, RunConfig
     from clipengine.errors import ClipengineError
     from clipengine.run.job import RunLog, run_job
@@ -148,7 +156,7 @@ def run(dataset, root, out, schema, detections, predictions, errors_file, classe
                            classes=tuple(c.strip() for c in classes.split(",") if c.strip()), iou_threshold=iou,
                            limit=limit, seed=seed),
         encode=encode,
-        annotate=AnnotateConfig(strategy=strategy, device=device),
+        annotate=AnnotateConfig(strategy=strategy, device=device, labels=labels, adapt=adapt),
         slices=slices,
         auto_model=model is None and weights is None and pretrained is None,
         report=not no_report,

@@ -112,6 +112,7 @@ def render_report(run, *, out_dir: Path, single_file: bool = False):
         "attributes": attributes,
         "attribute_charts": attribute_charts,
         "label_quality": _label_quality(run.label_quality, run.label_quality_columns),
+        "reliability": _reliability(run.label_quality, run.label_quality_columns),
         "skipped": run.skipped,
         "skipped_reasons": run.skipped_reasons,
         "summary_md": run.summary_md,
@@ -124,6 +125,7 @@ def render_report(run, *, out_dir: Path, single_file: bool = False):
         "js": (_HERE / "static" / "report.js").read_text(encoding="utf-8"),
         "examples_per_side": EXAMPLES_PER_SIDE,
     }
+    context["reliability_of"] = {r["attribute"]: r for r in context["reliability"]}
     return _environment().get_template("report.html.j2").render(**context), thumbs
 
 
@@ -159,6 +161,53 @@ def _search_facts(summary: dict) -> dict[str, Any]:
 
 
 LABEL_QUALITY_METRICS = ("accuracy", "precision", "recall", "f1")
+SAMPLE_LABELLERS = ("zero_shot", "adapted")  # label_quality.csv's columns measured on a labelled sample
+
+
+def _reliability(rows, columns) -> list[dict[str, Any]]:
+    """The label-quality table's sample measurements per attribute: which labeller served, accuracy with
+    its interval for zero-shot and adapted, reliable or not (and why), per class precision and
+    recall with intervals. Empty without a labels file."""
+    if rows is None or not {"attribute", "class", "served", "reliable"} <= set(columns):
+        return []
+
+    def interval(row, labeller, metric):
+        value = _float(row.get(f"{labeller}_{metric}"))
+        if value is None:
+            return None
+        return (value, _float(row.get(f"{labeller}_{metric}_low")), _float(row.get(f"{labeller}_{metric}_high")))
+
+    out: list[dict[str, Any]] = []
+    by_name: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if not row.get("served"):
+            continue
+        name = row.get("attribute") or ""
+        if row.get("class") == "(all)":
+            entry = {
+                "attribute": name, "anchor": f"reliability-{len(out) + 1}", "served": row.get("served"),
+                "labelled": _float(row.get("labelled")), "cv_accuracy": _float(row.get("cv_accuracy")),
+                "reliable": row.get("reliable") == "yes", "reason": row.get("reason") or "",
+                "accuracy": {lab: interval(row, lab, "accuracy") for lab in SAMPLE_LABELLERS},
+                "classes": [], "precision": {},
+            }
+            out.append(entry)
+            by_name[name] = entry
+            continue
+        entry = by_name.get(name)
+        if entry is None:
+            continue
+        served = "adapted" if entry["accuracy"].get("adapted") else "zero_shot"
+        precision = interval(row, served, "precision")
+        entry["precision"][row.get("class") or ""] = precision
+        entry["classes"].append({
+            "name": row.get("class") or "", "labelled": _float(row.get("labelled")),
+            "reliable": row.get("reliable"),
+            "metrics": {lab: (interval(row, lab, "precision"), interval(row, lab, "recall")) for lab in SAMPLE_LABELLERS},
+        })
+    for entry in out:
+        entry["labellers"] = [lab for lab in SAMPLE_LABELLERS if entry["accuracy"].get(lab) is not None]
+    return out
 
 
 def _label_quality(rows, columns) -> dict[str, Any] | None:
@@ -174,8 +223,11 @@ def _label_quality(rows, columns) -> dict[str, Any] | None:
         for metric in LABEL_QUALITY_METRICS:
             if column.endswith("_" + metric):
                 strategy = column[: -len(metric) - 1]
-                if strategy and strategy not in strategies:
+                if strategy and strategy not in strategies and strategy not in SAMPLE_LABELLERS \
+                        and column != "cv_accuracy":
                     strategies.append(strategy)
+    if not strategies and "reliable" in columns:
+        return None  # measured on a labelled sample only: the reliability section shows it
     structured = {"attribute", "class"} <= set(columns) and strategies
     if not structured:
         return {"structured": False, "columns": list(columns),
@@ -183,6 +235,8 @@ def _label_quality(rows, columns) -> dict[str, Any] | None:
     table = []
     previous = None
     for row in rows:
+        if row.get("support") in (None, ""):
+            continue  # a row of the labelled sample only
         attribute = row.get("attribute") or ""
         metrics = []
         for strategy in strategies:

@@ -120,7 +120,7 @@ class ThumbnailWriter:
         self.thumbs_dir = out_dir / THUMBS_DIR
         self.written: set[str] = set()
         self._cache: dict[int, tuple[str | None, str | None, bool]] = {}
-        self._roots = _image_roots(run)
+        self._roots = image_roots(run.run_dir, run.manifest)
 
     def example(self, row: int, *, inside: bool, focus: tuple[str, ...] = (), matched: int | None = None,
                 of: int | None = None) -> Example:
@@ -157,37 +157,13 @@ class ThumbnailWriter:
         return self._cache[row]
 
     def _render(self, record: dict[str, Any]) -> tuple[str | None, str | None, bool]:
-        from PIL import Image, ImageOps
-
-        file = self._resolve(str(record.get("file") or record.get("path")))
+        file = resolve_image(str(record.get("file") or record.get("path")), self._roots)
         if file is None:
             return None, "image file not found", False
-        box = record.get("box")
-        try:
-            with Image.open(file) as opened:
-                image = ImageOps.exif_transpose(opened)
-                image.load()
-        except Exception as error:  # unreadable images become a labelled placeholder
-            return None, f"image could not be read ({type(error).__name__})", False
-        if box is not None and len(box) == 4:
-            x0, y0, x1, y1 = (float(v) for v in box)
-            left, top = max(0, int(x0)), max(0, int(y0))
-            right, bottom = min(image.width, int(round(x1))), min(image.height, int(round(y1)))
-            if right <= left or bottom <= top:
-                return None, "box outside the image", False
-            image = image.crop((left, top, right, bottom))
-        image = image.convert("L") if image.mode in ("L", "1", "I", "I;16", "F") else image.convert("RGB")
-        image.thumbnail((THUMB_MAX_SIDE, THUMB_MAX_SIDE), Image.Resampling.LANCZOS)
-        small = max(image.size) <= SMALL_IMAGE_SIDE
-        pixelated = max(image.size) <= PIXELATED_SIDE
-        buffer = io.BytesIO()
-        if small:
-            image.save(buffer, format="PNG", optimize=True)
-            extension, mime = "png", "image/png"
-        else:
-            image.save(buffer, format="JPEG", quality=THUMB_JPEG_QUALITY, optimize=True)
-            extension, mime = "jpg", "image/jpeg"
-        data = buffer.getvalue()
+        rendered = render_thumbnail(file, record.get("box"))
+        if isinstance(rendered, str):
+            return None, rendered, False
+        data, extension, mime, pixelated = rendered
         if self.single_file:
             return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", None, pixelated
         name = f"{hashlib.sha256(data).hexdigest()[:20]}.{extension}"
@@ -199,14 +175,6 @@ class ThumbnailWriter:
                 write_bytes(target, data)
             self.written.add(name)
         return f"{THUMBS_DIR}/{name}", None, pixelated
-
-    def _resolve(self, file: str) -> Path | None:
-        path = Path(file)
-        candidates = [path] if path.is_absolute() else [root / path for root in self._roots]
-        for candidate in candidates:
-            if candidate.is_file():
-                return candidate
-        return None
 
     def remove_stale(self) -> None:
         """Delete thumbnails of earlier reports that this page does not show (all of them for a
@@ -220,10 +188,9 @@ class ThumbnailWriter:
             self.thumbs_dir.rmdir()
 
 
-def _image_roots(run: RunData) -> list[Path]:
+def image_roots(run_dir: Path, manifest: dict) -> list[Path]:
     """Where relative ``file`` paths may be rooted: the run dir, then the dataset root."""
-    roots = [run.run_dir]
-    manifest = run.manifest
+    roots = [Path(run_dir)]
     for value in (
         manifest.get("root"),
         (manifest.get("dataset") or {}).get("root") if isinstance(manifest.get("dataset"), dict) else None,
@@ -232,6 +199,59 @@ def _image_roots(run: RunData) -> list[Path]:
         if isinstance(value, str) and value:
             roots.append(Path(value))
     return roots
+
+
+def resolve_image(file: str, roots: list[Path]) -> Path | None:
+    """The image ``file`` names: as it is when absolute, else under the first of ``roots`` that has it."""
+    path = Path(file)
+    candidates = [path] if path.is_absolute() else [root / path for root in roots]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def render_thumbnail(file: Path, box=None) -> tuple[bytes, str, str, bool] | str:
+    """``(bytes, extension, mime type, pixelated)`` of ``file``'s thumbnail (cropped to ``box``
+    [x0, y0, x1, y1] when given; at most ``THUMB_MAX_SIDE`` px; PNG when small, else JPEG), or the
+    reason it cannot be shown."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(file) as opened:
+            image = ImageOps.exif_transpose(opened)
+            image.load()
+    except Exception as error:  # unreadable images become a labelled placeholder
+        return f"image could not be read ({type(error).__name__})"
+    if box is not None and len(box) == 4:
+        x0, y0, x1, y1 = (float(v) for v in box)
+        left, top = max(0, int(x0)), max(0, int(y0))
+        right, bottom = min(image.width, int(round(x1))), min(image.height, int(round(y1)))
+        if right <= left or bottom <= top:
+            return "box outside the image"
+        image = image.crop((left, top, right, bottom))
+    image = image.convert("L") if image.mode in ("L", "1", "I", "I;16", "F") else image.convert("RGB")
+    image.thumbnail((THUMB_MAX_SIDE, THUMB_MAX_SIDE), Image.Resampling.LANCZOS)
+    small = max(image.size) <= SMALL_IMAGE_SIDE
+    pixelated = max(image.size) <= PIXELATED_SIDE
+    buffer = io.BytesIO()
+    if small:
+        image.save(buffer, format="PNG", optimize=True)
+        return buffer.getvalue(), "png", "image/png", pixelated
+    image.save(buffer, format="JPEG", quality=THUMB_JPEG_QUALITY, optimize=True)
+    return buffer.getvalue(), "jpg", "image/jpeg", pixelated
+
+
+def thumbnail_uri(file: str, box, roots: list[Path]) -> tuple[str | None, str | None, bool]:
+    """``(data URI or None, why not, pixelated)`` of an item's thumbnail (self-contained pages)."""
+    path = resolve_image(file, roots)
+    if path is None:
+        return None, "image file not found", False
+    rendered = render_thumbnail(path, box)
+    if isinstance(rendered, str):
+        return None, rendered, False
+    data, _, mime, pixelated = rendered
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", None, pixelated
 
 
 def _label(value: Any) -> str:

@@ -7,8 +7,8 @@ This module only sequences stages (each usable alone, each in its own package) a
 | --- | --- | --- | --- |
 | encode | an executor's ``encode_items`` | the encode outputs | item listing (paths, boxes, file sizes and mtimes), model, encode settings |
 | errors | the dataset adapter | errors.parquet | the adapter's input files (content), settings and listing |
-| annotate | :func:`clipengine.annotate.stage.annotate_run` | metadata.parquet (+ metadata_naive.parquet with ground truth) | encode, schema hash, strategy |
-| eval | :func:`clipengine.annotate.evaluate.evaluate_run` | label_quality.csv / .md | annotate, errors |
+| annotate | :func:`clipengine.annotate.stage.annotate_run` | metadata.parquet (+ metadata_naive.parquet with ground truth) | encode, schema hash, strategy, labels file (content) and --adapt |
+| eval | :func:`clipengine.annotate.evaluate.evaluate_run` | label_quality.csv / .md (ground truth, a labels file or both) | annotate, errors, labels file |
 | slices | :func:`clipengine.slices.find.slice_run` | slices.parquet, slices.json | annotate, errors, slice settings, features |
 | compare (with ``--baseline``) | :func:`clipengine.compare.stage.compare_runs` | compare.json, compare_items.parquet | slices, the baseline's compared files (content), compare settings |
 | summary | :func:`clipengine.run.summary.write_summary` | summary.md | slices, eval, compare |
@@ -153,7 +153,9 @@ class _Job:
         started = time.perf_counter()
         baseline_digest = self._check_baseline()
         schema_file = Path(self.schema_name)
-        given = [*self.dataset.input_files(), *([schema_file] if schema_file.is_file() else [])]
+        labels_file = self.config.annotate.labels
+        given = [*self.dataset.input_files(), *([schema_file] if schema_file.is_file() else []),
+                 *([labels_file] if labels_file is not None else [])]
         artifacts.check_inputs_kept(self.run_dir, given)
         self.manifest = Manifest(self.run_dir)
         items = self.dataset.list_items()
@@ -165,6 +167,7 @@ class _Job:
             self.log.say(notice)
             self.log.event("notice", message=notice)
         schema = load_schema(self.schema_name)
+        labels_record = _check_labels(labels_file, items, schema)  # a bad labels file fails before any work
         self.manifest.update(
             dataset={"name": self.config.dataset, "root": str(self.dataset.root) if self.dataset.root else None,
                      "settings": self.dataset.settings(), "items": items.height,
@@ -177,6 +180,7 @@ class _Job:
                           "pretrained": self.model.pretrained, "auto": self.config.auto_model, "notice": notice},
             versions=package_versions(),
             started=now_iso(),
+            labels=labels_record,
         )
         enc = self.config.encode
         encode_fp = fingerprint("encode", listing_hash, dataclasses.asdict(self.model), enc.backend, enc.device,
@@ -184,9 +188,13 @@ class _Job:
         truth = self.dataset.load_truth()
         has_truth = truth is not None
         annotate_cfg = replace(self.config.annotate, schema=self.schema_name, progress=self.progress)
-        annotate_fp = fingerprint("annotate", encode_fp, schema.hash, annotate_cfg.strategy, has_truth)
+        labels_fp = (labels_record["sha256"], annotate_cfg.adapt) if labels_record else None
+        annotate_fp = fingerprint("annotate", encode_fp, schema.hash, annotate_cfg.strategy, has_truth,
+                                  *([labels_fp] if labels_fp else []))
         errors_fp = fingerprint("errors", dataset_fp)
-        eval_fp = fingerprint("eval", annotate_fp, errors_fp, self.dataset.truth_mapping()) if has_truth else None
+        evaluates = has_truth or labels_record is not None
+        eval_fp = fingerprint("eval", annotate_fp, errors_fp, self.dataset.truth_mapping() if has_truth else None,
+                              labels_fp) if evaluates else None
         features = artifacts.joined_features(schema.attribute_names, self.dataset.error_features())
         slice_settings = {k: v for k, v in dataclasses.asdict(self.config.slices).items() if k != "progress"}
         slices_fp = fingerprint("slices", annotate_fp, errors_fp, slice_settings, features, artifacts.SLICES_FORMAT)
@@ -201,11 +209,12 @@ class _Job:
         try:
             targets = label_targets(schema, annotate_cfg, has_truth)
             # an executor that labels in its encode pass does so only when the annotate stage must run
-            in_pass = None if self.manifest.is_done("annotate", annotate_fp) else (targets, annotate_cfg)
+            # (and not with labels: adaptation needs every embedding first)
+            in_pass = None if self.manifest.is_done("annotate", annotate_fp) or labels_record else (targets, annotate_cfg)
             self.stage("encode", encode_fp, lambda: self._encode(items, in_pass), bar)
             self.stage("errors", errors_fp, self._errors, bar)
             self.stage("annotate", annotate_fp, lambda: self._annotate(targets, annotate_cfg), bar)
-            if has_truth:
+            if evaluates:
                 self.stage("eval", eval_fp, lambda: self._eval(schema, truth), bar)
             else:
                 bar.update(1)
@@ -269,18 +278,29 @@ class _Job:
             rows = artifacts.parquet_rows(self.run_dir / names[0])
             return names, {"rows": rows, "schema": schema.name, "schema_hash": schema.hash, "in_pass": True}
         rows = annotate_run(self.run_dir, targets, self.text_encoder(), config)
-        return names, {"rows": rows, "schema": schema.name, "schema_hash": schema.hash}
+        info = {"rows": rows, "schema": schema.name, "schema_hash": schema.hash}
+        if config.labels is not None:
+            adaptation, _, _ = artifacts.read_adaptation(self.run_dir / names[0])
+            info.update(adapt=config.adapt, adaptation=adaptation)
+        return names, info
 
     def _eval(self, schema, truth) -> tuple[list[str], dict]:
         from clipengine.annotate.evaluate import evaluate_run
 
         names = set(schema.attribute_names)
         mapping = {a: spec for a, spec in self.dataset.truth_mapping().items() if a in names}
-        report = evaluate_run(self.run_dir, schema, truth, mapping)
-        accuracy = {a: round(float(q.accuracy), 4) for (a, s), q in report.results.items()
-                    if s == schema.strategy_name and q.accuracy is not None}
-        return [artifacts.LABEL_QUALITY_CSV, artifacts.LABEL_QUALITY_MD], {"matched_rows": report.matched_rows,
-                                                                          "accuracy": accuracy}
+        report, reliability = evaluate_run(self.run_dir, schema, truth, mapping, labels=self.config.annotate.labels)
+        info: dict = {}
+        if report is not None:
+            info.update(matched_rows=report.matched_rows,
+                        accuracy={a: round(float(q.accuracy), 4) for (a, s), q in report.results.items()
+                                  if s != "naive" and q.accuracy is not None})
+        if reliability is not None:
+            info["reliability"] = {item.attribute: {"served": item.served, "labels": item.n,
+                                                    "reliable": item.judgement()[0],
+                                                    "accuracy": round(item.accuracy(item.served_labeller)[0], 4)}
+                                   for item in reliability.attributes}
+        return [artifacts.LABEL_QUALITY_CSV, artifacts.LABEL_QUALITY_MD], info
 
     def _slices(self, features: list[str]) -> tuple[list[str], dict]:
         from clipengine.slices.find import slice_run
@@ -326,6 +346,20 @@ class _Job:
 
         write_report(self.run_dir)
         return [artifacts.REPORT], {}
+
+
+def _check_labels(path: Path | None, items, schema) -> dict | None:
+    """The labels file's record (file, sha256, rows) after reading it against the dataset's listing
+    and the schema: a bad file is one line before anything runs (the annotate stage reads it again
+    against the items that were encoded)."""
+    if path is None:
+        return None
+    from clipengine.annotate.labels import read_labels
+    from clipengine.bindings.files import sha256_file
+
+    label_set = read_labels(path, artifacts.key_columns(items), {a.name: a.class_names for a in schema.attributes})
+    return {"file": str(path), "sha256": sha256_file(path), "rows": int(len(label_set.rows)),
+            "attributes": label_set.attributes}
 
 
 def _jsonable(value: Any) -> Any:

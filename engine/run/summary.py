@@ -80,19 +80,60 @@ def _slices_section(run_dir: Path) -> list[str]:
     return lines
 
 
+def _interval(row: dict, column: str) -> str:
+    value = row.get(column)
+    if value is None:
+        return "–"
+    return f"{value:.3f} ({row.get(column + '_low') or 0:.3f}–{row.get(column + '_high') or 0:.3f})"
+
+
+def _reliability_section(table) -> list[str]:
+    """Per attribute measured on a labelled sample: which labeller served, its accuracy with the
+    95 % interval beside zero-shot's, and whether the attribute is reliable (and why not)."""
+    import polars as pl
+
+    if "reliable" not in table.columns or "served" not in table.columns:
+        return []
+    numeric = [c for c in table.columns if c.startswith(("zero_shot_", "adapted_"))]
+    table = table.with_columns(pl.col(c).cast(pl.Float64, strict=False) for c in numeric)
+    overall = table.filter((pl.col("class") == "(all)") & pl.col("served").is_not_null())
+    if overall.height == 0:
+        return []
+    lines = ["## Label reliability (measured on your labelled sample)", "",
+             "| attribute | labels | served | accuracy (95 % interval) | zero-shot accuracy | reliable |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    notes = []
+    for row in overall.iter_rows(named=True):
+        served = "adapted_accuracy" if row.get("adapted_accuracy") is not None else "zero_shot_accuracy"
+        reliable = row.get("reliable") == "yes"
+        lines.append(f"| {escape(row['attribute'])} | {row.get('labelled') or '–'} | {escape(row['served'])} | "
+                     f"{_interval(row, served)} | {_interval(row, 'zero_shot_accuracy')} | "
+                     f"{'yes' if reliable else '**no**'} |")
+        if not reliable and row.get("reason"):
+            notes.append(f"- **{escape(row['attribute'])}** is unreliable: {escape(row['reason'])}.")
+    if notes:
+        lines += ["", "Slices whose predicates use an unreliable attribute may describe the model's labelling "
+                      "errors rather than the model under test:", *notes]
+    return lines + ["", "Per-class precision and recall with intervals: `label_quality.md`.", ""]
+
+
 def _label_quality_section(run_dir: Path) -> list[str]:
     import polars as pl
 
     table = artifacts.read_label_quality(run_dir)
     if table is None:
         return []
+    reliability = _reliability_section(table)
     table = table.with_columns(pl.col(c).cast(pl.Float64, strict=False) for c in table.columns
                                if c.endswith(("_accuracy", "_f1", "_precision", "_recall")))
+    if "support" not in table.columns:  # a labelled sample only: no ground-truth table
+        return reliability
     overall = table.filter(pl.col("class") == "(all)")
-    accuracy_columns = [c for c in table.columns if c.endswith("_accuracy")]
-    f1_columns = [c for c in table.columns if c.endswith("_f1")]
+    accuracy_columns = [c for c in table.columns if c.endswith("_accuracy") and c != "cv_accuracy"
+                        and not c.startswith(("zero_shot_", "adapted_"))]
+    f1_columns = [c for c in table.columns if c.endswith("_f1") and not c.startswith(("zero_shot_", "adapted_"))]
     if overall.height == 0 or not accuracy_columns:
-        return []
+        return reliability
     strategies = [c[: -len("_accuracy")] for c in accuracy_columns]
     lines = ["## Label quality (zero-shot attributes vs ground truth)", "",
              "| attribute | n | " + " | ".join(f"{s} accuracy" for s in strategies) + " | "
@@ -102,7 +143,7 @@ def _label_quality_section(run_dir: Path) -> list[str]:
         lines.append(f"| {escape(row['attribute'])} | {row['support']} | "
                      + " | ".join(_fmt(row[c]) for c in accuracy_columns) + " | "
                      + " | ".join(_fmt(row[c]) for c in f1_columns) + " |")
-    return lines + ["", "Per-class precision / recall / F1: `label_quality.md`.", ""]
+    return lines + ["", "Per-class precision / recall / F1: `label_quality.md`.", ""] + reliability
 
 
 def _baseline_section(run_dir: Path) -> list[str]:
