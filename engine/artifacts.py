@@ -202,12 +202,14 @@ def read_finished(out_dir: str | os.PathLike, identity: dict, keys: list[str], s
 
 
 def write_encoded(out_dir: str | os.PathLike, items, *, encoded: list[int], blocks: Iterable[np.ndarray],
-                  skipped: list[tuple[int, str]], stats: np.ndarray, record: dict, dtype: str) -> str:
+                  skipped: list[tuple[int, str]], stats: np.ndarray, record: dict, dtype: str,
+                  left_out: Iterable[tuple[str, str]] = ()) -> str:
     """Write the encode outputs of ``items`` (N rows) into ``out_dir``; the only writer of them.
 
     ``encoded``: the positions (ascending) of the items that have a row; ``blocks``: their (B, D)
     float32 rows in that order, streamed into a memory-mapped ``embeddings.npy`` of ``dtype`` (the
     writer never holds all rows); ``skipped``: (position, reason) of the others that were tried;
+    ``left_out``: (path, reason) of inputs that never became items (listed after them, without a box);
     ``stats``: (N, 2) int64 file stats (:func:`file_stats`) taken before decoding; ``record``: the
     model record for ``model.json`` (``embed_dim`` required; ``n_items``/``n_skipped`` are set here).
     ``items.parquet`` is written last, with the digest of the rows: it marks the set as finished.
@@ -235,15 +237,16 @@ def write_encoded(out_dir: str | os.PathLike, items, *, encoded: list[int], bloc
     keys = "box" in items.columns
     boxes = items["box"].to_list() if keys else None
     skipped = sorted(skipped)
+    left_out = list(left_out)
     skipped_frame = pl.DataFrame(
         {
-            "path": [items["path"][i] for i, _ in skipped],
-            **({"box": [boxes[i] for i, _ in skipped]} if keys else {}),
-            "reason": [reason for _, reason in skipped],
+            "path": [items["path"][i] for i, _ in skipped] + [path for path, _ in left_out],
+            **({"box": [boxes[i] for i, _ in skipped] + [None] * len(left_out)} if keys else {}),
+            "reason": [reason for _, reason in skipped] + [reason for _, reason in left_out],
         },
         schema={"path": pl.String, **({"box": pl.List(pl.Float64)} if keys else {}), "reason": pl.String},
     )
-    record = {**record, "n_items": len(encoded), "n_skipped": len(skipped)}
+    record = {**record, "n_items": len(encoded), "n_skipped": len(skipped) + len(left_out)}
     save_npy(out_dir / ITEM_STATS, stats[encoded] if encoded else np.empty((0, 2), np.int64))
     write_parquet(out_dir / SKIPPED, skipped_frame)
     write_json(out_dir / MODEL, record)
@@ -486,9 +489,9 @@ def locked(run_dir: str | os.PathLike) -> Iterator[None]:
         finally:
             _HELD[key] -= 1
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+")
     except OSError as error:
         raise ClipengineError(f"{run_dir}: cannot write there ({error.strerror or error}); "
@@ -511,6 +514,15 @@ def locked(run_dir: str | os.PathLike) -> Iterator[None]:
             del _HELD[key]
             handle.seek(0)
             handle.truncate()
+
+
+def writable(folder: str | os.PathLike) -> bool:
+    """Whether this process may create files in ``folder`` (for an absent folder: in the nearest
+    existing folder above it). False on read-only storage, whoever runs."""
+    probe = Path(os.path.abspath(folder))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return os.access(probe, os.W_OK | os.X_OK)
 
 
 def check_inputs_kept(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike],

@@ -88,4 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
+    except OSError as error:  # the storage, not the input: read-only, full, or not permitted
+        where = f"{error.filename}: " if error.filename else ""
+        click.echo(f"clipengine: error: {where}{error.strerror or error}", err=True)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
