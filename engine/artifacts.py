@@ -362,19 +362,47 @@ def read_joined(run_dir: str | os.PathLike, *, metadata: str = METADATA):
     if "path" not in keys:
         raise ClipengineError(f"{run_dir}: {metadata} and {ERRORS} need a 'path' column each")
     attributes = attribute_columns(labels.columns)
-    errors = errors.rename({c: GIVEN_PREFIX + c for c in errors.columns if c in attributes})
+    names = joined_names(attributes, errors.columns, source=str(run_dir / ERRORS))
+    errors = errors.rename({c: n for c, n in names.items() if c != n})
     extra = [c for c in errors.columns
              if c not in KEY_COLUMNS and c != ERROR_COLUMN and not c.startswith(TRUTH_PREFIX) and not c.startswith("__")]
     frame = labels.join(errors, on=keys, how="inner", nulls_equal=True, maintain_order="left")
     return frame, attributes, extra
 
 
-def joined_features(attributes: Iterable[str], dataset_features: Iterable[str]) -> list[str]:
+def joined_features(attributes: Iterable[str], dataset_features: Iterable[str], *, source: str = "the errors table"
+                    ) -> list[str]:
     """The feature columns of :func:`read_joined`'s frame: the attributes, then the dataset's own
-    features (renamed ``given_<name>`` where they clash with an attribute)."""
+    features (renamed ``given_<name>`` where they clash with a metadata column). A one-line error
+    when a renamed feature would clash again (:func:`joined_names`): run checks it before any work."""
     attributes = list(attributes)
-    names = set(attributes)
-    return attributes + [GIVEN_PREFIX + f if f in names else f for f in dataset_features]
+    dataset_features = list(dataset_features)
+    names = joined_names(attributes, dataset_features, source=source)
+    return attributes + [names[f] for f in dataset_features]
+
+
+def joined_names(attributes: Iterable[str], columns: Iterable[str], *, source: str = "the errors table"
+                 ) -> dict[str, str]:
+    """Each errors-table column → its name in the joined table: ``given_<name>`` where it is named
+    like a metadata column (an attribute ``a``, ``a_prob`` or ``a_margin``), else its own. A one-line
+    error naming both columns when two would end up with one name (an errors table with ``weather``
+    and ``given_weather`` while the schema has an attribute ``weather``)."""
+    metadata = {name + suffix: name for name in attributes for suffix in ("", PROB_SUFFIX, MARGIN_SUFFIX)}
+    columns = list(columns)
+    names = {c: GIVEN_PREFIX + c if c in metadata and c not in KEY_COLUMNS else c for c in columns}
+    owner: dict[str, str] = {}
+    for column, name in names.items():
+        if column != name and (name in metadata or name in columns):
+            other = f"the table has a column {name!r}" if name in columns else f"the schema makes a column {name!r}"
+            clash = ("is also an attribute of the schema" if metadata[column] == column
+                     else f"is also a column of the schema's attribute {metadata[column]!r}")
+            raise ClipengineError(f"{source}: column {column!r} {clash}, so it would be sliced on as {name!r}, but "
+                                  f"{other} too; rename one of them")
+        if name in owner:
+            raise ClipengineError(f"{source}: columns {owner[name]!r} and {column!r} would both be {name!r}; "
+                                  "rename one of them")
+        owner[name] = column
+    return names
 
 
 # ---- slices -----------------------------------------------------------------------------------

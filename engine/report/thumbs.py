@@ -159,12 +159,14 @@ class ThumbnailWriter:
     def _render(self, record: dict[str, Any]) -> tuple[str | None, str | None, bool]:
         from PIL import Image, ImageOps
 
+        from clipengine.encode.decode import IMAGE_FORMATS
+
         file = self._resolve(str(record.get("file") or record.get("path")))
         if file is None:
             return None, "image file not found", False
         box = record.get("box")
         try:
-            with Image.open(file) as opened:
+            with Image.open(file, formats=IMAGE_FORMATS) as opened:
                 image = ImageOps.exif_transpose(opened)
                 image.load()
         except Exception as error:  # unreadable images become a labelled placeholder

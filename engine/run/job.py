@@ -191,7 +191,9 @@ class _Job:
         annotate_fp = fingerprint("annotate", encode_fp, schema.hash, annotate_cfg.strategy, has_truth)
         errors_fp = fingerprint("errors", dataset_fp)
         eval_fp = fingerprint("eval", annotate_fp, errors_fp, self.dataset.truth_mapping()) if has_truth else None
-        features = artifacts.joined_features(schema.attribute_names, self.dataset.error_features())
+        inputs = self.dataset.input_files()
+        features = artifacts.joined_features(schema.attribute_names, self.dataset.error_features(),
+                                             source=str(inputs[0]) if inputs else f"dataset {self.config.dataset}")
         slice_settings = {k: v for k, v in dataclasses.asdict(self.config.slices).items() if k != "progress"}
         slices_fp = fingerprint("slices", annotate_fp, errors_fp, slice_settings, features, artifacts.SLICES_FORMAT)
         summary_fp = fingerprint("summary", slices_fp, eval_fp)
