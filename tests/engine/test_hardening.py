@@ -276,10 +276,12 @@ def test_the_expanded_prompts_of_a_schema_are_bounded_before_they_are_built():
 
 
 def test_run_config_of_nested_aliases_is_one_line(tmp_path):
-    (tmp_path / "job.yaml").write_text(_laughs(9) + "dataset: folder\n")
+    # the anchors inside a real option: `classes` is joined into one string, 10**7 "ha" long
+    laughs = "\n".join("  - " + line.split(": ", 1)[1] for line in _laughs(7).splitlines())
+    (tmp_path / "job.yaml").write_text("dataset: carla\nclasses:\n" + laughs + "\n")
     done = _clipengine("run", "--config", tmp_path / "job.yaml", timeout=120)
     assert done.returncode == 2
-    assert "job.yaml: line" in _one_error_line(done) and "YAML nodes" in done.stderr
+    assert "job.yaml: line 8: key 'classes' → item 6 expands to 1,111,111 YAML nodes" in _one_error_line(done)
 
 
 # ---- 7: schema names and the cache --------------------------------------------------------------
