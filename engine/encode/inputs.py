@@ -131,9 +131,12 @@ def _walk_folder(folder: Path, follow_links: bool) -> ImageFiles:
             rel = f"{relative}/{name}" if relative else name
             try:
                 is_link = entry.is_symlink()
-                is_dir = entry.is_dir()  # follows a link
             except OSError:
-                is_link, is_dir = False, False
+                is_link = False
+            try:
+                is_dir = entry.is_dir()  # follows a link
+            except OSError:  # a link loop, say: not a folder
+                is_dir = False
             if is_dir:
                 if not (is_link or follow_links):
                     pending.append(rel)
