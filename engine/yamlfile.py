@@ -33,12 +33,14 @@ MAX_DEPTH = 64  # levels of nesting (mappings and sequences), aliases expanded
 MAX_NODES = 250_000  # nodes once every alias is expanded (a schema at the prompt limit needs about half)
 
 
-def read_yaml(path: str | os.PathLike, *, what: str = "") -> Any:
+def read_yaml(path: str | os.PathLike, *, what: str = "", text_scalars: bool = False, aliases: bool = True) -> Any:
     """The data of the YAML file ``path`` (None for an empty file), read within the bounds above.
 
-    ``what`` names the file in errors (e.g. ``"--config"``): ``"--config job.yaml: …"``.
+    ``what`` names the file in errors (e.g. ``"--config"``): ``"--config job.yaml: …"``; for
+    ``text_scalars`` and ``aliases`` see :func:`parse_yaml`.
     """
-    return parse_yaml(read_yaml_text(path, what=what), source=f"{what} {path}".strip())
+    return parse_yaml(read_yaml_text(path, what=what), source=f"{what} {path}".strip(), text_scalars=text_scalars,
+                      aliases=aliases)
 
 
 def read_yaml_text(path: str | os.PathLike, *, what: str = "") -> str:
@@ -66,14 +68,20 @@ def read_yaml_text(path: str | os.PathLike, *, what: str = "") -> str:
         raise ClipengineError(f"{source}: not UTF-8 text (byte {error.start})") from None
 
 
-def parse_yaml(text: str, *, source: str) -> Any:
-    """The data of YAML ``text`` (one document; None when empty), within the bounds above.
-    ``source`` names the text in errors."""
+def parse_yaml(text: str, *, source: str, text_scalars: bool = False, aliases: bool = True) -> Any:
+    r"""The data of YAML ``text`` (one document; None when empty), within the bounds above.
+    ``source`` names the text in errors. ``text_scalars``: every plain scalar is a string (no YAML 1.1
+    booleans, numbers or dates: ``no`` stays ``"no"``); ``aliases=False``: anchors and aliases are
+    refused outright.
+
+        >>> parse_yaml("country: no\nspeed: 30", source="odd", text_scalars=True)
+        {'country': 'no', 'speed': '30'}
+    """
     import yaml
 
     if len(text) > MAX_BYTES:
         raise ClipengineError(f"{source}: more than {MAX_BYTES:,} characters; a YAML file may hold at most that")
-    loader = _loader_class()(text)
+    loader = _loader_class(text_scalars, aliases)(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -167,18 +175,24 @@ def _largest_path(root, children, measure: dict[int, int], limit: int):
 
 
 @functools.cache
-def _loader_class():
+def _loader_class(text_scalars: bool = False, aliases: bool = True):
     import yaml
 
     class BoundedLoader(yaml.SafeLoader):
         """SafeLoader that bounds nesting while composing (PyYAML's composer recurses once per level)
         and refuses a key that appears twice in one mapping."""
 
+        if text_scalars:
+            yaml_implicit_resolvers: dict = {}
+
         def __init__(self, stream):
             super().__init__(stream)
             self.nesting = 0
 
         def compose_node(self, parent, index):
+            if not aliases and self.check_event(yaml.events.AliasEvent):
+                raise yaml.composer.ComposerError(None, None, "anchors and aliases are not allowed here",
+                                                  self.peek_event().start_mark)
             if self.nesting >= MAX_DEPTH:
                 event = self.peek_event()
                 raise yaml.composer.ComposerError(

@@ -638,3 +638,25 @@ def test_a_one_bit_image_is_resized_as_grey_with_the_model_s_filter(tmp_path):
     np.testing.assert_array_equal(ours, open_clip_pixels(tmp_path / "grey.png", 32))
     nearest = open_clip_pixels(tmp_path / "bits.png", 32)
     assert set(np.unique(nearest)) <= {0, 255} and len(np.unique(ours)) > 2  # open_clip keeps only black and white
+
+
+def test_yaml_options_odd_files_need():
+    from clipengine.yamlfile import parse_yaml
+
+    assert parse_yaml("country: no\nspeed: [30, 1e3]\n", source="odd.yaml", text_scalars=True) == {
+        "country": "no", "speed": ["30", "1e3"]}
+    with pytest.raises(ClipengineError, match="odd.yaml: not valid YAML: line 2: anchors and aliases are not allowed"):
+        parse_yaml("a: &x 1\nb: *x\n", source="odd.yaml", aliases=False)
+    with pytest.raises(ClipengineError, match="nested more than 64 levels"):
+        parse_yaml("a: " + "[" * 300 + "]" * 300, source="odd.yaml", text_scalars=True, aliases=False)
+
+
+def test_errors_too_large_to_add_up_are_one_line_without_a_warning():
+    import warnings
+
+    from clipengine.tables import check_error_column
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow warning would print two more lines
+        with pytest.raises(ClipengineError, match="holds values too large to add up"):
+            check_error_column(pl.DataFrame({"error": [1e308, 1e308]}), "error", source="t.csv")
