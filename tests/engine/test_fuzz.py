@@ -420,7 +420,7 @@ def test_fuzzed_inputs_through_the_cli(sandbox, tiny_clip):
     boxes.write_text("path,x0,y0,x1,y1\n" + "\n".join(
         f"{rng.choice(['images/leak.png', './images/zero.jpg', 'missing.png', 'images/fifo.jpg', 'images/deep'])},"
         f"{rng.choice(['0.0', '-5.5', '1e308', 'inf', '3.0'])},{rng.choice(['0.0', '2.0', '-1.0'])},"
-        f"{rng.choice(['10.0', '0.0', '1e9', '-inf'])},{rng.choice(['10.0', '5.0', 'inf'])}" for _ in range(40)) + "\n")
+        f"{rng.choice(['10.0', '0.0', '1e9', '-inf'])},{i + rng.choice([0.5, 5.0, float('inf')])}" for i in range(40)) + "\n")
 
     run_root = inputs / "run_root"
     run_root.mkdir()
