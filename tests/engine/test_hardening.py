@@ -535,7 +535,6 @@ def test_encode_and_report_on_read_only_storage_are_one_line(finished_run, tiny_
 
 
 def test_weights_that_are_not_named_tensors_are_one_line(tmp_path, recwarn):
-    import io
     import pickle
     import zipfile
 
@@ -559,7 +558,6 @@ def test_weights_that_are_not_named_tensors_are_one_line(tmp_path, recwarn):
     with pytest.raises(ClipengineError, match="refusing to load a checkpoint that executes pickled code"):
         load_state_dict(tmp_path / "code.pt")
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)], [str(w.message) for w in recwarn]
-    del io
 
 
 def test_a_header_only_errors_table_lists_no_item(tmp_path):
@@ -626,6 +624,7 @@ def test_a_one_bit_image_is_resized_as_grey_with_the_model_s_filter(tmp_path):
 
     from clipengine.encode.decode import load_image
     from clipengine.encode.geometry import ImageSpec
+
     from tests.engine.encode.test_decode import open_clip_pixels
 
     blocks = np.random.default_rng(3).integers(0, 2, (18, 24)).astype(np.uint8) * 255
