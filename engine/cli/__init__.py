@@ -68,6 +68,11 @@ def cli() -> None:
     """
 
 
+def one_line(message) -> str:
+    """A message as one line: line breaks that came with data (a column or file name) written ``\\n``."""
+    return str(message).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2; no tracebacks for bad input."""
     from clipengine.errors import ClipengineError
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         error.show()
         sys.exit(error.exit_code)
     except ClipengineError as error:
-        click.echo(f"clipengine: error: {error}", err=True)
+        click.echo(f"clipengine: error: {one_line(error)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("clipengine: interrupted; finished work is kept, run the same command again to resume", err=True)
@@ -90,6 +95,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except OSError as error:  # the storage, not the input: read-only, full, or not permitted
         where = f"{error.filename}: " if error.filename else ""
-        click.echo(f"clipengine: error: {where}{error.strerror or error}", err=True)
+        click.echo(f"clipengine: error: {one_line(f'{where}{error.strerror or error}')}", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

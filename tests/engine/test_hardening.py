@@ -659,3 +659,10 @@ def test_errors_too_large_to_add_up_are_one_line_without_a_warning():
         warnings.simplefilter("error")  # numpy's overflow warning would print two more lines
         with pytest.raises(ClipengineError, match="holds values too large to add up"):
             check_error_column(pl.DataFrame({"error": [1e308, 1e308]}), "error", source="t.csv")
+
+
+def test_an_error_naming_data_with_line_breaks_is_still_one_line(tmp_path):
+    (tmp_path / "t.csv").write_text('error,"a\nb","c\nd"\n1,x,1\n0,x,1\n')
+    done = _clipengine("slices", tmp_path / "t.csv", "--error", "error", "--quiet", timeout=120)
+    assert done.returncode == 2
+    assert r"no usable feature column (a\nb: one value; c\nd: one value)" in _one_error_line(done)
