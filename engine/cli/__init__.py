@@ -68,9 +68,16 @@ def cli() -> None:
     """
 
 
+MAX_MESSAGE_CHARS = 1000
+
+
 def one_line(message) -> str:
-    """A message as one line: line breaks that came with data (a column or file name) written ``\\n``."""
-    return str(message).replace("\r", "\\r").replace("\n", "\\n")
+    """A message as one printable line of bounded length: characters that came with data (a column or
+    file name) and would break or garble the line are written as escapes (``\\n``, ``\\x1e``)."""
+    text = str(message)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS - 1] + "…"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -662,7 +662,7 @@ def test_errors_too_large_to_add_up_are_one_line_without_a_warning():
 
 
 def test_an_error_naming_data_with_line_breaks_is_still_one_line(tmp_path):
-    (tmp_path / "t.csv").write_text('error,"a\nb","c\nd"\n1,x,1\n0,x,1\n')
+    (tmp_path / "t.csv").write_text('error,"a\nb","c\x1ed"\n1,x,1\n0,x,1\n')  # \x1e: a record separator
     done = _clipengine("slices", tmp_path / "t.csv", "--error", "error", "--quiet", timeout=120)
     assert done.returncode == 2
-    assert r"no usable feature column (a\nb: one value; c\nd: one value)" in _one_error_line(done)
+    assert r"no usable feature column (a\nb: one value; c\x1ed: one value)" in _one_error_line(done)
