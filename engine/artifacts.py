@@ -235,12 +235,14 @@ def read_finished(out_dir: str | os.PathLike, identity: dict, keys: list[str], s
 
 
 def write_encoded(out_dir: str | os.PathLike, items, *, encoded: list[int], blocks: Iterable[np.ndarray],
-                  skipped: list[tuple[int, str]], stats: np.ndarray, record: dict, dtype: str) -> str:
+                  skipped: list[tuple[int, str]], stats: np.ndarray, record: dict, dtype: str,
+                  left_out: Iterable[tuple[str, str]] = ()) -> str:
     """Write the encode outputs of ``items`` (N rows) into ``out_dir``; the only writer of them.
 
     ``encoded``: the positions (ascending) of the items that have a row; ``blocks``: their (B, D)
     float32 rows in that order, streamed into a memory-mapped ``embeddings.npy`` of ``dtype`` (the
     writer never holds all rows); ``skipped``: (position, reason) of the others that were tried;
+    ``left_out``: (path, reason) of inputs that never became items (listed after them, without a box);
     ``stats``: (N, 2) int64 file stats (:func:`file_stats`) taken before decoding; ``record``: the
     model record for ``model.json`` (``embed_dim`` required; ``n_items``/``n_skipped`` are set here).
     ``items.parquet`` is written last, with the digest of the rows: it marks the set as finished.
@@ -268,15 +270,16 @@ def write_encoded(out_dir: str | os.PathLike, items, *, encoded: list[int], bloc
     keys = "box" in items.columns
     boxes = items["box"].to_list() if keys else None
     skipped = sorted(skipped)
+    left_out = list(left_out)
     skipped_frame = pl.DataFrame(
         {
-            "path": [items["path"][i] for i, _ in skipped],
-            **({"box": [boxes[i] for i, _ in skipped]} if keys else {}),
-            "reason": [reason for _, reason in skipped],
+            "path": [items["path"][i] for i, _ in skipped] + [path for path, _ in left_out],
+            **({"box": [boxes[i] for i, _ in skipped] + [None] * len(left_out)} if keys else {}),
+            "reason": [reason for _, reason in skipped] + [reason for _, reason in left_out],
         },
         schema={"path": pl.String, **({"box": pl.List(pl.Float64)} if keys else {}), "reason": pl.String},
     )
-    record = {**record, "n_items": len(encoded), "n_skipped": len(skipped)}
+    record = {**record, "n_items": len(encoded), "n_skipped": len(skipped) + len(left_out)}
     save_npy(out_dir / ITEM_STATS, stats[encoded] if encoded else np.empty((0, 2), np.int64))
     write_parquet(out_dir / SKIPPED, skipped_frame)
     write_json(out_dir / MODEL, record)
@@ -408,19 +411,48 @@ def read_joined(run_dir: str | os.PathLike, *, metadata: str = METADATA, errors_
     keys = [k for k in KEY_COLUMNS if k in labels.columns and k in errors.columns]
     if "path" not in keys:
         raise ClipengineError(f"{run_dir}: {metadata} and {ERRORS} need a 'path' column each")
-    errors = errors.rename({c: GIVEN_PREFIX + c for c in errors.columns if c in labels.columns and c not in keys})
+    attributes = attribute_columns(labels.columns)
+    names = joined_names(attributes, errors.columns, source=str(run_dir / ERRORS))
+    errors = errors.rename({c: n for c, n in names.items() if c != n})
     extra = [c for c in errors.columns
              if c not in KEY_COLUMNS and c != ERROR_COLUMN and not c.startswith(TRUTH_PREFIX) and not c.startswith("__")]
     frame = labels.join(errors, on=keys, how="inner", nulls_equal=True, maintain_order="left")
     return frame, attributes, extra
 
 
-def joined_features(attributes: Iterable[str], dataset_features: Iterable[str]) -> list[str]:
+def joined_features(attributes: Iterable[str], dataset_features: Iterable[str], *, source: str = "the errors table"
+                    ) -> list[str]:
     """The feature columns of :func:`read_joined`'s frame: the attributes, then the dataset's own
-    features (renamed ``given_<name>`` where they clash with an attribute)."""
+    features (renamed ``given_<name>`` where they clash with a metadata column). A one-line error
+    when a renamed feature would clash again (:func:`joined_names`): run checks it before any work."""
     attributes = list(attributes)
-    names = set(attributes)
-    return attributes + [GIVEN_PREFIX + f if f in names else f for f in dataset_features]
+    dataset_features = list(dataset_features)
+    names = joined_names(attributes, dataset_features, source=source)
+    return attributes + [names[f] for f in dataset_features]
+
+
+def joined_names(attributes: Iterable[str], columns: Iterable[str], *, source: str = "the errors table"
+                 ) -> dict[str, str]:
+    """Each errors-table column → its name in the joined table: ``given_<name>`` where it is named
+    like a metadata column (an attribute ``a``, ``a_prob`` or ``a_margin``), else its own. A one-line
+    error naming both columns when two would end up with one name (an errors table with ``weather``
+    and ``given_weather`` while the schema has an attribute ``weather``)."""
+    metadata = {name + suffix: name for name in attributes for suffix in ("", PROB_SUFFIX, MARGIN_SUFFIX)}
+    columns = list(columns)
+    names = {c: GIVEN_PREFIX + c if c in metadata and c not in KEY_COLUMNS else c for c in columns}
+    owner: dict[str, str] = {}
+    for column, name in names.items():
+        if column != name and (name in metadata or name in columns):
+            other = f"the table has a column {name!r}" if name in columns else f"the schema makes a column {name!r}"
+            clash = ("is also an attribute of the schema" if metadata[column] == column
+                     else f"is also a column of the schema's attribute {metadata[column]!r}")
+            raise ClipengineError(f"{source}: column {column!r} {clash}, so it would be sliced on as {name!r}, but "
+                                  f"{other} too; rename one of them")
+        if name in owner:
+            raise ClipengineError(f"{source}: columns {owner[name]!r} and {column!r} would both be {name!r}; "
+                                  "rename one of them")
+        owner[name] = column
+    return names
 
 
 # ---- slices -----------------------------------------------------------------------------------
@@ -629,9 +661,9 @@ def locked(run_dir: str | os.PathLike) -> Iterator[None]:
         finally:
             _HELD[key] -= 1
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a+")
     except OSError as error:
         raise ClipengineError(f"{run_dir}: cannot write there ({error.strerror or error}); "
@@ -665,6 +697,15 @@ def write_sheet_file(folder: str | os.PathLike, name: str, content: str | bytes)
     path = Path(folder) / name
     (write_bytes if isinstance(content, bytes) else write_text)(path, content)
     return path
+
+
+def writable(folder: str | os.PathLike) -> bool:
+    """Whether this process may create files in ``folder`` (for an absent folder: in the nearest
+    existing folder above it). False on read-only storage, whoever runs."""
+    probe = Path(os.path.abspath(folder))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return os.access(probe, os.W_OK | os.X_OK)
 
 
 def check_inputs_kept(out_dir: str | os.PathLike, inputs: Iterable[str | os.PathLike],

@@ -194,7 +194,8 @@ class DatasetConfig:
     ``detections`` (carla): folder of the model's KITTI-format detections; ``predictions``
     (celeba): the model's per-image predictions/errors file; ``errors`` (folder): the
     ``errors.csv``/``.parquet`` (default ``ROOT/errors.csv``); ``limit``: at most this many
-    items (fashion-mnist default ``DEFAULT_FASHION_LIMIT``; None elsewhere = all).
+    items (fashion-mnist default ``DEFAULT_FASHION_LIMIT``; None elsewhere = all); ``follow_links``
+    (folder): read images that are symbolic links leading outside ROOT (left out otherwise).
     """
 
     detections: Path | None = None
@@ -204,6 +205,7 @@ class DatasetConfig:
     iou_threshold: float = DEFAULT_IOU_THRESHOLD
     limit: int | None = None
     seed: int = DEFAULT_FASHION_SEED
+    follow_links: bool = False
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,9 @@ def check_error_column(frame, column: str, *, source: str) -> np.ndarray:
             more = f" (and {rows.size - 1} more)" if rows.size > 1 else ""
             raise ClipengineError(f"{source}: row {row + 1} of error column '{column}' has {problem} "
                                   f"({series[row]!r}){more}; errors must be finite and ≥ 0")
-    if not (np.isfinite(values.sum()) and np.isfinite(np.dot(values, values))):
+    with np.errstate(over="ignore", invalid="ignore"):  # the overflow is the finding, not a warning to print
+        summable = np.isfinite(values.sum()) and np.isfinite(np.dot(values, values))
+    if not summable:
         raise ClipengineError(f"{source}: error column '{column}' holds values too large to add up "
                               f"(largest {values.max():g}); rescale them")
     return values

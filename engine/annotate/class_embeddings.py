@@ -1,7 +1,7 @@
 """A schema's text side: prompt embeddings (cached per model) and the class matrix the kernels take.
 
 Prompt embeddings depend only on the model and the prompt texts, so they are cached under
-``<cache>/class-embeddings/<model_id>/<schema name>-<hash of the prompt texts>.npy`` (atomic writes; safe to delete).
+``<cache>/class-embeddings/<model_id>/<hash of the prompt texts>.npy`` (atomic writes; safe to delete).
 The aggregation into class rows (``naive``, ``mean``) or per-prompt segments (``max``,
 ``logsumexp``, ``topm``) is cheap and done on every call.
 """
@@ -41,8 +41,11 @@ def prompts_hash(prompts: list[str]) -> str:
 
 
 def cache_path(model_id: str, schema: Schema):
-    safe_model = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)[:120] or "model"
-    return envs.cache_dir() / CACHE_FOLDER / safe_model / f"{schema.name}-{prompts_hash(schema.prompts())}.npy"
+    """``<cache>/class-embeddings/<model folder>/<prompts hash>.npy``: the file name comes from the
+    prompts' hash alone (a schema's name is free text), the folder from the model id with every
+    character but letters, digits, ``.``, ``_`` and ``-`` replaced and no leading dot (never ``..``)."""
+    safe_model = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)[:120].lstrip(".") or "model"
+    return envs.cache_dir() / CACHE_FOLDER / safe_model / f"{prompts_hash(schema.prompts())}.npy"
 
 
 def prompt_embeddings(schema: Schema, text_encoder, model_id: str | None, *, use_cache: bool = True) -> np.ndarray:
@@ -55,7 +58,7 @@ def prompt_embeddings(schema: Schema, text_encoder, model_id: str | None, *, use
     path = cache_path(model_id, schema) if (use_cache and model_id) else None
     if path is not None and path.is_file():
         try:
-            cached = np.load(path)
+            cached = np.load(path, allow_pickle=False)
             if cached.shape[0] == len(prompts) and cached.dtype == np.float32:
                 return cached
         except (OSError, ValueError):
@@ -65,7 +68,10 @@ def prompt_embeddings(schema: Schema, text_encoder, model_id: str | None, *, use
     position = {text: i for i, text in enumerate(unique)}
     embeddings = np.ascontiguousarray(encoded[[position[p] for p in prompts]])
     if path is not None:
-        save_npy(path, embeddings)
+        try:
+            save_npy(path, embeddings)
+        except OSError:  # a read-only or full cache costs a re-encode next time, not this run
+            pass
     return embeddings
 
 

@@ -38,6 +38,7 @@ from clipengine.annotate.thresholds import (
     thresholds_markdown,
 )
 from clipengine.errors import ClipengineError
+from clipengine.markdown import escape
 
 ALL_CLASSES = "(all)"
 _POSITIVE = {"1", "true", "yes", "y", "t"}
@@ -160,13 +161,13 @@ class EvalReport:
             if (attribute, names[0]) not in self.results:
                 continue
             qs = [self.get(attribute, s) for s in names]
-            lines.append(f"| {attribute} | {qs[0].n} | " + " | ".join(_fmt(q.accuracy) for q in qs) + " | "
+            lines.append(f"| {escape(attribute)} | {qs[0].n} | " + " | ".join(_fmt(q.accuracy) for q in qs) + " | "
                          + " | ".join(_fmt(q.macro_f1) for q in qs) + " |")
         for attribute in self.attributes:
             if (attribute, names[0]) not in self.results:
                 continue
             qs = [self.get(attribute, s) for s in names]
-            lines += ["", f"## {attribute}", "",
+            lines += ["", f"## {escape(attribute)}", "",
                       "accuracy: " + ", ".join(f"{s} {_fmt(q.accuracy)}" for s, q in zip(names, qs)), ""]
             header = "| class | support | " + " | ".join(f"{s} predicted | {s} P | {s} R | {s} F1" for s in names) + " |"
             lines += [header, "|" + " --- |" * (2 + 4 * len(names))]
@@ -174,12 +175,12 @@ class EvalReport:
             for i, name in enumerate(qs[0].classes):
                 cells = [f"{int(st['predicted'][i])} | {_fmt(st['precision'][i])} | {_fmt(st['recall'][i])} | "
                          f"{_fmt(st['f1'][i])}" for st in stats]
-                lines.append(f"| {name} | {int(stats[0]['support'][i])} | " + " | ".join(cells) + " |")
+                lines.append(f"| {escape(name)} | {int(stats[0]['support'][i])} | " + " | ".join(cells) + " |")
         for strategy, results in self.calibration.items():
             lines += ["", thresholds_markdown(results, strategy).rstrip()]
         if self.skipped:
             lines += ["", "Not evaluated (no ground truth): "
-                      + "; ".join(f"{a} ({why})" for a, why in self.skipped.items()), ""]
+                      + "; ".join(f"{escape(a)} ({escape(why)})" for a, why in self.skipped.items()), ""]
         return "\n".join(lines).rstrip() + "\n"
 
     def write(self, out_dir: str | os.PathLike) -> tuple[Path, Path]:

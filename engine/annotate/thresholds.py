@@ -20,6 +20,7 @@ import polars as pl
 
 from clipengine.artifacts import MARGIN_SUFFIX, PROB_SUFFIX
 from clipengine.errors import ClipengineError
+from clipengine.markdown import escape
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def thresholds_markdown(results: list[ThresholdResult], strategy: str = "") -> s
              "| attribute | threshold | fit / test rows | accuracy argmax → calibrated | balanced accuracy | F1 (positive) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        lines.append(f"| {r.attribute} | {r.threshold:.3f} | {r.n_fit} / {r.n_test} | {_fmt(r.default_accuracy)} → "
+        lines.append(f"| {escape(r.attribute)} | {r.threshold:.3f} | {r.n_fit} / {r.n_test} | {_fmt(r.default_accuracy)} → "
                      f"{_fmt(r.calibrated_accuracy)} | {_fmt(r.default_balanced_accuracy)} → "
                      f"{_fmt(r.calibrated_balanced_accuracy)} | {_fmt(r.default_f1)} → {_fmt(r.calibrated_f1)} |")
     if not results:

@@ -72,6 +72,18 @@ def cli() -> None:
     """
 
 
+MAX_MESSAGE_CHARS = 1000
+
+
+def one_line(message) -> str:
+    """A message as one printable line of bounded length: characters that came with data (a column or
+    file name) and would break or garble the line are written as escapes (``\\n``, ``\\x1e``)."""
+    text = str(message)
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS - 1] + "…"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2; no tracebacks for bad input."""
     from clipengine.errors import ClipengineError
@@ -85,11 +97,15 @@ def main(argv: list[str] | None = None) -> None:
         error.show()
         sys.exit(error.exit_code)
     except ClipengineError as error:
-        click.echo(f"clipengine: error: {error}", err=True)
+        click.echo(f"clipengine: error: {one_line(error)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("clipengine: interrupted; finished work is kept, run the same command again to resume", err=True)
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
+    except OSError as error:  # the storage, not the input: read-only, full, or not permitted
+        where = f"{error.filename}: " if error.filename else ""
+        click.echo(f"clipengine: error: {one_line(f'{where}{error.strerror or error}')}", err=True)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

@@ -30,9 +30,12 @@ from clipengine.cli.options import model_config, model_options, runtime_options
               default=defaults.DEFAULT_OUTPUT_DTYPE, show_default=True, help="dtype of embeddings.npy.")
 @click.option("--exact-decode", is_flag=True,
               help="Decode JPEGs at full size and resize with PIL (pixels bit-identical to open_clip's preprocess; slower).")
+@click.option("--follow-links", is_flag=True,
+              help="Read symbolic links under INPUT that lead outside it (else they are left out, listed in "
+                   "skipped.parquet).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def encode(source, out_dir, model, pretrained, weights, backend, device, precision, boxes, box_margin, batch_size,
-           workers, shard_size, output_dtype, exact_decode, quiet):
+           workers, shard_size, output_dtype, exact_decode, follow_links, quiet):
     """Encode images (or object crops) under INPUT into L2-normalized CLIP embeddings.
 
     INPUT is a folder (searched recursively for image files) or a text file of image paths.
@@ -55,9 +58,9 @@ def encode(source, out_dir, model, pretrained, weights, backend, device, precisi
 
     given = [p for p in (source, boxes) if p and Path(p).is_file()]
     artifacts.check_inputs_kept(out_dir, given, artifacts.ENCODE_OUTPUTS)
-    items = items_from_input(source, boxes=boxes)
+    items, left_out = items_from_input(source, boxes=boxes, follow_links=follow_links)
     with artifacts.locked(out_dir):
-        result = encode_items(items, out_dir, config)
+        result = encode_items(items, out_dir, config, left_out=left_out)
     record = result.model_record
     click.echo(
         f"encoded {result.encoded} items ({result.newly_encoded} new, {result.reused} reused), "

@@ -26,15 +26,10 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
     """``--config job.yaml``: option names as keys (dashes or underscores); the command line wins."""
     if not value:
         return
-    import yaml
-
     from clipengine.errors import ClipengineError
+    from clipengine.yamlfile import read_yaml
 
-    try:
-        data = yaml.safe_load(Path(value).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ClipengineError(f"--config {value}: cannot read it ({first})") from None
+    data = read_yaml(value, what="--config") or {}
     if not isinstance(data, dict):
         raise ClipengineError(f"--config {value}: expected a mapping of option names to values")
     known = {p.name for p in ctx.command.params if p.name and p.name != "config"}
@@ -96,6 +91,8 @@ Example:
               help="carla: object classes, comma-separated.")
 @click.option("--iou", type=click.FloatRange(0, 1), default=defaults.DEFAULT_IOU_THRESHOLD, show_default=True,
               help="carla: IoU a detection needs to match.")
+@click.option("--follow-links", is_flag=True, default=False,
+              help="folder: read images that are symbolic links leading outside ROOT (left out and counted otherwise).")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help=f"At most this many items (fashion-mnist default {defaults.DEFAULT_FASHION_LIMIT}).")
 @click.option("--seed", type=int, default=defaults.DEFAULT_FASHION_SEED, show_default=True,
@@ -135,8 +132,8 @@ Example:
                    "The final files always land in RUN. [default: RUN/shards-ray]")
 @click.option("--quiet", is_flag=True, default=False, help="No progress bars or stage lines.")
 @click.option("--log-json", is_flag=True, default=False, help="JSON-lines events on stdout (machine-readable).")
-def run(dataset, root, out, schema, detections, predictions, errors_file, classes, iou, limit, seed, model, pretrained,
-        weights, backend, device, precision, batch_size, workers, strategy, labels, adapt, k, alpha, min_sup,
+def run(dataset, root, out, schema, detections, predictions, errors_file, classes, iou, follow_links, limit, seed, model,
+        pretrained, weights, backend, device, precision, batch_size, workers, strategy, labels, adapt, k, alpha, min_sup,
         max_level, bins, binning, drop_nulls, compat, max_q, baseline, min_diff, min_psi, no_report, executor,
         ray_address, ray_workers, gpus_per_worker, cpus_for_decode, ray_shards, quiet, log_json) -> None:
     from clipengine.config import AnnotateConfig, CompareConfig, DatasetConfig, EncodeConfig, RunConfig
@@ -154,7 +151,7 @@ def run(dataset, root, out, schema, detections, predictions, errors_file, classe
         schema=schema,
         data=DatasetConfig(detections=detections, predictions=predictions, errors=errors_file,
                            classes=tuple(c.strip() for c in classes.split(",") if c.strip()), iou_threshold=iou,
-                           limit=limit, seed=seed),
+                           limit=limit, seed=seed, follow_links=follow_links),
         encode=encode,
         annotate=AnnotateConfig(strategy=strategy, device=device, labels=labels, adapt=adapt),
         slices=slices,
@@ -187,7 +184,10 @@ def run(dataset, root, out, schema, detections, predictions, errors_file, classe
     from clipengine import artifacts
 
     reused = f"; reused {', '.join(result.reused)}" if result.reused else ""
-    click.echo(f"{result.run_dir}: ran {', '.join(result.ran) or 'nothing'}{reused} ({result.seconds:.1f} s)")
+    if result.read_only:
+        click.echo(f"{result.run_dir}: all stages up to date ({', '.join(result.reused)}); read-only, nothing written")
+    else:
+        click.echo(f"{result.run_dir}: ran {', '.join(result.ran) or 'nothing'}{reused} ({result.seconds:.1f} s)")
     _print_top_slices(result.run_dir)
     if baseline is not None:
         _print_comparison(result.run_dir)

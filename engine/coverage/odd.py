@@ -25,7 +25,6 @@ A bad file raises a one-line :class:`~clipengine.errors.ClipengineError` naming 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -76,49 +75,13 @@ def load_odd(path: str | Path) -> Odd:
 
 
 def parse_odd(text: str, *, source: str = "ODD") -> Odd:
-    """Parse and validate ODD YAML text; ``source`` names it in error messages."""
-    import yaml
+    """Parse and validate ODD YAML text; ``source`` names it in error messages. The YAML is plain data
+    (:func:`clipengine.yamlfile.parse_yaml`: bounded, every scalar read as text, no aliases)."""
+    from clipengine.yamlfile import parse_yaml
 
     if len(text.encode("utf-8")) > MAX_ODD_BYTES:
         raise ClipengineError(f"{source} is larger than {MAX_ODD_BYTES} bytes")
-    try:
-        raw = yaml.load(text, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ClipengineError(f"{source}: not valid YAML: {where}{problem}") from None
-    return _build(raw, source)
-
-
-@functools.cache
-def _loader():
-    import yaml
-
-    class OddLoader(yaml.SafeLoader):
-        """A SafeLoader that reads every plain scalar as text and refuses aliases and duplicate keys."""
-
-        yaml_implicit_resolvers: dict = {}
-
-        def compose_node(self, parent, index):
-            if self.check_event(yaml.events.AliasEvent):
-                event = self.peek_event()
-                raise yaml.composer.ComposerError(None, None, "anchors and aliases are not allowed in an ODD file",
-                                                  event.start_mark)
-            return super().compose_node(parent, index)
-
-    def construct_mapping(loader, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)
-            if isinstance(key, str) and key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
-            if isinstance(key, str):
-                seen.add(key)
-        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-    OddLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
-    return OddLoader
+    return _build(parse_yaml(text, source=source, text_scalars=True, aliases=False), source)
 
 
 def _scalar(value: Any, where: str, source: str) -> str:

@@ -4,12 +4,23 @@ Geometry matches open_clip's inference preprocess bit for bit on RGB and graysca
 ``fast_jpeg`` and ``fast_resize`` off (:mod:`clipengine.encode.geometry`): PIL decode, resize in the
 image's own mode, center crop, ``convert("RGB")``. Mean/std normalization is left to the device.
 
+Which decoder reads a file is decided by its content, never its name, and only among
+:data:`IMAGE_FORMATS`: JPEG (a camera's multi-picture MPO file is read as its first picture), PNG,
+WebP, BMP, TIFF, GIF (first frame) and the Netpbm family (PBM, PGM, PPM: the ``.pbm``/``.pgm``/
+``.ppm``/``.pnm`` of :data:`clipengine.encode.inputs.IMAGE_EXTENSIONS`). Every other format Pillow
+knows is ``not an image`` here: among them EPS/PostScript, which Pillow renders by running
+Ghostscript (an interpreter of the file's program), and formats no image pipeline needs. Pillow's
+registry is left as it is (``formats=`` is passed to each ``Image.open``).
+
 Where clipengine deliberately differs from open_clip (which feeds PIL's raw decode on):
 - EXIF orientation is applied (``ImageOps.exif_transpose``): pixels are what a person sees;
   boxes are in that orientation's pixel coordinates. open_clip ignores the tag.
 - Alpha (RGBA, LA, PA, P with a transparent index) is composited over white before resizing;
   open_clip resizes premultiplied and then drops alpha (transparent areas turn black/arbitrary).
-- Palette and 1-bit images are converted before resizing (PIL would resize them nearest-neighbour).
+- Palette and 1-bit images are converted (to RGB, RGBA or L) before resizing, and resized with the
+  model's filter like any other image; open_clip hands them to PIL in their own mode, which resizes
+  them nearest-neighbour whatever filter is asked for (a 1-bit scan or line drawing shrunk that way
+  loses its thin strokes).
 - 16/32-bit integer grayscale (I;16, I) is scaled to 8 bits (÷257); PIL's ``convert("RGB")``
   clips at 255 and turns most such images white. Float (F) images are skipped.
 - CMYK is converted with PIL's plain conversion (no ICC colour management).
@@ -46,6 +57,7 @@ from clipengine.encode.geometry import (
 )
 
 _EXIF_ORIENTATION = 0x0112
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF", "PPM")  # Pillow's names; PPM reads PBM/PGM/PPM
 _WHITE = 255
 
 
@@ -74,12 +86,12 @@ def load_image(
     path = check_file(file)
     raw_box = None if box is None else check_box(box)
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
             return _process(image, raw_box, spec, box_margin, max_pixels)
     except SkippedImage:
         raise
     except UnidentifiedImageError:
-        raise SkippedImage("not an image") from None
+        raise SkippedImage("not an image: not JPEG, PNG, WebP, BMP, TIFF, GIF or PNM") from None
     except Image.DecompressionBombError as error:
         raise SkippedImage(f"too many pixels: {error}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:

@@ -19,7 +19,15 @@ from PIL import Image
 
 from clipengine import envs
 from clipengine.config import DEFAULT_BATCH_SIZE, DEFAULT_BOX_MARGIN, DEFAULT_MAX_PIXELS, DEFAULT_PREFETCH_BATCHES
-from clipengine.encode.decode import SkippedImage, box_region, check_box, check_file, exif_orientation, load_image
+from clipengine.encode.decode import (
+    IMAGE_FORMATS,
+    SkippedImage,
+    box_region,
+    check_box,
+    check_file,
+    exif_orientation,
+    load_image,
+)
 from clipengine.encode.geometry import ImageSpec, crop_window, resize_size
 from clipengine.encode.pipeline import Batch, run_in_threads
 from clipengine.errors import ClipengineError
@@ -113,7 +121,7 @@ def _prepare_range(files, boxes, start, spec, box_margin, max_pixels):
             # only plain, complete JPEGs go to the device; the rest is PIL's
             if data[:2] == b"\xff\xd8" and b"\xff\xd9" in data[-64:]:
                 try:
-                    with Image.open(io.BytesIO(data)) as image:
+                    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
                         width, height = image.size
                         plain = image.mode in ("RGB", "L") and exif_orientation(image) == 1
                 except Exception:

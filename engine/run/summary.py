@@ -6,21 +6,14 @@ stage timings. It is one of the two run files with timings and dates (with ``man
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 from clipengine import artifacts
 from clipengine.errors import ClipengineError
+from clipengine.markdown import escape
 
 TOP_SLICES = 10
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~&])")
-
-
-def escape(text: Any) -> str:
-    """Data as literal Markdown text: Markdown's and HTML's special characters backslash-escaped,
-    line breaks folded, so a value such as ``<b>x</b>`` or ``a|b`` shows as written."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
 
 
 def _fmt(value: Any, digits: int = 3) -> str:

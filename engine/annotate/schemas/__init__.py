@@ -40,7 +40,6 @@ expanded content plus :data:`FORMAT_VERSION`.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import re
@@ -57,12 +56,18 @@ KINDS = ("exclusive", "binary")
 DEFAULT_STRATEGY = "mean"
 DEFAULT_TOP_M = 3
 MAX_TOP_M = 32  # kernels keep the top-m prompt logits in a fixed local buffer
+# the most prompts one schema may expand to (templates × fill-ins + written-out prompts): ImageNet's
+# 1,000 classes × 80 templates fit; every prompt is encoded by the text tower once per model
+MAX_PROMPTS = 100_000
+MAX_PROMPT_CHARS = 1_000  # far past CLIP's 77 tokens (the tokenizer cuts there); bounds the expansion's memory
+MAX_NAME_LENGTH = 200
 BUILTIN_SCHEMAS = ("celeba", "fashion", "pedestrian", "scene")
 
 _SCHEMA_KEYS = {"name", "description", "version", "strategy", "top_m", "templates", "attributes"}
 _ATTRIBUTE_KEYS = {"description", "type", "positive", "strategy", "top_m", "templates", "classes", "truth"}
 _CLASS_KEYS = {"prompts", "fill", "templates"}
-_RESERVED_COLUMNS = {"path", "box", "file"}
+# columns a run's tables already have: an attribute of the same name would collide in the joined table
+_RESERVED_COLUMNS = {"path", "box", "file", "error"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -174,17 +179,11 @@ def load_schema(name_or_path: str | Path) -> Schema:
 
 
 def parse_schema(text: str, *, source: str = "<schema>", default_name: str = "schema") -> Schema:
-    """Parse and validate schema YAML text; ``source`` names it in error messages."""
-    import yaml
+    """Parse and validate schema YAML text; ``source`` names it in error messages. The YAML is read
+    within :mod:`clipengine.yamlfile`'s bounds and the expansion within :data:`MAX_PROMPTS`."""
+    from clipengine.yamlfile import parse_yaml
 
-    try:
-        raw = yaml.load(text, Loader=_make_loader())  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as error:
-        where = getattr(error, "problem_mark", None)
-        line = f"line {where.line + 1}: " if where is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ClipengineError(f"{source}: not valid YAML: {line}{problem}") from None
-    return _build_schema(raw, source, default_name)
+    return _build_schema(parse_yaml(text, source=source), source, default_name)
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -200,39 +199,9 @@ def _read_source(name_or_path: str | Path) -> tuple[str, str, str]:
         raise ClipengineError(
             f"unknown schema '{text_name}': not a built-in ({', '.join(BUILTIN_SCHEMAS)}) nor an existing YAML file"
         )
-    try:
-        return path.read_text(encoding="utf-8"), str(path), path.stem
-    except (OSError, UnicodeDecodeError) as error:
-        raise ClipengineError(f"{path}: cannot read schema: {error}") from None
+    from clipengine.yamlfile import read_yaml_text
 
-
-@functools.cache
-def _make_loader():
-    import yaml
-
-    class UniqueKeyLoader(yaml.SafeLoader):
-        """SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last one silently)."""
-
-    def construct_mapping(loader, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = loader.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-            except TypeError:
-                duplicate = False
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-            try:
-                seen.add(key)
-            except TypeError:
-                pass
-        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
-
-    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
-    return UniqueKeyLoader
+    return read_yaml_text(path), str(path), path.stem
 
 
 # ---- validation and expansion ----------------------------------------------------------------
@@ -291,7 +260,21 @@ def _templates(value: Any, where: str) -> list[str]:
     return templates
 
 
-def _expand_class(name: str, value: Any, templates: list[str] | None, where: str) -> SchemaClass:
+class _PromptBudget:
+    """What is left of :data:`MAX_PROMPTS` while a schema expands; checked before each class's
+    prompts are built, so an oversized schema fails before it takes the memory."""
+
+    def __init__(self) -> None:
+        self.used = 0
+
+    def take(self, count: int, where: str, how: str) -> None:
+        self.used += count
+        if self.used > MAX_PROMPTS:
+            raise ClipengineError(f"{where}: {count:,} prompts ({how}) take the schema past {MAX_PROMPTS:,} prompts, "
+                                  "the most one schema may expand to; use fewer templates or fill-ins")
+
+
+def _expand_class(name: str, value: Any, templates: list[str] | None, where: str, budget: _PromptBudget) -> SchemaClass:
     where = f"{where}, class '{name}'"
     prompts: list[str] = []
     fill: list[str] = []
@@ -310,21 +293,30 @@ def _expand_class(name: str, value: Any, templates: list[str] | None, where: str
         raise ClipengineError(f"{where}: no prompts (give fill-ins for the templates or {{prompts: [...]}})")
     else:
         fill = _string_list(value, "fill-ins", where)
+    if fill and not own_templates:
+        raise ClipengineError(f"{where}: fill-ins {fill[:3]} given but the attribute has no 'templates'")
+    longest = max((len(t) - 2 for t in own_templates or ()), default=0) + max(map(len, fill), default=0)
+    longest = max([longest, *map(len, prompts)])
+    if longest > MAX_PROMPT_CHARS:
+        raise ClipengineError(f"{where}: a prompt of {longest:,} characters; at most {MAX_PROMPT_CHARS:,} "
+                              "(CLIP reads the first 77 tokens)")
+    expanded = len(own_templates or ()) * len(fill)
+    budget.take(expanded + len(prompts), where,
+                f"{len(own_templates or ())} templates × {len(fill)} fill-ins + {len(prompts)} written out")
     if fill:
-        if not own_templates:
-            raise ClipengineError(f"{where}: fill-ins {fill[:3]} given but the attribute has no 'templates'")
         # template-major order: the naive prompt is the first template with the first fill-in
         prompts = [t.replace("{}", f) for t in own_templates for f in fill] + prompts
     unique = list(dict.fromkeys(prompts))
     return SchemaClass(name=name, prompts=tuple(unique))
 
 
-def _build_attribute(name: str, raw: Any, defaults: dict[str, Any], where: str) -> Attribute:
+def _build_attribute(name: str, raw: Any, defaults: dict[str, Any], where: str, budget: _PromptBudget) -> Attribute:
     where = f"{where}: attribute '{name}'"
     if not _NAME.match(name):
         raise ClipengineError(f"{where}: the name must be letters, digits and '_' (it becomes a column name)")
     if name in _RESERVED_COLUMNS or name.endswith(("_prob", "_margin")):
-        raise ClipengineError(f"{where}: the name collides with a metadata column; rename it")
+        raise ClipengineError(f"{where}: the name collides with a metadata column ({', '.join(sorted(_RESERVED_COLUMNS))} "
+                              "and names ending in _prob or _margin are taken); rename it")
     if not isinstance(raw, dict):
         raise ClipengineError(f"{where}: must be a mapping with 'classes'")
     _check_keys(raw, _ATTRIBUTE_KEYS, where)
@@ -339,7 +331,7 @@ def _build_attribute(name: str, raw: Any, defaults: dict[str, Any], where: str) 
     classes = []
     for class_name, class_value in classes_raw.items():
         class_name = _check_name(class_name, "class", where)
-        classes.append(_expand_class(class_name, class_value, templates, where))
+        classes.append(_expand_class(class_name, class_value, templates, where, budget))
     names = [c.name for c in classes]
     if len(set(names)) != len(names):
         raise ClipengineError(f"{where}: class names repeat after conversion to text: {names}")
@@ -396,17 +388,31 @@ def _build_schema(raw: Any, source: str, default_name: str) -> Schema:
     if not isinstance(attributes_raw, dict) or not attributes_raw:
         raise ClipengineError(f"{source}: 'attributes' must be a non-empty mapping of attribute name → definition")
     attributes = []
+    budget = _PromptBudget()
     for name, value in attributes_raw.items():
         name = _check_name(name, "attribute", source)
-        attributes.append(_build_attribute(name, value, defaults, source))
+        attributes.append(_build_attribute(name, value, defaults, source, budget))
     schema = Schema(
-        name=str(raw.get("name", default_name)),
+        name=_schema_name(raw.get("name", default_name), source),
         attributes=tuple(attributes),
         source=source,
         description=str(raw.get("description", "") or ""),
         version=str(raw.get("version", "") or ""),
     )
     return _finish(schema)
+
+
+def _schema_name(value: Any, source: str) -> str:
+    """The schema's ``name``: shown in summaries and reports, never part of a file path (caches are
+    keyed by content hashes); one printable line."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ClipengineError(f"{source}: 'name' must be a non-empty string, got {value!r}")
+    if not value.isprintable() or len(value) > MAX_NAME_LENGTH:
+        raise ClipengineError(f"{source}: 'name' must be one line of at most {MAX_NAME_LENGTH} printable "
+                              f"characters, got {value[:40]!r}")
+    return value.strip()
 
 
 def _finish(schema: Schema) -> Schema:

@@ -162,7 +162,8 @@ def test_boxes_are_items(tiny_clip, sample_photos, tmp_path):
     shutil.copy(sample_photos[0], folder / "astronaut.jpg")  # 512×512
     boxes = tmp_path / "boxes.csv"
     boxes.write_text("path,x0,y0,x1,y1\nastronaut.jpg,100,50,300,250\nastronaut.jpg,0,0,512,512\nastronaut.jpg,900,900,950,950\n")
-    items = items_from_input(folder, boxes=boxes)
+    items, left_out = items_from_input(folder, boxes=boxes)
+    assert not left_out
     assert items.columns == ["path", "box"] and len(items) == 3
     config = _config(tiny_clip, box_margin=0.05)
     result = encode_items(items, tmp_path / "emb", config)
