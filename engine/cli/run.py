@@ -8,7 +8,14 @@ from pathlib import Path
 import click
 
 from clipengine import config as defaults
-from clipengine.cli.options import model_config, model_options, runtime_options, slice_config, slice_options
+from clipengine.cli.options import (
+    labels_option,
+    model_config,
+    model_options,
+    runtime_options,
+    slice_config,
+    slice_options,
+)
 from clipengine.datasets import DATASETS
 
 
@@ -66,6 +73,7 @@ Datasets:
 \b
 Example:
   clipengine run --dataset fashion-mnist
+  clipengine run --dataset fashion-mnist --labels labels.csv
   clipengine run --dataset carla --root carla_export/ --detections dets/ --out runs/carla
   clipengine run --dataset folder --root photos/ --schema scene --k 20
   clipengine run --config nightly.yaml --quiet --log-json
@@ -104,6 +112,7 @@ Example:
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decode threads [one per core].")
 @click.option("--strategy", default=None, help="Prompt aggregation (mean, max, topm, naive; per attribute a=max).")
 @slice_options
+@labels_option
 @click.option("--no-report", is_flag=True, default=False, help="Skip report.html.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where encoding runs: this process, or a Ray cluster (needs clipengine[ray]).")
@@ -121,7 +130,7 @@ Example:
 @click.option("--log-json", is_flag=True, default=False, help="JSON-lines events on stdout (machine-readable).")
 def run(dataset, root, out, schema, detections, predictions, errors_file, classes, iou, limit, seed, model, pretrained,
         weights, backend, device, precision, batch_size, workers, strategy, k, alpha, min_sup, max_level, bins,
-        binning, drop_nulls, compat, max_q, no_report, executor, ray_address, ray_workers, gpus_per_worker,
+        binning, drop_nulls, compat, max_q, family, family_size, test_fraction, split_seed, labels, no_report, executor, ray_address, ray_workers, gpus_per_worker,
         cpus_for_decode, ray_shards, quiet, log_json) -> None:
     from clipengine.config import AnnotateConfig, DatasetConfig, EncodeConfig, RunConfig
     from clipengine.errors import ClipengineError
@@ -130,7 +139,8 @@ def run(dataset, root, out, schema, detections, predictions, errors_file, classe
     encode = EncodeConfig(model=model_config(model, pretrained, weights), backend=backend, device=device,
                           precision=precision, batch_size=batch_size, workers=workers)
     slices = slice_config(k=k, alpha=alpha, min_sup=min_sup, max_level=max_level, bins=bins, binning=binning,
-                          drop_nulls=drop_nulls, compat=compat, max_q=max_q)
+                          drop_nulls=drop_nulls, compat=compat, max_q=max_q, family=family, family_size=family_size,
+                          test_fraction=test_fraction, split_seed=split_seed)
     config = RunConfig(
         dataset=dataset,
         root=root,
@@ -142,6 +152,7 @@ def run(dataset, root, out, schema, detections, predictions, errors_file, classe
         encode=encode,
         annotate=AnnotateConfig(strategy=strategy, device=device),
         slices=slices,
+        labels=labels,
         auto_model=model is None and weights is None and pretrained is None,
         report=not no_report,
         executor=executor,
@@ -187,4 +198,6 @@ def _print_top_slices(run_dir: Path, top: int = 3) -> None:
     for rank, record in enumerate(records[:top], start=1):
         text = " AND ".join(f"{k} = {v}" for k, v in record.get("predicates", {}).items())
         mark = "" if record.get("significant") else " (not significant)"
+        if record.get("confirmed") is False:
+            mark += " (not confirmed by the labels)"
         click.echo(f"  {rank}. {text}: {record.get('size')} items, error {100 * (record.get('error_mean') or 0):.1f} %{mark}")

@@ -9,7 +9,7 @@ This module only sequences stages (each usable alone, each in its own package) a
 | errors | the dataset adapter | errors.parquet | the adapter's input files (content), settings and listing |
 | annotate | :func:`clipengine.annotate.stage.annotate_run` | metadata.parquet (+ metadata_naive.parquet with ground truth) | encode, schema hash, strategy |
 | eval | :func:`clipengine.annotate.evaluate.evaluate_run` | label_quality.csv / .md | annotate, errors |
-| slices | :func:`clipengine.slices.find.slice_run` | slices.parquet, slices.json | annotate, errors, slice settings, features |
+| slices | :func:`clipengine.slices.find.slice_run` | slices.parquet, slices.json | annotate, errors, slice settings, features, the labels file's content |
 | summary | :func:`clipengine.run.summary.write_summary` | summary.md | slices, eval |
 | report | :func:`clipengine.report.write_report` | report.html (+ thumbs/) | summary |
 
@@ -150,7 +150,8 @@ class _Job:
 
         started = time.perf_counter()
         schema_file = Path(self.schema_name)
-        given = [*self.dataset.input_files(), *([schema_file] if schema_file.is_file() else [])]
+        given = [*self.dataset.input_files(), *([schema_file] if schema_file.is_file() else []),
+                 *([Path(self.config.labels)] if self.config.labels is not None else [])]
         artifacts.check_inputs_kept(self.run_dir, given)
         self.manifest = Manifest(self.run_dir)
         items = self.dataset.list_items()
@@ -186,7 +187,9 @@ class _Job:
         eval_fp = fingerprint("eval", annotate_fp, errors_fp, self.dataset.truth_mapping()) if has_truth else None
         features = artifacts.joined_features(schema.attribute_names, self.dataset.error_features())
         slice_settings = {k: v for k, v in dataclasses.asdict(self.config.slices).items() if k != "progress"}
-        slices_fp = fingerprint("slices", annotate_fp, errors_fp, slice_settings, features, artifacts.SLICES_FORMAT)
+        labels_hash = _labels_hash(self.config.labels)
+        slices_fp = fingerprint("slices", annotate_fp, errors_fp, slice_settings, features, artifacts.SLICES_FORMAT,
+                                labels_hash)
         summary_fp = fingerprint("summary", slices_fp, eval_fp)
         report_fp = fingerprint("report", summary_fp)
 
@@ -276,12 +279,14 @@ class _Job:
     def _slices(self, features: list[str]) -> tuple[list[str], dict]:
         from clipengine.slices.find import slice_run
 
-        result = slice_run(self.run_dir, replace(self.config.slices, progress=self.progress), features)
-        return [artifacts.SLICES_PARQUET, artifacts.SLICES_JSON], {
-            "rows": result.n_rows, "error_mean": result.error_mean, "slices": len(result),
-            "significant": int(result.significant.sum()) if len(result) else 0,
-            "skipped_features": result.skipped_features,
-        }
+        result = slice_run(self.run_dir, replace(self.config.slices, progress=self.progress), features,
+                           labels=self.config.labels)
+        info = {"rows": result.n_rows, "error_mean": result.error_mean, "slices": len(result),
+                "significant": int(result.significant.sum()) if len(result) else 0,
+                "skipped_features": result.skipped_features, "family": result.family.get("design")}
+        if result.labels is not None:
+            info["not_confirmed"] = sum(c is False for c in result.confirmed)
+        return [artifacts.SLICES_PARQUET, artifacts.SLICES_JSON], info
 
     def _summary(self) -> tuple[list[str], dict]:
         from clipengine.run.summary import write_summary
@@ -294,6 +299,18 @@ class _Job:
 
         write_report(self.run_dir)
         return [artifacts.REPORT], {}
+
+
+def _labels_hash(path: Path | None) -> str | None:
+    """Content hash of the labels file (a relabelled item reruns the slices stage), or None."""
+    if path is None:
+        return None
+    from clipengine.bindings.files import sha256_file
+
+    try:
+        return sha256_file(path)
+    except OSError as error:
+        raise ClipengineError(f"--labels {path}: cannot read it ({error.strerror or error})") from None
 
 
 def _jsonable(value: Any) -> Any:

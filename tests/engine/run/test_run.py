@@ -12,11 +12,12 @@ import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
-from tests.fixtures_datasets import CARLA_EXPECTED, make_carla
 
 from clipengine.config import DatasetConfig, EncodeConfig, RunConfig, SliceConfig
 from clipengine.errors import ClipengineError
 from clipengine.run.job import STAGES, Hooks, run_job
+
+from tests.fixtures_datasets import CARLA_EXPECTED, make_carla
 
 SCHEMA = """name: place
 templates: ["a photo of a {}", "a picture of a {}"]
@@ -383,3 +384,26 @@ def test_quiet_and_log_json_do_not_change_fingerprints(reference, tiny_clip, tin
     config = make_config(result.run_dir.parent, tiny_clip, data=data)
     again = run_job(replace(config, quiet=False, log_json=True, slices=replace(config.slices)), encoder=tiny_encoder)
     assert again.ran == []
+
+
+def test_labels_correct_the_slices_and_a_relabelled_item_reruns_them(tmp_path, tiny_clip, tiny_encoder):
+    data = make_photo_folder(tmp_path)
+    config = make_config(tmp_path, tiny_clip, data=data, report=False,
+                         slices=SliceConfig(min_sup=2, max_q=1.0, family="lattice"))
+    first = run_job(config, encoder=tiny_encoder)
+    paths = pl.read_parquet(first.run_dir / "metadata.parquet")["path"].to_list()
+    labels = tmp_path / "labels.csv"
+    rows = [f"{p},{'urban' if 'city' in p else 'rural'}" for p in paths[::2]]
+    labels.write_text("path,true_scene\n" + "\n".join(rows) + "\n")
+    corrected = run_job(replace(config, labels=labels), encoder=tiny_encoder)
+    assert corrected.ran == ["slices", "summary"] and corrected.manifest["config"]["labels"] == str(labels)
+    document = json.loads((corrected.run_dir / "slices.json").read_text())
+    assert document["labels"]["labelled_items"] == len(rows) and document["labels"]["features"] == ["scene"]
+    assert all("true_error_mean" in r and "confirmed" in r for r in document["slices"])
+    summary = (corrected.run_dir / "summary.md").read_text()
+    assert "true group: error rate" in summary and f"from {len(rows)} labelled items" in summary
+    assert run_job(replace(config, labels=labels), encoder=tiny_encoder).ran == []
+    path, scene = rows[-1].rsplit(",", 1)
+    flipped = f"{path},{'rural' if scene == 'urban' else 'urban'}"  # one item relabelled
+    labels.write_text("path,true_scene\n" + "\n".join(rows[:-1] + [flipped]) + "\n")
+    assert run_job(replace(config, labels=labels), encoder=tiny_encoder).ran == ["slices", "summary"]
