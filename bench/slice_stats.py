@@ -95,21 +95,24 @@ def part_null(datasets: int, n_rows: int, seed: int) -> dict:
             "datasets_where_a_q_value_changed_with_k": {f"{f}|min_sup={s}": v for (f, s), v in changed.items()}}
 
 
-def part_power(datasets: int, sizes: list[int], seed: int) -> dict:
-    """Share of datasets whose planted slice is reported with q ≤ 0.05, per family × level × rows."""
+def part_power(datasets: int, sizes: list[int], seed: int, test_fractions: tuple[float, ...] = (0.5,)) -> dict:
+    """Share of datasets whose planted slice is reported with q ≤ 0.05, per family × level × rows (the
+    split family once per held-out share in ``test_fractions``)."""
     from clipengine.slices.find import find_slices
 
+    designs = [(f"split@{t:g}" if len(test_fractions) > 1 else "split", "split", t) for t in test_fractions]
+    designs.append(("lattice", "lattice", 0.5))
     found = {}
     for n_rows in sizes:
         for level in (2, 3):
-            hits = {f: 0 for f in FAMILIES}
+            hits = {name: 0 for name, _, _ in designs}
             for d in range(datasets):
                 frame, planted, _ = planted_frame(np.random.default_rng(seed + 1000 * level + d), n_rows, level)
-                for family in FAMILIES:
-                    result = find_slices(frame, error="error", family=family)
-                    hits[family] += any(p == planted and q <= 0.05 for p, q in zip(result.predicates, result.q_value))
-            for family in FAMILIES:
-                found[f"{family}|level={level}|rows={n_rows}"] = hits[family] / datasets
+                for name, family, fraction in designs:
+                    result = find_slices(frame, error="error", family=family, test_fraction=fraction)
+                    hits[name] += any(p == planted and q <= 0.05 for p, q in zip(result.predicates, result.q_value))
+            for name, _, _ in designs:
+                found[f"{name}|level={level}|rows={n_rows}"] = hits[name] / datasets
             _tick(f"power {n_rows} rows, level {level}", 1, 1)
     return {"datasets": datasets, "share_found_with_q_le_0.05": found}
 
@@ -235,7 +238,7 @@ def part_noise(datasets: int, n_rows: int, n_labelled: int, seed: int) -> dict:
 
 def part_fashion(run_dir: Path, samples: int, n_labelled: int, seed: int) -> dict:
     """Fashion-MNIST run (ConSE metadata, garment ≈ 24 % accurate): for each random labelled sample of
-    ``n_labelled`` items, the corrected 95 % intervals of the top-10 slices that use predicted
+    ``n_labelled`` items, the corrected intervals of the top-10 (and top-50) slices that use predicted
     ``garment`` against the true group's error rate over all items (and over the held-out items)."""
     from clipengine.artifacts import ERROR_COLUMN, joined_features, read_joined
     from clipengine.slices.corrected import LabelledSample
@@ -253,7 +256,7 @@ def part_fashion(run_dir: Path, samples: int, n_labelled: int, seed: int) -> dic
             drawn = np.sort(rng.choice(frame.height, n_labelled, replace=False))
             sample = LabelledSample(rows=drawn, truth={"garment": true_garment[drawn]},
                                     inclusion=np.full(n_labelled, n_labelled / frame.height))
-            result = find_slices(frame, error=ERROR_COLUMN, features=features, k=10, max_q=1.0, family=family,
+            result = find_slices(frame, error=ERROR_COLUMN, features=features, k=50, max_q=1.0, family=family,
                                  labels=sample)
             held_out = result._test_rows
             for i, predicates in enumerate(result.predicates):
@@ -264,7 +267,7 @@ def part_fashion(run_dir: Path, samples: int, n_labelled: int, seed: int) -> dic
                 truth_all = errors[group].mean()
                 truth_held = errors[group & held_out].mean() if held_out is not None else truth_all
                 rows.append({
-                    "sample": s, "slice": result.describe(i), "size": int(result.size[i]),
+                    "sample": s, "rank": i + 1, "slice": result.describe(i), "size": int(result.size[i]),
                     "true_size": int(group.sum()), "true_size_estimate": _num(result.true_size[i]),
                     "truth_all": float(truth_all), "truth_held_out": float(truth_held),
                     "true_error_mean": _num(result.true_error_mean[i]),
@@ -273,8 +276,9 @@ def part_fashion(run_dir: Path, samples: int, n_labelled: int, seed: int) -> dic
                     "error_mean": _num(result.error_mean_[i]),
                 })
             _tick(f"fashion {family}", s + 1, samples)
-        out[family] = _fashion_table(rows)
-        out[family]["pairs_detail"] = rows
+        out[f"{family}|top-10"] = _fashion_table([r for r in rows if r["rank"] <= 10])
+        out[f"{family}|top-50"] = _fashion_table(rows)
+        out[f"{family}|top-50"]["pairs_detail"] = rows
     return {"run": str(run_dir), "samples": samples, "labelled": n_labelled, "results": out}
 
 
@@ -355,7 +359,7 @@ def _print_tables(report: dict) -> None:
         print(f"## Planted slices (support 2 %, error 0.1 → 0.4) found with q ≤ 0.05, {r['datasets']} datasets per cell\n")
         print("| family | predicates | " + " | ".join(f"{n:,} rows" for n in sizes) + " |")
         print("| --- | --- | " + " | ".join("---" for _ in sizes) + " |")
-        for family in FAMILIES:
+        for family in dict.fromkeys(key.split("|")[0] for key in found):
             for level in (2, 3):
                 cells = [f"{100 * found[f'{family}|level={level}|rows={n}']:.0f} %" for n in sizes]
                 print(f"| {family} | {level} | {' | '.join(cells)} |")
@@ -388,13 +392,14 @@ def _print_tables(report: dict) -> None:
     if "fashion" in report:
         r = report["fashion"]
         print(f"## Fashion-MNIST ({r['run']}): {r['samples']} labelled samples of {r['labelled']} items, "
-              "top-10 slices using predicted garment\n")
-        print("| family | (sample, slice) pairs | with an estimate | corrected coverage (all items) | "
+              "the top slices that use predicted garment\n")
+        print("| family | slices | (sample, slice) pairs | with an estimate | corrected coverage (all items) | "
               "corrected coverage (held-out items) | uncorrected coverage | corrected width | "
               "corrected mean abs. error | uncorrected mean abs. error |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for family, v in r["results"].items():
-            print(f"| {family} | {v['pairs']} | {v['pairs_with_estimate']} | {_pct(v['corrected_coverage_all_items'])} | "
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for key, v in r["results"].items():
+            family, top = key.split("|")
+            print(f"| {family} | {top} | {v['pairs']} | {v['pairs_with_estimate']} | {_pct(v['corrected_coverage_all_items'])} | "
                   f"{_pct(v['corrected_coverage_held_out'])} | {_pct(v['uncorrected_coverage_all_items'])} | "
                   f"{_fmt(v['corrected_mean_width'], 3)} | {_fmt(v['corrected_mean_abs_error'], 3)} | "
                   f"{_fmt(v['uncorrected_mean_abs_error'], 3)} |")
@@ -415,6 +420,8 @@ def main(argv=None) -> int:
     parser.add_argument("--datasets", type=int, default=None, help="datasets per cell (default: per part)")
     parser.add_argument("--rows", type=int, default=10_000, help="rows of each null/honesty/noise dataset")
     parser.add_argument("--power-rows", default="5000,10000,20000,50000,100000")
+    parser.add_argument("--test-fractions", default="0.5",
+                        help="power: held-out shares to compare for the split family, e.g. 0.5,0.3")
     parser.add_argument("--run", type=Path, default=None, help="a Fashion-MNIST run directory (clipengine run)")
     parser.add_argument("--samples", type=int, default=20, help="labelled samples of the Fashion-MNIST run")
     parser.add_argument("--labelled", type=int, default=300, help="items per labelled sample")
@@ -428,7 +435,8 @@ def main(argv=None) -> int:
         report["null"] = part_null(args.datasets or 200, args.rows, args.seed)
     if "power" in parts:
         sizes = [int(x) for x in args.power_rows.split(",")]
-        report["power"] = part_power(args.datasets or 50, sizes, args.seed)
+        fractions = tuple(float(x) for x in args.test_fractions.split(","))
+        report["power"] = part_power(args.datasets or 50, sizes, args.seed, fractions)
     if "honesty" in parts:
         report["honesty"] = part_honesty(args.datasets or 100, args.rows, args.seed)
     if "noise" in parts:
