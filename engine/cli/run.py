@@ -197,7 +197,8 @@ def _print_top_slices(run_dir: Path, top: int = 3) -> None:
         return
     for rank, record in enumerate(records[:top], start=1):
         text = " AND ".join(f"{k} = {v}" for k, v in record.get("predicates", {}).items())
-        mark = "" if record.get("significant") else " (not significant)"
+        marks = [] if record.get("significant") else ["not significant"]
         if record.get("confirmed") is False:
-            mark += " (not confirmed by the labels)"
+            marks.append("not confirmed by the labels")
+        mark = f" ({'; '.join(marks)})" if marks else ""
         click.echo(f"  {rank}. {text}: {record.get('size')} items, error {100 * (record.get('error_mean') or 0):.1f} %{mark}")

@@ -75,17 +75,20 @@ def _slices_section(run_dir: Path) -> list[str]:
     held_out = (summary.get("family") or {}).get("design") == "split"
     level = summary.get("confidence")
     level = "95 %" if not isinstance(level, (int, float)) or abs(level - 0.95) < 1e-9 else f"{100 * level:.2f} %"
-    header = (f"| # | slice | size | errors | error rate{' (held-out)' if held_out else ''} | {level} CI | q-value | "
-              "significant |")
+    header = (f"| # | slice | size | {'held-out errors / rows' if held_out else 'errors'} | "
+              f"error rate{' (held-out)' if held_out else ''} | {level} CI | q-value | significant |")
     rule = "| --- | --- | --- | --- | --- | --- | --- | --- |"
     if corrected:
         header += " true group: error rate | true group: CI | true group: size | confirmed |"
         rule += " --- | --- | --- | --- |"
     lines += [header, rule]
     for rank, record in enumerate(records[:TOP_SLICES], start=1):
+        errors = record.get("test_error_sum") if held_out else record.get("error_sum")
+        errors = _fmt(errors, 0) if isinstance(errors, float) and errors.is_integer() else _fmt(errors)
+        if held_out:
+            errors = f"{errors} / {record.get('test_size', '–')}"
         line = (
-            f"| {rank} | {_slice_text(record.get('predicates', {}))} | {record.get('size')} | "
-            f"{_fmt(record.get('error_sum'), 0) if isinstance(record.get('error_sum'), float) and record['error_sum'].is_integer() else _fmt(record.get('error_sum'))} | "
+            f"| {rank} | {_slice_text(record.get('predicates', {}))} | {record.get('size')} | {errors} | "
             f"{_pct(record.get('error_mean'))} | {_pct(record.get('ci_low'))} – {_pct(record.get('ci_high'))} | "
             f"{_sci(record.get('q_value'))} | {'yes' if record.get('significant') else 'no'} |"
         )

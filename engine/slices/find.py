@@ -446,11 +446,13 @@ def _lattice_p_values(codes, col_feature, allowed, errors, out, params, binary, 
     from clipengine.slices import stats
 
     n_rows, n_cols = errors.shape[0], col_feature.shape[0]
-    flat = codes.ravel(order="F")  # feature by feature, rows in order
-    repeated = np.tile(errors, codes.shape[1])
-    size = np.bincount(flat, minlength=n_cols)
-    error_sum = np.bincount(flat, weights=repeated, minlength=n_cols)
-    sq = np.bincount(flat, weights=repeated * repeated, minlength=n_cols)
+    size, error_sum, sq = np.zeros(n_cols, np.int64), np.zeros(n_cols), np.zeros(n_cols)
+    squared = errors * errors
+    for j in range(codes.shape[1]):  # one feature at a time: no (rows × features) temporary
+        column = codes[:, j]
+        size += np.bincount(column, minlength=n_cols)
+        error_sum += np.bincount(column, weights=errors, minlength=n_cols)
+        sq += np.bincount(column, weights=squared, minlength=n_cols)
     first = allowed & (size >= params["min_sup"])
     deeper = (out.evaluated_level >= 2) & (out.evaluated_size >= params["min_sup"])
     return stats.slice_p_values(np.concatenate([size[first], out.evaluated_size[deeper]]),
@@ -518,8 +520,10 @@ def _search(coded: list[CodedFeature], used: list[str], errors: np.ndarray, skip
         family = {"design": "split", "size": int(found_columns.shape[0]), "search_rows": int(search_rows),
                   "test_rows": int(test.sum()), "search_min_sup": params["search_min_sup"]}
     else:
-        lattice = count_lattice(np.ascontiguousarray(local.T), domains, min_sup=params["min_sup"],
-                                max_level=params["max_level"], allowed=allowed)
+        feature_major = np.ascontiguousarray(local.T, dtype=np.int16 if domains.max() < 2**15 else np.int32)
+        lattice = count_lattice(feature_major, domains, min_sup=params["min_sup"], max_level=params["max_level"],
+                                allowed=allowed)
+        del feature_major
         family_p = (_lattice_p_values(codes, col_feature, allowed, errors, out, params, binary, total, total_sq)
                     if out is not None else np.zeros(0))
         family_size = max(int(lattice.sum()), family_p.size)

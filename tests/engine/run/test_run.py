@@ -386,11 +386,15 @@ def test_quiet_and_log_json_do_not_change_fingerprints(reference, tiny_clip, tin
     assert again.ran == []
 
 
-def test_labels_correct_the_slices_and_a_relabelled_item_reruns_them(tmp_path, tiny_clip, tiny_encoder):
-    data = make_photo_folder(tmp_path)
+def test_labels_correct_the_slices_and_a_relabelled_item_reruns_them(reference, tmp_path, tiny_clip, tiny_encoder):
+    import shutil
+
+    done, _, data = reference
+    shutil.copytree(done.run_dir, tmp_path / "run")  # encoded and annotated already
     config = make_config(tmp_path, tiny_clip, data=data, report=False,
                          slices=SliceConfig(min_sup=2, max_q=1.0, family="lattice"))
     first = run_job(config, encoder=tiny_encoder)
+    assert "encode" in first.reused and "annotate" in first.reused
     paths = pl.read_parquet(first.run_dir / "metadata.parquet")["path"].to_list()
     labels = tmp_path / "labels.csv"
     rows = [f"{p},{'urban' if 'city' in p else 'rural'}" for p in paths[::2]]

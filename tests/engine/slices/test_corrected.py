@@ -115,7 +115,7 @@ def test_rate_interval_agrees_with_ppi_python_bootstrap():
     (Zrnic 2024, power-tuned) of the same ratio, on a sample large enough for both to be normal."""
     ppi = pytest.importorskip("ppi_py")
     rng = np.random.default_rng(7)
-    n_rows, n = 40_000, 3000
+    n_rows, n = 20_000, 3000
     truth = rng.random(n_rows) < 0.15
     predicted = np.where(rng.random(n_rows) < 0.8, truth, rng.random(n_rows) < 0.15)
     errors = (rng.random(n_rows) < np.where(truth, 0.35, 0.1)).astype(float)
@@ -129,7 +129,7 @@ def test_rate_interval_agrees_with_ppi_python_bootstrap():
     both = np.column_stack([truth * errors, truth.astype(float)])
     guess = np.column_stack([predicted * errors, predicted.astype(float)])
     np.random.seed(0)  # ppboot draws from NumPy's global generator
-    low, high = ppi.ppboot(ratio, both[rows], guess[rows], guess, n_resamples=2000, alpha=0.05)
+    low, high = ppi.ppboot(ratio, both[rows], guess[rows], guess, n_resamples=1000, alpha=0.05)
     width = high - low
     assert got.error_mean == pytest.approx((low + high) / 2, abs=0.1 * width)
     assert (got.ci_high - got.ci_low) == pytest.approx(width, rel=0.25)
