@@ -12,7 +12,7 @@ families (``split``, the default, and ``lattice``):
     python bench/slice_stats.py --part all --run runs/fashion-mnist --json results.json
 
 ``--datasets`` scales every part (default 200 null datasets, 50 per power cell, 100 for honesty and
-noise); the whole default set takes about an hour on 2 cores.
+noise); the run's time is printed in the JSON (``seconds``).
 """
 
 from __future__ import annotations
