@@ -113,8 +113,8 @@ class SliceConfig:
     ``compat="systemds"`` reproduces SystemDS's output; ``max_q``: BH q-value for ``significant``;
     ``max_levels``: features with more levels are skipped; ``drop_nulls``: nulls form no slice.
     ``family``: "split" or "lattice" (None: split, or lattice with ``compat``, which reproduces SystemDS on
-    every row); ``family_size``: the search looks for the top max(k, family_size) slices, so that a
-    slice's q-value is the same for every k ≤ family_size; ``test_fraction`` of the rows (drawn with
+    every row); ``family_size``: the search looks for the top max(k, family_size) slices (k with
+    ``compat``), so that a slice's q-value is the same for every k ≤ family_size; ``test_fraction`` of the rows (drawn with
     ``split_seed``) are held out for testing and estimating under "split"."""
 
     k: int = DEFAULT_K

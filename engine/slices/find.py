@@ -19,7 +19,8 @@ The multiple-testing family, and where the reported numbers come from (README, "
   the reported slices at 5 % (Benjamini & Yekutieli 2005).
 
 In both, the search looks for ``max(k, family_size)`` slices whatever ``k`` is, so a slice's q-value
-does not change with ``k`` (up to ``family_size``). With a labelled sample
+does not change with ``k`` (up to ``family_size``) — except with ``compat``, whose pruning depends on
+``k``, so it searches for ``k`` slices as SystemDS does. With a labelled sample
 (:class:`clipengine.slices.corrected.LabelledSample`) each reported slice also gets its true group's
 size and error rate (:mod:`clipengine.slices.corrected`), estimated on the same rows as its error rate.
 """
@@ -483,7 +484,8 @@ def _search(coded: list[CodedFeature], used: list[str], errors: np.ndarray, skip
     search_codes, search_errors = (codes[~test], errors[~test]) if split else (codes, errors)
     search_rows = search_errors.shape[0]
     params["search_min_sup"] = max(1, math.ceil(params["min_sup"] * search_rows / n_rows))
-    k_search = max(params["k"], params["family_size"])
+    # SystemDS's pruning depends on k: compat reproduces its output for the k asked for
+    k_search = params["k"] if params["compat"] == "systemds" else max(params["k"], params["family_size"])
 
     if search_errors.sum() > 0:
         levels_total = min(params["max_level"] or len(used), len(used))
