@@ -161,3 +161,25 @@ def test_corrected_intervals_cover_where_uncorrected_ones_do_not(flip, correlate
     low, high = wilson_interval(np.array([errors[predicted].sum()]), np.array([predicted.sum()]))
     assert covered / reps >= 0.9
     assert not low[0] <= target <= high[0]  # the predicted slice's own interval misses the true group's rate
+
+
+def test_continuous_errors_are_corrected_too():
+    """Non-negative errors (e.g. a loss): error strata are quartiles, the interval a normal one."""
+    rng = np.random.default_rng(5)
+    n_rows = 4000
+    truth = rng.random(n_rows) < 0.2
+    errors = rng.exponential(np.where(truth, 0.6, 0.2))
+    rate = np.where(errors > np.quantile(errors, 0.75), 0.5, 0.1)  # big losses are mislabelled more often
+    predicted = np.where(rng.random(n_rows) < rate, ~truth, truth)
+    strata, n_strata = error_strata(errors, False)
+    assert n_strata == 4
+    target = errors[truth].mean()
+    covered, estimates = 0, []
+    for _ in range(200):
+        rows = rng.choice(n_rows, 400, replace=False)
+        got = estimate_group(predicted, errors, strata, n_strata, None, rows, truth[rows], np.ones(400), binary=False)
+        covered += got.ci_low <= target <= got.ci_high
+        estimates.append(got.error_mean)
+    assert covered / 200 >= 0.9
+    assert abs(np.mean(estimates) - target) < 0.1 * target
+    assert abs(errors[predicted].mean() - target) > 0.2 * target  # what the predicted slice alone says
