@@ -114,7 +114,15 @@ META_COVERAGE = "clipengine.coverage"  # coverage.parquet: the summary of covera
 META_ADAPTATION = "clipengine.adaptation"  # metadata.parquet with labels: {attribute: choice, CV accuracy, labels}
 META_LABELS = "clipengine.labels"  # ... the labels file: path, sha256, rows, population
 META_LABEL_CHECKS = "clipengine.label_checks"  # ... per labelled item: true, zero-shot and out-of-fold labels
-SLICES_FORMAT = 2  # slices.json "format": 2 adds the numeric bounds of binned predicates
+# slices.json "format": 2 added the numeric bounds of binned predicates; 3 the multiple-testing family,
+# error rates estimated where the slice was not selected (held-out rows), and the true group's columns
+SLICES_FORMAT = 3
+# one record of slices.json (one row of slices.parquet, which adds rank, slice, level, features, values,
+# lows, highs); the true_* columns and "confirmed" are null without a labels file
+SLICE_RECORD_KEYS = ("predicates", "bounds", "score", "size", "error_sum", "error_mean", "max_error", "ci_low",
+                     "ci_high", "p_value", "q_value", "significant", "test_size", "test_error_sum",
+                     "search_error_mean", "true_error_mean", "true_ci_low", "true_ci_high", "true_size",
+                     "confirmed", "true_note")
 
 
 # ---- items and their identity -----------------------------------------------------------------
@@ -477,8 +485,8 @@ def read_slices(run_dir: str | os.PathLike) -> tuple[dict, list[dict]]:
     if not isinstance(data, dict) or not isinstance(data.get("slices"), list):
         raise ClipengineError(f"{path}: holds no slices (not written by `clipengine slices`)")
     if data.get("format") != SLICES_FORMAT:
-        raise ClipengineError(f"{path}: written by an earlier clipengine (no numeric bin bounds); "
-                              "run `clipengine run` (or `clipengine slices`) again to rewrite it")
+        raise ClipengineError(f"{path}: written by an earlier clipengine (format {data.get('format')}, not "
+                              f"{SLICES_FORMAT}); run `clipengine run` (or `clipengine slices`) again to rewrite it")
     records = [r for r in data["slices"] if isinstance(r, dict)]
     return {k: v for k, v in data.items() if k != "slices"}, records
 

@@ -104,6 +104,14 @@ DEFAULT_BINS = 10
 DEFAULT_MAX_Q = 0.05
 DEFAULT_BINNING = "quantile"
 DEFAULT_MAX_LEVELS = 256
+# the multiple-testing family (README, "Slice statistics"): "split" searches one part of the rows and
+# tests the top DEFAULT_FAMILY_SIZE slices on the held-out part; "lattice" searches and tests all rows,
+# over every slice with support ≥ min_sup up to max_level
+FAMILIES = ("split", "lattice")
+DEFAULT_FAMILY = "split"
+DEFAULT_FAMILY_SIZE = 50
+DEFAULT_TEST_FRACTION = 0.5
+DEFAULT_SPLIT_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -111,7 +119,11 @@ class SliceConfig:
     """Settings of SliceLine. ``min_sup`` is a row count (int ≥ 1) or a fraction of rows (0 < f < 1);
     None means ⌈n/100⌉. ``bins``: bins per numeric column (``binning`` "quantile" or "width");
     ``compat="systemds"`` reproduces SystemDS's output; ``max_q``: BH q-value for ``significant``;
-    ``max_levels``: features with more levels are skipped; ``drop_nulls``: nulls form no slice."""
+    ``max_levels``: features with more levels are skipped; ``drop_nulls``: nulls form no slice.
+    ``family``: "split" or "lattice" (None: split, or lattice with ``compat``, which reproduces SystemDS on
+    every row); ``family_size``: the search looks for the top max(k, family_size) slices (k with
+    ``compat``), so that a slice's q-value is the same for every k ≤ family_size; ``test_fraction`` of the rows (drawn with
+    ``split_seed``) are held out for testing and estimating under "split"."""
 
     k: int = DEFAULT_K
     alpha: float = DEFAULT_ALPHA
@@ -123,6 +135,10 @@ class SliceConfig:
     binning: str = DEFAULT_BINNING
     drop_nulls: bool = False
     max_levels: int = DEFAULT_MAX_LEVELS
+    family: str | None = None
+    family_size: int = DEFAULT_FAMILY_SIZE
+    test_fraction: float = DEFAULT_TEST_FRACTION
+    split_seed: int = DEFAULT_SPLIT_SEED
     progress: bool = True
 
 

@@ -100,10 +100,34 @@ def slice_options(function: Callable) -> Callable:
                      help="Reproduce SystemDS's sliceLine output exactly (its bound and top-K quirks)."),
         click.option("--max-q", type=click.FloatRange(0, 1, min_open=True), default=config.DEFAULT_MAX_Q,
                      show_default=True, help="Benjamini–Hochberg q-value at or below which a slice is significant."),
+        click.option("--family", type=click.Choice(config.FAMILIES), default=None,
+                     help="Multiple-testing family. split: search part of the items, test and estimate each found "
+                          "slice on the held-out rest; lattice: every item, every slice with at least --min-sup "
+                          "items [split; lattice with --compat]."),
+        click.option("--family-size", type=click.IntRange(min=1), default=config.DEFAULT_FAMILY_SIZE,
+                     show_default=True, help="Slices the search looks for whatever --k is, so that q-values do not "
+                                             "change with --k up to this many."),
+        click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                     default=config.DEFAULT_TEST_FRACTION, show_default=True,
+                     help="split: share of the items held out for testing."),
+        click.option("--split-seed", type=int, default=config.DEFAULT_SPLIT_SEED, show_default=True,
+                     help="split: seed of the random split."),
     ])(function)
 
 
-def slice_config(*, k, alpha, min_sup, max_level, bins, binning, drop_nulls, compat, max_q,
-                 progress: bool = True) -> config.SliceConfig:
+def labels_option(function: Callable) -> Callable:
+    """``--labels FILE``: a labelled sample whose true values correct the slices."""
+    return click.option(
+        "--labels", "labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+        help="Labels file (CSV/Parquet: path [, box], true_<attribute> columns, optional inclusion_prob): each "
+             "slice also gets its true group's size and error rate with a 95 % interval, and is marked "
+             "'not confirmed' when that interval does not lie above the overall error rate.")(function)
+
+
+def slice_config(*, k, alpha, min_sup, max_level, bins, binning, drop_nulls, compat, max_q, family=None,
+                 family_size=config.DEFAULT_FAMILY_SIZE, test_fraction=config.DEFAULT_TEST_FRACTION,
+                 split_seed=config.DEFAULT_SPLIT_SEED, progress: bool = True) -> config.SliceConfig:
     return config.SliceConfig(k=k, alpha=alpha, min_sup=min_sup, max_level=max_level, bins=bins, binning=binning,
-                              drop_nulls=drop_nulls, compat=compat, max_q=max_q, progress=progress)
+                              drop_nulls=drop_nulls, compat=compat, max_q=max_q, family=family,
+                              family_size=family_size, test_fraction=test_fraction, split_seed=split_seed,
+                              progress=progress)

@@ -8,7 +8,13 @@ from pathlib import Path
 import click
 
 from clipengine import config as defaults
-from clipengine.cli.options import model_config, model_options, runtime_options, slice_config, slice_options
+from clipengine.cli.options import (
+    model_config,
+    model_options,
+    runtime_options,
+    slice_config,
+    slice_options,
+)
 from clipengine.datasets import DATASETS
 
 
@@ -105,8 +111,9 @@ Example:
 @click.option("--strategy", default=None, help="Prompt aggregation (mean, max, topm, naive; per attribute a=max).")
 @click.option("--labels", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="A labelled sample (`clipengine sample`'s labels.csv filled in, or Label Studio's JSON export): "
-                   "labelled items keep their labels, attributes adapt to them (--adapt), and the eval stage "
-                   "measures each attribute's reliability on them.")
+                   "labelled items keep their labels, attributes adapt to them (--adapt), each slice gets its "
+                   "true group's error rate with an interval ('not confirmed' where it need not be weak), and the "
+                   "eval stage measures each attribute's reliability on them.")
 @click.option("--adapt", type=click.Choice(["auto", "none", "prototype", "gda", "tip"]), default=defaults.DEFAULT_ADAPT,
               show_default=True, help="With --labels: how attributes adapt (auto: where cross-validation says it helps).")
 @slice_options
@@ -134,8 +141,9 @@ Example:
 @click.option("--log-json", is_flag=True, default=False, help="JSON-lines events on stdout (machine-readable).")
 def run(dataset, root, out, schema, detections, predictions, errors_file, classes, iou, follow_links, limit, seed, model,
         pretrained, weights, backend, device, precision, batch_size, workers, strategy, labels, adapt, k, alpha, min_sup,
-        max_level, bins, binning, drop_nulls, compat, max_q, baseline, min_diff, min_psi, no_report, executor,
-        ray_address, ray_workers, gpus_per_worker, cpus_for_decode, ray_shards, quiet, log_json) -> None:
+        max_level, bins, binning, drop_nulls, compat, max_q, family, family_size, test_fraction, split_seed, baseline,
+        min_diff, min_psi, no_report, executor, ray_address, ray_workers, gpus_per_worker, cpus_for_decode, ray_shards,
+        quiet, log_json) -> None:
     from clipengine.config import AnnotateConfig, CompareConfig, DatasetConfig, EncodeConfig, RunConfig
     from clipengine.errors import ClipengineError
     from clipengine.run.job import RunLog, run_job
@@ -143,7 +151,8 @@ def run(dataset, root, out, schema, detections, predictions, errors_file, classe
     encode = EncodeConfig(model=model_config(model, pretrained, weights), backend=backend, device=device,
                           precision=precision, batch_size=batch_size, workers=workers)
     slices = slice_config(k=k, alpha=alpha, min_sup=min_sup, max_level=max_level, bins=bins, binning=binning,
-                          drop_nulls=drop_nulls, compat=compat, max_q=max_q)
+                          drop_nulls=drop_nulls, compat=compat, max_q=max_q, family=family, family_size=family_size,
+                          test_fraction=test_fraction, split_seed=split_seed)
     config = RunConfig(
         dataset=dataset,
         root=root,
@@ -206,7 +215,10 @@ def _print_top_slices(run_dir: Path, top: int = 3) -> None:
         return
     for rank, record in enumerate(records[:top], start=1):
         text = " AND ".join(f"{k} = {v}" for k, v in record.get("predicates", {}).items())
-        mark = "" if record.get("significant") else " (not significant)"
+        marks = [] if record.get("significant") else ["not significant"]
+        if record.get("confirmed") is False:
+            marks.append("not confirmed by the labels")
+        mark = f" ({'; '.join(marks)})" if marks else ""
         click.echo(f"  {rank}. {text}: {record.get('size')} items, error {100 * (record.get('error_mean') or 0):.1f} %{mark}")
 
 

@@ -109,6 +109,7 @@ def render_report(run, *, out_dir: Path, single_file: bool = False):
         "scale": scale,
         "slice_chart": slice_chart,
         "search": _search_facts(run.slices_summary),
+        "corrected": any(s.true_error_mean is not None or s.true_note for s in slices),
         "attributes": attributes,
         "attribute_charts": attribute_charts,
         "label_quality": _label_quality(run.label_quality, run.label_quality_columns),
@@ -146,6 +147,8 @@ def _environment():
 
 def _search_facts(summary: dict) -> dict[str, Any]:
     """What SliceLine searched, from the run-level part of slices.json."""
+    from clipengine.slices.explain import family_text, labels_text
+
     params = summary.get("params") if isinstance(summary.get("params"), dict) else {}
     skipped = summary.get("skipped_features") if isinstance(summary.get("skipped_features"), dict) else {}
     features = summary.get("features") if isinstance(summary.get("features"), list) else []
@@ -157,7 +160,10 @@ def _search_facts(summary: dict) -> dict[str, Any]:
         "max_level": params.get("max_level"),
         "max_q": params.get("max_q"),
         "alpha": params.get("alpha"),
+        "family": family_text(summary),
+        "labels": labels_text(summary),
     }
+
 
 
 LABEL_QUALITY_METRICS = ("accuracy", "precision", "recall", "f1")

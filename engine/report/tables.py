@@ -100,6 +100,14 @@ class SliceRow:
     p_value: float | None
     q_value: float | None
     significant: bool
+    # the true group's numbers from a labels file (None without one); confirmed: its interval lies above
+    # the overall rate
+    true_error_mean: float | None = None
+    true_ci_low: float | None = None
+    true_ci_high: float | None = None
+    true_size: float | None = None
+    confirmed: bool | None = None
+    true_note: str | None = None
     mask: Any = None  # (n,) bool or None when a feature is not in the run's tables
     membership_note: str | None = None
     examples: dict[str, list] = field(default_factory=dict)  # "inside"/"outside" -> thumbnails
@@ -130,6 +138,12 @@ def slice_rows(run: RunData, overall: Overall) -> list[SliceRow]:
             p_value=finite_or_none(record.get("p_value")),
             q_value=finite_or_none(record.get("q_value")),
             significant=bool(record.get("significant", False)),
+            true_error_mean=finite_or_none(record.get("true_error_mean")),
+            true_ci_low=finite_or_none(record.get("true_ci_low")),
+            true_ci_high=finite_or_none(record.get("true_ci_high")),
+            true_size=finite_or_none(record.get("true_size")),
+            confirmed=record.get("confirmed") if isinstance(record.get("confirmed"), bool) else None,
+            true_note=str(record["true_note"]) if record.get("true_note") else None,
         )
         bounds = record.get("bounds") if isinstance(record.get("bounds"), dict) else {}
         try:

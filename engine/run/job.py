@@ -9,7 +9,7 @@ This module only sequences stages (each usable alone, each in its own package) a
 | errors | the dataset adapter | errors.parquet | the adapter's input files (content), settings and listing |
 | annotate | :func:`clipengine.annotate.stage.annotate_run` | metadata.parquet (+ metadata_naive.parquet with ground truth) | encode, schema hash, strategy, labels file (content) and --adapt |
 | eval | :func:`clipengine.annotate.evaluate.evaluate_run` | label_quality.csv / .md (ground truth, a labels file or both) | annotate, errors, labels file |
-| slices | :func:`clipengine.slices.find.slice_run` | slices.parquet, slices.json | annotate, errors, slice settings, features |
+| slices | :func:`clipengine.slices.find.slice_run` | slices.parquet, slices.json | annotate, errors, slice settings, features, the labels file's content |
 | compare (with ``--baseline``) | :func:`clipengine.compare.stage.compare_runs` | compare.json, compare_items.parquet | slices, the baseline's compared files (content), compare settings |
 | summary | :func:`clipengine.run.summary.write_summary` | summary.md | slices, eval, compare |
 | report | :func:`clipengine.report.write_report` | report.html (+ thumbs/) | summary, compare |
@@ -206,7 +206,8 @@ class _Job:
         features = artifacts.joined_features(schema.attribute_names, self.dataset.error_features(),
                                              source=str(inputs[0]) if inputs else f"dataset {self.config.dataset}")
         slice_settings = {k: v for k, v in dataclasses.asdict(self.config.slices).items() if k != "progress"}
-        slices_fp = fingerprint("slices", annotate_fp, errors_fp, slice_settings, features, artifacts.SLICES_FORMAT)
+        slices_fp = fingerprint("slices", annotate_fp, errors_fp, slice_settings, features, artifacts.SLICES_FORMAT,
+                                labels_record["sha256"] if labels_record else None)
         compare_fp = None
         if self.config.baseline is not None:
             compare_fp = fingerprint("compare", slices_fp, str(Path(self.config.baseline).resolve()), baseline_digest,
@@ -314,12 +315,14 @@ class _Job:
     def _slices(self, features: list[str]) -> tuple[list[str], dict]:
         from clipengine.slices.find import slice_run
 
-        result = slice_run(self.run_dir, replace(self.config.slices, progress=self.progress), features)
-        return [artifacts.SLICES_PARQUET, artifacts.SLICES_JSON], {
-            "rows": result.n_rows, "error_mean": result.error_mean, "slices": len(result),
-            "significant": int(result.significant.sum()) if len(result) else 0,
-            "skipped_features": result.skipped_features,
-        }
+        result = slice_run(self.run_dir, replace(self.config.slices, progress=self.progress), features,
+                           labels=self.config.annotate.labels)
+        info = {"rows": result.n_rows, "error_mean": result.error_mean, "slices": len(result),
+                "significant": int(result.significant.sum()) if len(result) else 0,
+                "skipped_features": result.skipped_features, "family": result.family.get("design")}
+        if result.labels is not None:
+            info["not_confirmed"] = sum(c is False for c in result.confirmed)
+        return [artifacts.SLICES_PARQUET, artifacts.SLICES_JSON], info
 
     def _check_baseline(self) -> str | None:
         """The content digest of the baseline's compared files; a one-line error (before any work)

@@ -44,6 +44,8 @@ def _slices_section(run_dir: Path) -> list[str]:
         summary, records = artifacts.read_slices(run_dir)
     except ClipengineError as error:
         return [f"No slices ({escape(error)})."]
+    from clipengine.slices.explain import family_text, labels_text
+
     lines = []
     if summary:
         lines.append(
@@ -54,22 +56,42 @@ def _slices_section(run_dir: Path) -> list[str]:
         skipped = summary.get("skipped_features") or {}
         if skipped:
             lines.append("Features left out: " + "; ".join(f"{escape(k)} ({escape(v)})" for k, v in skipped.items()) + ".")
+        for text in (family_text(summary), labels_text(summary)):
+            if text:
+                lines.append(escape(text))
         lines.append("")
     if not records:
         return lines + ["SliceLine found no slice with an error rate above the overall rate."]
     if not any(r.get("significant") for r in records):
         lines += ["**No slice is significant** at the chosen q-value; the slices below may be noise.", ""]
-    lines += [
-        "| # | slice | size | errors | error rate | 95 % CI | q-value | significant |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
+    corrected = bool(summary.get("labels"))
+    held_out = (summary.get("family") or {}).get("design") == "split"
+    level = summary.get("confidence")
+    level = "95 %" if not isinstance(level, (int, float)) or abs(level - 0.95) < 1e-9 else f"{100 * level:.2f} %"
+    header = (f"| # | slice | size | {'held-out errors / rows' if held_out else 'errors'} | "
+              f"error rate{' (held-out)' if held_out else ''} | {level} CI | q-value | significant |")
+    rule = "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    if corrected:
+        header += " true group: error rate | true group: CI | true group: size | confirmed |"
+        rule += " --- | --- | --- | --- |"
+    lines += [header, rule]
     for rank, record in enumerate(records[:TOP_SLICES], start=1):
-        lines.append(
-            f"| {rank} | {_slice_text(record.get('predicates', {}))} | {record.get('size')} | "
-            f"{_fmt(record.get('error_sum'), 0) if isinstance(record.get('error_sum'), float) and record['error_sum'].is_integer() else _fmt(record.get('error_sum'))} | "
+        errors = record.get("test_error_sum") if held_out else record.get("error_sum")
+        errors = _fmt(errors, 0) if isinstance(errors, float) and errors.is_integer() else _fmt(errors)
+        if held_out:
+            errors = f"{errors} / {record.get('test_size', '–')}"
+        line = (
+            f"| {rank} | {_slice_text(record.get('predicates', {}))} | {record.get('size')} | {errors} | "
             f"{_pct(record.get('error_mean'))} | {_pct(record.get('ci_low'))} – {_pct(record.get('ci_high'))} | "
             f"{_sci(record.get('q_value'))} | {'yes' if record.get('significant') else 'no'} |"
         )
+        if corrected:
+            size = record.get("true_size")
+            confirmed = record.get("confirmed")
+            line += (f" {_pct(record.get('true_error_mean'))} | {_pct(record.get('true_ci_low'))} – "
+                     f"{_pct(record.get('true_ci_high'))} | {'–' if size is None else f'≈ {size:,.0f}'} | "
+                     f"{'yes' if confirmed else '**not confirmed**' if confirmed is False else '–'} |")
+        lines.append(line)
     return lines
 
 

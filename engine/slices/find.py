@@ -3,8 +3,26 @@
 ``find_slices(frame, error=...)`` types and codes the feature columns (categoricals as
 they are, numeric columns with many values binned), validates the error column, runs
 the SliceLine kernel (:mod:`clipengine.kernels.sliceline`) and attaches statistics
-(:mod:`clipengine.slices.stats`) to every reported slice, with Benjamini–Hochberg q-values
-over every candidate the search evaluated.
+(:mod:`clipengine.slices.stats`) to every reported slice.
+
+The multiple-testing family, and where the reported numbers come from (README, "Slice statistics"):
+
+- ``family="split"`` (the default): the rows are split at random; SliceLine searches one part for the
+  top ``max(k, family_size)`` slices; each of them is tested (one-sided, against the rest) and
+  estimated on the held-out part only; Benjamini–Hochberg runs over those slices. The search never
+  saw the held-out rows, so the p-values are valid and the error rates and intervals unbiased
+  whatever SliceLine's pruning, ``k``, ``min_sup`` or ``compat`` did.
+- ``family="lattice"``: search and test on every row; the family is every slice with ≥ ``min_sup``
+  rows and ≤ ``max_level`` predicates (counted by :mod:`clipengine.kernels.lattice`), a slice the
+  search pruned counting with p = 1. The error rates are the slices' own (selected as the worst,
+  biased upwards), so their intervals are widened to the level that keeps the false coverage rate of
+  the reported slices at 5 % (Benjamini & Yekutieli 2005).
+
+In both, the search looks for ``max(k, family_size)`` slices whatever ``k`` is, so a slice's q-value
+does not change with ``k`` (up to ``family_size``) — except with ``compat``, whose pruning depends on
+``k``, so it searches for ``k`` slices as SystemDS does. With a labelled sample
+(:class:`clipengine.slices.corrected.LabelledSample`) each reported slice also gets its true group's
+size and error rate (:mod:`clipengine.slices.corrected`), estimated on the same rows as its error rate.
 """
 
 from __future__ import annotations
@@ -21,14 +39,20 @@ from clipengine.config import (
     DEFAULT_ALPHA,
     DEFAULT_BINNING,
     DEFAULT_BINS,
+    DEFAULT_FAMILY,
+    DEFAULT_FAMILY_SIZE,
     DEFAULT_K,
     DEFAULT_MAX_LEVEL,
     DEFAULT_MAX_LEVELS,
     DEFAULT_MAX_Q,
+    DEFAULT_SPLIT_SEED,
+    DEFAULT_TEST_FRACTION,
+    FAMILIES,
     SliceConfig,
 )
 from clipengine.errors import ClipengineError
 from clipengine.slices.coding import BINNINGS, CodedFeature, code_features
+from clipengine.slices.corrected import LabelledSample
 from clipengine.tables import check_error_column
 
 COMPAT_MODES = ("systemds",)
@@ -41,8 +65,22 @@ class SliceResult:
     ``predicates[i]``: ``{feature: value}`` (original values; interval labels such as
     ``"(127.0, 653.0]"`` for binned columns; None for the null level); ``bounds[i]``: ``{feature:
     (low, high)}`` for its binned predicates (``low < x ≤ high``); ``binned``: every binned feature's
-    ``{"edges": inner edges, "labels": bin labels}`` (:func:`clipengine.slices.coding.code_with_edges`). Statistic arrays are ``(K,)``. ``n_evaluated``: candidates the search
-    evaluated (the BH family size).
+    ``{"edges": inner edges, "labels": bin labels}`` (:func:`clipengine.slices.coding.code_with_edges`).
+    Statistic arrays are ``(K,)``:
+
+    - ``size``, ``error_sum``, ``max_error``: the slice's rows and errors in the whole table (facts);
+    - ``score``: SliceLine's score on the rows it searched; ``search_error_mean``: the error rate there
+      (what selected the slice: biased upwards);
+    - ``error_mean_``, ``ci_low``, ``ci_high``, ``p_value``: estimate, interval (at ``confidence``) and
+      one-sided test on ``test_size`` rows with ``test_error_sum`` errors — the held-out rows under
+      ``family="split"``, every row under ``"lattice"``;
+    - ``q_value``: Benjamini–Hochberg over the ``n_family`` hypotheses of the family;
+    - ``true_error_mean``, ``true_ci_low``, ``true_ci_high``, ``true_size``: the true group's numbers
+      from a labelled sample (:mod:`clipengine.slices.corrected`; NaN without labels or without an
+      estimate); ``confirmed``: the corrected interval lies above the whole table's error rate
+      (None without an estimate).
+
+    ``n_evaluated``: candidates the search evaluated.
     """
 
     predicates: list[dict[str, Any]]
@@ -66,9 +104,34 @@ class SliceResult:
     params: dict[str, Any]
     binned: dict[str, dict[str, list]] = field(default_factory=dict)
     levels: list[tuple[int, int, int]] = field(default_factory=list)
+    family: dict[str, Any] = field(default_factory=dict)
+    confidence: float = 0.95
+    test_size: np.ndarray | None = None
+    test_error_sum: np.ndarray | None = None
+    search_error_mean: np.ndarray | None = None
+    true_error_mean: np.ndarray | None = None
+    true_ci_low: np.ndarray | None = None
+    true_ci_high: np.ndarray | None = None
+    true_size: np.ndarray | None = None
+    true_note: list[str] = field(default_factory=list)
+    labels: dict[str, Any] | None = None
     _codes: np.ndarray | None = field(default=None, repr=False)
     _col_feature: np.ndarray | None = field(default=None, repr=False)
     _columns: np.ndarray | None = field(default=None, repr=False)
+    _test_rows: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        k = len(self.predicates)
+        nan = np.full(k, np.nan)
+        for name in ("true_error_mean", "true_ci_low", "true_ci_high", "true_size", "search_error_mean"):
+            if getattr(self, name) is None:
+                setattr(self, name, nan.copy())
+        if self.test_size is None:
+            self.test_size = np.asarray(self.size, dtype=np.int64).copy()
+        if self.test_error_sum is None:
+            self.test_error_sum = np.asarray(self.error_sum, dtype=np.float64).copy()
+        if len(self.true_note) != k:
+            self.true_note = [""] * k
 
     def __len__(self) -> int:
         return len(self.predicates)
@@ -76,6 +139,16 @@ class SliceResult:
     @property
     def nothing_significant(self) -> bool:
         return not bool(np.any(self.significant))
+
+    @property
+    def n_family(self) -> int:
+        """Hypotheses in the Benjamini–Hochberg family."""
+        return int(self.family.get("size", 0))
+
+    @property
+    def confirmed(self) -> list[bool | None]:
+        """Per slice: the corrected interval lies above the whole table's error rate (None: no estimate)."""
+        return [None if not np.isfinite(low) else bool(low > self.error_mean) for low in self.true_ci_low]
 
     def row_mask(self, i: int) -> np.ndarray:
         """``(n_rows,)`` bool: the rows of slice ``i`` in the input frame's order."""
@@ -90,8 +163,9 @@ class SliceResult:
         return " AND ".join(f"{name} = {_text(value)}" for name, value in self.predicates[i].items())
 
     def to_records(self) -> list[dict[str, Any]]:
-        """JSON-ready records, best first."""
+        """JSON-ready records, best first (the keys of :data:`clipengine.artifacts.SLICE_RECORD_KEYS`)."""
         records = []
+        confirmed = self.confirmed
         for i, predicates in enumerate(self.predicates):
             record: dict[str, Any] = {"predicates": dict(predicates)}
             record["bounds"] = {f: [_num(low), _num(high)] for f, (low, high) in self.bounds[i].items()}
@@ -105,6 +179,15 @@ class SliceResult:
             record["p_value"] = _num(self.p_value[i])
             record["q_value"] = _num(self.q_value[i])
             record["significant"] = bool(self.significant[i])
+            record["test_size"] = int(self.test_size[i])
+            record["test_error_sum"] = _num(self.test_error_sum[i])
+            record["search_error_mean"] = _num(self.search_error_mean[i])
+            record["true_error_mean"] = _num(self.true_error_mean[i])
+            record["true_ci_low"] = _num(self.true_ci_low[i])
+            record["true_ci_high"] = _num(self.true_ci_high[i])
+            record["true_size"] = _num(self.true_size[i])
+            record["confirmed"] = confirmed[i]
+            record["true_note"] = self.true_note[i] or None
             records.append(record)
         return records
 
@@ -132,6 +215,15 @@ class SliceResult:
                 "p_value": pl.Series(self.p_value, dtype=pl.Float64),
                 "q_value": pl.Series(self.q_value, dtype=pl.Float64),
                 "significant": pl.Series(self.significant, dtype=pl.Boolean),
+                "test_size": pl.Series(self.test_size, dtype=pl.Int64),
+                "test_error_sum": pl.Series(self.test_error_sum, dtype=pl.Float64),
+                "search_error_mean": pl.Series([_num(v) for v in self.search_error_mean], dtype=pl.Float64),
+                "true_error_mean": pl.Series([_num(v) for v in self.true_error_mean], dtype=pl.Float64),
+                "true_ci_low": pl.Series([_num(v) for v in self.true_ci_low], dtype=pl.Float64),
+                "true_ci_high": pl.Series([_num(v) for v in self.true_ci_high], dtype=pl.Float64),
+                "true_size": pl.Series([_num(v) for v in self.true_size], dtype=pl.Float64),
+                "confirmed": pl.Series(self.confirmed, dtype=pl.Boolean),
+                "true_note": pl.Series([n or None for n in self.true_note], dtype=pl.String),
             }
         )
 
@@ -142,12 +234,16 @@ class SliceResult:
             "error_mean": _num(self.error_mean),
             "binary_errors": self.binary_errors,
             "n_evaluated": self.n_evaluated,
+            "n_family": self.n_family,
+            "family": dict(self.family),
+            "confidence": self.confidence,
             "nothing_significant": self.nothing_significant,
             "features": list(self.features),
             "skipped_features": dict(self.skipped_features),
             "params": dict(self.params),
             "binned": {name: dict(bins) for name, bins in self.binned.items()},
             "levels": [{"level": a, "candidates": b, "valid": c} for a, b, c in self.levels],
+            "labels": dict(self.labels) if self.labels is not None else None,
         }
 
 
@@ -199,6 +295,17 @@ def _check_params(k, alpha, max_level, bins, compat, max_q, binning, max_levels)
         raise ClipengineError(f"max_levels must be ≥ 2, not {max_levels}")
 
 
+def _check_family(family, family_size, test_fraction, compat) -> str:
+    family = family if family is not None else ("lattice" if compat is not None else DEFAULT_FAMILY)
+    if family not in FAMILIES:
+        raise ClipengineError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}")
+    if not isinstance(family_size, (int, np.integer)) or family_size < 1:
+        raise ClipengineError(f"family_size must be an integer ≥ 1, not {family_size!r}")
+    if not 0 < float(test_fraction) < 1:
+        raise ClipengineError(f"test_fraction must be in (0, 1), not {test_fraction}")
+    return family
+
+
 # ---- the stage --------------------------------------------------------------------------------------
 
 
@@ -217,6 +324,11 @@ def find_slices(
     binning: str = DEFAULT_BINNING,
     drop_nulls: bool = False,
     max_levels: int = DEFAULT_MAX_LEVELS,
+    family: str | None = None,
+    family_size: int = DEFAULT_FAMILY_SIZE,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
+    split_seed: int = DEFAULT_SPLIT_SEED,
+    labels: LabelledSample | None = None,
     progress: bool = False,
 ) -> SliceResult:
     """Top-K weak slices of ``frame`` by SliceLine score, with statistics.
@@ -228,8 +340,12 @@ def find_slices(
     ``"quantile"`` or ``"width"``. Nulls are a level of their own unless ``drop_nulls``.
     Features with one value or more than ``max_levels`` levels are skipped and reported.
     ``compat="systemds"`` reproduces SystemDS's sliceLine output exactly. ``max_q``: slices
-    with Benjamini–Hochberg q ≤ max_q are flagged ``significant`` (None = 1). ``progress``: a bar
-    over lattice levels on stderr.
+    with Benjamini–Hochberg q ≤ max_q are flagged ``significant`` (None = 1). ``family``: "split"
+    (search on one part of the rows, test and estimate on the other ``test_fraction``, drawn with
+    ``split_seed``) or "lattice" (every row; the family is every slice with ≥ min_sup rows); None means
+    split, or lattice with ``compat``. ``family_size``: the search looks for max(k, family_size)
+    slices. ``labels``: a labelled sample of the rows; each slice then gets its true group's size and
+    error rate. ``progress``: a bar over lattice levels on stderr.
 
     >>> import polars as pl
     >>> frame = pl.DataFrame({"color": ["red", "blue"] * 50, "error": [1, 0] * 50})
@@ -264,6 +380,10 @@ def find_slices(
     if unknown_bins:
         raise ClipengineError(f"bins given for column(s) {', '.join(unknown_bins)} that are not features")
     min_sup_rows = _resolve_min_sup(min_sup, n_rows)
+    family = _check_family(family, family_size, test_fraction, compat)
+    if labels is not None:
+        if labels.rows.size and (labels.rows.min() < 0 or labels.rows.max() >= n_rows):
+            raise ClipengineError(f"{labels.source or 'labels'}: a labelled row is not a row of the table")
 
     used, coded, skipped = code_features(frame, features, bins=bins, binning=binning, max_levels=max_levels)
     if not used:
@@ -282,12 +402,69 @@ def find_slices(
         "drop_nulls": bool(drop_nulls),
         "compat": compat,
         "max_q": float(max_q) if max_q is not None else 1.0,
+        "family": family,
+        "family_size": int(family_size),
+        "test_fraction": float(test_fraction) if family == "split" else None,
+        "split_seed": int(split_seed) if family == "split" else None,
     }
-    return _search(coded, used, errors, skipped, params, progress)
+    result = _search(coded, used, errors, skipped, params, progress)
+    if labels is not None:
+        _correct(result, frame, errors, labels)
+    return result
+
+
+def _split_rows(n_rows: int, test_fraction: float, seed: int) -> np.ndarray:
+    """(n_rows,) bool: the held-out rows, ``round(test_fraction · n_rows)`` of them drawn at random."""
+    n_test = int(round(test_fraction * n_rows))
+    if n_test < 1 or n_test >= n_rows:
+        raise ClipengineError(f"{n_rows} rows cannot be split into a search part and a test part "
+                              f"(test_fraction {test_fraction:g}); use family lattice")
+    test = np.zeros(n_rows, dtype=bool)
+    test[np.random.default_rng(seed).permutation(n_rows)[:n_test]] = True
+    return test
+
+
+def _slice_sums(codes, col_feature, columns, errors, test):
+    """Whole-table ``(size, error_sum, sq, max_error)`` and held-out ``(size, error_sum, sq)`` of each slice."""
+    from clipengine.kernels.sliceline import slice_mask
+
+    k = columns.shape[0]
+    whole = np.zeros((k, 4))
+    held_out = np.zeros((k, 3))
+    for i in range(k):
+        mask = slice_mask(codes, col_feature, columns[i])
+        e = errors[mask]
+        whole[i] = (e.size, e.sum(), np.dot(e, e), e.max() if e.size else 0.0)
+        if test is not None:
+            e = errors[mask & test]
+            held_out[i] = (e.size, e.sum(), np.dot(e, e))
+    return whole, held_out
+
+
+def _lattice_p_values(codes, col_feature, allowed, errors, out, params, binary, total, total_sq):
+    """p-values of the evaluated members of the lattice family: every allowed level-1 column with
+    ≥ min_sup rows and every evaluated candidate of level ≥ 2 with ≥ min_sup rows."""
+    from clipengine.slices import stats
+
+    n_rows, n_cols = errors.shape[0], col_feature.shape[0]
+    size, error_sum, sq = np.zeros(n_cols, np.int64), np.zeros(n_cols), np.zeros(n_cols)
+    squared = errors * errors
+    for j in range(codes.shape[1]):  # one feature at a time: no (rows × features) temporary
+        column = codes[:, j]
+        size += np.bincount(column, minlength=n_cols)
+        error_sum += np.bincount(column, weights=errors, minlength=n_cols)
+        sq += np.bincount(column, weights=squared, minlength=n_cols)
+    first = allowed & (size >= params["min_sup"])
+    deeper = (out.evaluated_level >= 2) & (out.evaluated_size >= params["min_sup"])
+    return stats.slice_p_values(np.concatenate([size[first], out.evaluated_size[deeper]]),
+                                np.concatenate([error_sum[first], out.evaluated_error[deeper]]),
+                                np.concatenate([sq[first], out.evaluated_sq[deeper]]),
+                                binary=binary, n_rows=n_rows, total_error=total, total_sq=total_sq)
 
 
 def _search(coded: list[CodedFeature], used: list[str], errors: np.ndarray, skipped, params, progress) -> SliceResult:
     from clipengine.envs import num_threads
+    from clipengine.kernels.lattice import count_lattice
     from clipengine.kernels.sliceline import prepare_codes, slice_line
     from clipengine.progress import progress_bar
     from clipengine.slices import stats
@@ -302,7 +479,15 @@ def _search(coded: list[CodedFeature], used: list[str], errors: np.ndarray, skip
     total = float(errors.sum())
     total_sq = float(np.dot(errors, errors))
     binary = bool(np.all((errors == 0) | (errors == 1)))
-    if total > 0:
+    split = params["family"] == "split"
+    test = _split_rows(n_rows, params["test_fraction"], params["split_seed"]) if split else None
+    search_codes, search_errors = (codes[~test], errors[~test]) if split else (codes, errors)
+    search_rows = search_errors.shape[0]
+    params["search_min_sup"] = max(1, math.ceil(params["min_sup"] * search_rows / n_rows))
+    # SystemDS's pruning depends on k: compat reproduces its output for the k asked for
+    k_search = params["k"] if params["compat"] == "systemds" else max(params["k"], params["family_size"])
+
+    if search_errors.sum() > 0:
         levels_total = min(params["max_level"] or len(used), len(used))
         bar = progress_bar(levels_total, "slicing: lattice levels", enabled=progress, unit="level")
 
@@ -311,43 +496,74 @@ def _search(coded: list[CodedFeature], used: list[str], errors: np.ndarray, skip
             bar.update(1)
 
         try:
-            out = slice_line(codes, errors, col_feature, k=params["k"], alpha=params["alpha"],
-                             min_sup=params["min_sup"], max_level=params["max_level"],
+            out = slice_line(search_codes, search_errors, col_feature, k=k_search, alpha=params["alpha"],
+                             min_sup=params["search_min_sup"], max_level=params["max_level"],
                              compat=params["compat"] == "systemds", allowed=allowed, threads=num_threads(),
                              on_level=on_level)
         finally:
             bar.close()
-        p_all = stats.slice_p_values(out.evaluated_size, out.evaluated_error, out.evaluated_sq, binary=binary,
-                                     n_rows=n_rows, total_error=total, total_sq=total_sq)
-        q_all = stats.benjamini_hochberg(p_all)
-        top_columns, top_stats, top_sq, top_index = out.top_slices, out.top_stats, out.top_sq, out.top_index
+        found_columns, found_stats = out.top_slices, out.top_stats
         n_evaluated, levels = int(out.evaluated_size.size), list(out.levels)
-    else:  # no error anywhere: nothing to find
-        top_columns = np.zeros((0, max(1, params["max_level"])), np.int32)
-        top_stats, top_sq, top_index = np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64)
-        p_all = q_all = np.zeros(0)
+    else:  # no error among the searched rows: nothing to find
+        out = None
+        found_columns = np.zeros((0, max(1, params["max_level"] or len(used))), np.int32)
+        found_stats = np.zeros((0, 4))
         n_evaluated, levels = 0, []
-    size = top_stats[:, 3].astype(np.int64)
-    error_sum = top_stats[:, 1]
-    low, high = stats.slice_intervals(size, error_sum, top_sq, binary=binary)
-    q = q_all[top_index]
+
+    whole, held_out = _slice_sums(codes, col_feature, found_columns, errors, test)
+    if split:
+        test_total = float(errors[test].sum())
+        p = stats.slice_p_values(held_out[:, 0], held_out[:, 1], held_out[:, 2], binary=binary,
+                                 n_rows=int(test.sum()), total_error=test_total,
+                                 total_sq=float(np.dot(errors[test], errors[test])))
+        q = stats.benjamini_hochberg(p)
+        confidence = stats.DEFAULT_CONFIDENCE
+        estimate = held_out
+        family = {"design": "split", "size": int(found_columns.shape[0]), "search_rows": int(search_rows),
+                  "test_rows": int(test.sum()), "search_min_sup": params["search_min_sup"]}
+    else:
+        feature_major = np.ascontiguousarray(local.T, dtype=np.int16 if domains.max() < 2**15 else np.int32)
+        lattice = count_lattice(feature_major, domains, min_sup=params["min_sup"], max_level=params["max_level"],
+                                allowed=allowed)
+        del feature_major
+        family_p = (_lattice_p_values(codes, col_feature, allowed, errors, out, params, binary, total, total_sq)
+                    if out is not None else np.zeros(0))
+        family_size = max(int(lattice.sum()), family_p.size)
+        p = stats.slice_p_values(whole[:, 0], whole[:, 1], whole[:, 2], binary=binary, n_rows=n_rows,
+                                 total_error=total, total_sq=total_sq)
+        q = stats.family_q_values(family_p, p, family_size)
+        confidence = stats.fcr_confidence(stats.DEFAULT_CONFIDENCE, min(params["k"], found_columns.shape[0]),
+                                          family_size)
+        estimate = whole[:, :3]
+        family = {"design": "lattice", "size": family_size, "per_level": [int(c) for c in lattice],
+                  "evaluated": int(family_p.size)}
+
+    shown = slice(0, min(params["k"], found_columns.shape[0]))
+    top_columns = found_columns[shown]
+    size = whole[shown, 0].astype(np.int64)
+    test_size = estimate[shown, 0].astype(np.int64)
+    test_error_sum = estimate[shown, 1]
+    low, high = stats.slice_intervals(test_size, test_error_sum, estimate[shown, 2], binary=binary,
+                                      confidence=confidence)
     predicates, bounds = [], []
     for columns in top_columns:
         predicates.append({used[col_feature[c]]: labels[c] for c in columns if c >= 0})
         bounds.append({used[col_feature[c]]: column_bounds[c] for c in columns if c >= 0 and column_bounds[c]})
     with np.errstate(invalid="ignore", divide="ignore"):
-        means = error_sum / size
-    return SliceResult(
+        means = test_error_sum / test_size
+        search_means = found_stats[shown, 1] / found_stats[shown, 3]
+    q = q[shown]
+    result = SliceResult(
         predicates=predicates,
         bounds=bounds,
-        score=top_stats[:, 0],
+        score=found_stats[shown, 0],
         size=size,
-        error_sum=error_sum,
+        error_sum=whole[shown, 1],
         error_mean_=means,
-        max_error=top_stats[:, 2],
+        max_error=whole[shown, 3],
         ci_low=low,
         ci_high=high,
-        p_value=p_all[top_index],
+        p_value=p[shown],
         q_value=q,
         significant=q <= params["max_q"],
         n_rows=n_rows,
@@ -360,14 +576,54 @@ def _search(coded: list[CodedFeature], used: list[str], errors: np.ndarray, skip
         binned={name: {"edges": c.edges, "labels": c.bin_labels} for name, c in zip(used, coded)
                 if c.edges is not None},
         levels=levels,
+        family=family,
+        confidence=float(confidence),
+        test_size=test_size,
+        test_error_sum=test_error_sum,
+        search_error_mean=search_means,
         _codes=codes,
         _col_feature=col_feature,
         _columns=top_columns,
+        _test_rows=test,
     )
+    return result
+
+
+def _correct(result: SliceResult, frame: pl.DataFrame, errors: np.ndarray, sample: LabelledSample) -> None:
+    """Fill ``result``'s true-group columns from the labelled ``sample`` (:mod:`clipengine.slices.corrected`)."""
+    from clipengine.slices.corrected import error_strata, estimate_group, sample_frame, true_membership
+
+    labelled_features = set(sample.truth) & set(result.features)
+    strata, n_strata = error_strata(errors, result.binary_errors)
+    truth_rows = sample_frame(frame, sample)
+    weights = 1.0 / sample.inclusion
+    for i, predicates in enumerate(result.predicates):
+        if not any(f in labelled_features for f in predicates):
+            # no predicate on a labelled feature: the true group is the slice itself
+            result.true_error_mean[i], result.true_ci_low[i], result.true_ci_high[i] = (
+                result.error_mean_[i], result.ci_low[i], result.ci_high[i])
+            result.true_size[i] = result.size[i]
+            result.true_note[i] = "exact: no predicate on a labelled feature"
+            continue
+        usable, member = true_membership(truth_rows, predicates, result.bounds[i], labelled_features)
+        got = estimate_group(result.row_mask(i), errors, strata, n_strata, result._test_rows, sample.rows[usable],
+                             member[usable], weights[usable], binary=result.binary_errors,
+                             confidence=result.confidence)
+        result.true_error_mean[i], result.true_ci_low[i], result.true_ci_high[i] = (
+            got.error_mean, got.ci_low, got.ci_high)
+        result.true_size[i] = got.size
+        result.true_note[i] = got.reason
+    result.labels = {
+        "source": sample.source,
+        "labelled_items": int(sample.rows.size),
+        "features": sorted(labelled_features),
+        "not_features": sorted(set(sample.truth) - labelled_features),
+        "estimated_on": "held-out rows" if result._test_rows is not None else "every row",
+    }
 
 
 def find_slices_with_config(frame: pl.DataFrame, *, error: str, config: SliceConfig,
-                            features: Sequence[str] | None = None) -> SliceResult:
+                            features: Sequence[str] | None = None, labels: LabelledSample | None = None) -> SliceResult:
     """:func:`find_slices` with settings from a :class:`SliceConfig`."""
     return find_slices(
         frame,
@@ -383,6 +639,11 @@ def find_slices_with_config(frame: pl.DataFrame, *, error: str, config: SliceCon
         binning=config.binning,
         drop_nulls=config.drop_nulls,
         max_levels=config.max_levels,
+        family=config.family,
+        family_size=config.family_size,
+        test_fraction=config.test_fraction,
+        split_seed=config.split_seed,
+        labels=labels,
         progress=config.progress,
     )
 
@@ -394,14 +655,58 @@ def write_slices(result: SliceResult, out_dir: str | Path) -> tuple[Path, Path]:
     return write(out_dir, result.to_polars(), result.summary(), result.to_records())
 
 
-def slice_run(run_dir: str | Path, config: SliceConfig, features: Sequence[str]) -> SliceResult:
+def slice_run(run_dir: str | Path, config: SliceConfig, features: Sequence[str],
+              labels: str | Path | None = None) -> SliceResult:
     """The slices stage of a run: metadata ⋈ errors (:func:`clipengine.artifacts.read_joined`) →
-    :func:`find_slices` on ``features`` → ``slices.parquet``/``slices.json`` in ``run_dir``."""
+    :func:`find_slices` on ``features`` (corrected by the labels file ``labels``, if given) →
+    ``slices.parquet``/``slices.json`` in ``run_dir``."""
     from clipengine.artifacts import ERROR_COLUMN, read_joined
 
     frame, _, _ = read_joined(run_dir)
     if frame.height == 0:
         raise ClipengineError(f"{run_dir}: no encoded item has an error row (check the dataset's ids)")
-    result = find_slices_with_config(frame, error=ERROR_COLUMN, config=config, features=features)
+    frame = model_labels(run_dir, frame)
+    sample = read_run_labels(run_dir, frame, labels) if labels is not None else None
+    result = find_slices_with_config(frame, error=ERROR_COLUMN, config=config, features=features, labels=sample)
     write_slices(result, run_dir)
     return result
+
+
+def model_labels(run_dir: str | Path, frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` (:func:`clipengine.artifacts.read_joined`) with the model's own label at every item a
+    person labelled. An annotate stage given a labels file keeps the person's label in
+    ``metadata.parquet`` (``<attr>_source`` = human); slices are defined on what the model predicts,
+    and the prediction-powered correction needs the model's prediction on the labelled items too: the
+    out-of-fold label recorded for each of them (never fitted on its own label)."""
+    from clipengine import artifacts
+
+    metadata_path = Path(run_dir) / artifacts.METADATA
+    _, _, checks = artifacts.read_adaptation(metadata_path)
+    if not checks:
+        return frame
+    metadata_keys = artifacts.item_keys(artifacts.key_columns(artifacts.read_parquet_file(metadata_path)))
+    position = {key: i for i, key in enumerate(artifacts.item_keys(artifacts.key_columns(frame)))}
+    columns = {}
+    for attribute, check in checks.items():
+        if attribute not in frame.columns:
+            continue
+        values = frame.get_column(attribute).to_list()
+        for row, served in zip(check["rows"], check["served"]):
+            at = position.get(metadata_keys[int(row)])
+            if at is not None:
+                values[at] = served
+        columns[attribute] = pl.Series(attribute, values, dtype=frame.schema[attribute])
+    return frame.with_columns(list(columns.values())) if columns else frame
+
+
+def read_run_labels(run_dir: str | Path, frame: pl.DataFrame, labels: str | Path) -> LabelledSample:
+    """The labels file ``labels`` as a sample of a run's joined table ``frame``, its classes checked
+    against the schema the run's metadata was made with."""
+    import json
+
+    from clipengine.artifacts import META_SCHEMA_CONTENT, METADATA, read_parquet_metadata
+    from clipengine.slices.corrected import read_sample, schema_classes
+
+    record = read_parquet_metadata(Path(run_dir) / METADATA)
+    classes = schema_classes(json.loads(record[META_SCHEMA_CONTENT])) if META_SCHEMA_CONTENT in record else None
+    return read_sample(labels, frame, classes)

@@ -101,3 +101,58 @@ def slice_intervals(size, error_sum, error_sq, *, binary: bool, confidence: floa
     if binary:
         return wilson_interval(error_sum, size, confidence)
     return mean_t_interval(error_sum, error_sq, size, confidence)
+
+
+# ---- the multiple-testing family and selection-adjusted intervals -----------------------------------
+
+
+def normal_quantile(confidence: float) -> float:
+    """The two-sided normal critical value of ``confidence`` (1.96 for 0.95)."""
+    from scipy.special import ndtri
+
+    return float(ndtri(0.5 + confidence / 2))
+
+
+def wilson_interval_effective(mean: float, variance: float, confidence: float = DEFAULT_CONFIDENCE, *,
+                              inward: float = 0.0) -> tuple[float, float]:
+    """Wilson score interval of a proportion estimated as ``mean`` with ``variance`` from a complex
+    sample: the Wilson interval at the effective sample size ``p̃·(1 − p̃)/variance`` (Kish), ``p̃`` being
+    ``mean`` moved at least ``inward`` away from 0 and 1 (so that an estimate of exactly 0 or 1 keeps
+    a finite size). ``(low, high)``; NaN when the mean or variance is not finite."""
+    if not (np.isfinite(mean) and np.isfinite(variance)):
+        return float("nan"), float("nan")
+    p = min(max(float(mean), 0.0), 1.0)
+    if variance <= 0:
+        return p, p
+    z = normal_quantile(confidence)
+    tilted = min(max(p, inward), 1.0 - inward)
+    n = max(tilted * (1 - tilted), 1e-12) / variance
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return float(max(center - half, 0.0)), float(min(center + half, 1.0))
+
+
+def family_q_values(family_p: np.ndarray, query_p: np.ndarray, family_size: int) -> np.ndarray:
+    """Benjamini–Hochberg q-values of ``query_p`` (each one of ``family_p``) in a family of
+    ``family_size`` ≥ len(family_p) hypotheses whose other members have p = 1 (not evaluated):
+    ``q(p) = min over family p-values t ≥ p of t·family_size / #{family p ≤ t}``, capped at 1."""
+    p = np.sort(np.asarray(family_p, dtype=np.float64))
+    query = np.asarray(query_p, dtype=np.float64)
+    size = max(int(family_size), p.size)
+    if p.size == 0:
+        return np.ones(query.shape)
+    ranked = p * size / np.arange(1, p.size + 1)
+    suffix_min = np.minimum.accumulate(ranked[::-1])[::-1]
+    position = np.searchsorted(p, query, side="right") - 1
+    q = np.where(position >= 0, suffix_min[np.clip(position, 0, None)], 1.0)
+    return np.minimum(q, 1.0)
+
+
+def fcr_confidence(confidence: float, selected: int, family_size: int) -> float:
+    """The marginal confidence that gives selected intervals a false coverage rate ≤ 1 − ``confidence``
+    when ``selected`` parameters are picked out of ``family_size`` by any rule (Benjamini & Yekutieli,
+    JASA 2005): ``1 − selected·(1 − confidence)/family_size``."""
+    if family_size <= 0 or selected <= 0:
+        return confidence
+    return 1.0 - min(selected, family_size) * (1.0 - confidence) / family_size

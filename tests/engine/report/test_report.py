@@ -303,6 +303,26 @@ def test_nothing_significant_is_said_plainly(run_dir, tmp_path):
     assert "No significant weak slice was found." in html and 'class="slice-row"' not in html
 
 
+def test_slices_corrected_by_labels_show_the_true_group_and_not_confirmed(run_dir, tmp_path):
+    from clipengine.report import write_report
+    from clipengine.slices.corrected import LabelledSample
+    from clipengine.slices.find import find_slices, write_slices
+
+    copy = _copy_run(run_dir, tmp_path)
+    frame = pl.read_parquet(copy / "metadata.parquet").join(pl.read_parquet(copy / "errors.parquet"),
+                                                           on=["path", "box"], maintain_order="left")
+    rows = np.arange(0, frame.height, 2)
+    sample = LabelledSample(rows=rows, truth={"color": frame["color"].to_numpy()[rows].astype(object)},
+                            inclusion=np.full(rows.size, 0.5))
+    result = find_slices(frame, error="error", features=FEATURES, k=6, max_level=2, bins=4, max_q=1.0, labels=sample)
+    write_slices(result, copy)
+    html = write_report(copy).read_text(encoding="utf-8")
+    assert html.count('<td class="n true-group"') == len(result)
+    assert html.count("not-confirmed") == sum(c is False for c in result.confirmed) > 0
+    assert f"True-group error rates from {rows.size} labelled items" in html
+    assert "held-out items" in html
+
+
 def test_not_a_run_dir_is_a_one_line_error(tmp_path):
     from clipengine.errors import ClipengineError
     from clipengine.report import write_report

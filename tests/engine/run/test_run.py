@@ -384,3 +384,33 @@ def test_quiet_and_log_json_do_not_change_fingerprints(reference, tiny_clip, tin
     config = make_config(result.run_dir.parent, tiny_clip, data=data)
     again = run_job(replace(config, quiet=False, log_json=True, slices=replace(config.slices)), encoder=tiny_encoder)
     assert again.ran == []
+
+
+def test_labels_correct_the_slices_and_a_relabelled_item_reruns_them(reference, tmp_path, tiny_clip, tiny_encoder):
+    import shutil
+
+    done, _, data = reference
+    shutil.copytree(done.run_dir, tmp_path / "run")  # encoded and annotated already
+    config = make_config(tmp_path, tiny_clip, data=data, report=False,
+                         slices=SliceConfig(min_sup=2, max_q=1.0, family="lattice"))
+    first = run_job(config, encoder=tiny_encoder)
+    assert "encode" in first.reused and "annotate" in first.reused
+    paths = pl.read_parquet(first.run_dir / "metadata.parquet")["path"].to_list()
+    labels = tmp_path / "labels.csv"
+    rows = [f"{p},{'urban' if 'city' in p else 'rural'}" for p in paths[::2]]
+    labels.write_text("path,true_scene\n" + "\n".join(rows) + "\n")
+    labelled = replace(config, annotate=replace(config.annotate, labels=labels, adapt="none"))
+    corrected = run_job(labelled, encoder=tiny_encoder)
+    # the labels file feeds the annotate stage (labelled items keep their labels), eval and the slices
+    assert corrected.ran == ["annotate", "eval", "slices", "summary"]
+    assert corrected.manifest["config"]["annotate"]["labels"] == str(labels)
+    document = json.loads((corrected.run_dir / "slices.json").read_text())
+    assert document["labels"]["labelled_items"] == len(rows) and document["labels"]["features"] == ["scene"]
+    assert all("true_error_mean" in r and "confirmed" in r for r in document["slices"])
+    summary = (corrected.run_dir / "summary.md").read_text()
+    assert "true group: error rate" in summary and f"from {len(rows)} labelled items" in summary
+    assert run_job(labelled, encoder=tiny_encoder).ran == []
+    path, scene = rows[-1].rsplit(",", 1)
+    flipped = f"{path},{'rural' if scene == 'urban' else 'urban'}"  # one item relabelled
+    labels.write_text("path,true_scene\n" + "\n".join(rows[:-1] + [flipped]) + "\n")
+    assert run_job(labelled, encoder=tiny_encoder).ran == ["annotate", "eval", "slices", "summary"]

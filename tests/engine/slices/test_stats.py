@@ -68,3 +68,35 @@ def test_hypergeometric_p_on_large_populations_matches_scipy():
         ref = sps.hypergeom.sf(successes - 1, population, total, draws)
         got = stats.hypergeometric_p(successes, draws, total, population)
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-12)
+
+
+def test_family_q_values_are_bh_with_the_unevaluated_members_at_p_one():
+    rng = np.random.default_rng(3)
+    evaluated = np.concatenate([rng.random(60), rng.random(8) * 1e-4, [0.02, 0.02]])
+    family = 500
+    padded = np.concatenate([evaluated, np.ones(family - evaluated.size)])
+    expected = sps.false_discovery_control(padded)[: evaluated.size]
+    np.testing.assert_allclose(stats.family_q_values(evaluated, evaluated, family), expected, rtol=1e-12)
+    some = evaluated[[3, 61, 68]]
+    np.testing.assert_allclose(stats.family_q_values(evaluated, some, family), expected[[3, 61, 68]], rtol=1e-12)
+    # a family no larger than what was evaluated is plain BH
+    np.testing.assert_allclose(stats.family_q_values(evaluated, evaluated, 1), stats.benjamini_hochberg(evaluated))
+
+
+def test_wilson_interval_at_the_effective_size_is_wilsons_for_a_simple_sample():
+    for successes, n in [(3, 10), (57, 400), (0, 25), (25, 25)]:
+        p = successes / n
+        ref = sps.binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+        if 0 < p < 1:
+            low, high = stats.wilson_interval_effective(p, p * (1 - p) / n)
+            assert (low, high) == pytest.approx((ref.low, ref.high), abs=1e-12)
+        else:  # the size comes from p moved half an observation inwards
+            tilted = 0.5 / n
+            low, high = stats.wilson_interval_effective(p, tilted * (1 - tilted) / n, inward=tilted)
+            assert (low, high) == pytest.approx((ref.low, ref.high), abs=1e-12)
+
+
+def test_fcr_confidence():
+    assert stats.fcr_confidence(0.95, 10, 1000) == pytest.approx(1 - 10 * 0.05 / 1000)
+    assert stats.fcr_confidence(0.95, 0, 1000) == 0.95
+    assert stats.fcr_confidence(0.95, 20, 10) == pytest.approx(0.95)
