@@ -103,7 +103,8 @@ class SliceConfig:
     """Settings of SliceLine. ``min_sup`` is a row count (int ≥ 1) or a fraction of rows (0 < f < 1);
     None means ⌈n/100⌉. ``bins``: bins per numeric column (``binning`` "quantile" or "width");
     ``compat="systemds"`` reproduces SystemDS's output; ``max_q``: BH q-value for ``significant``;
-    ``max_levels``: features with more levels are skipped; ``drop_nulls``: nulls form no slice."""
+    ``max_levels``: features with more levels are skipped; ``drop_nulls``: nulls form no slice;
+    ``max_memory``: bytes the search may use (None: 80 % of the memory available when it starts)."""
 
     k: int = DEFAULT_K
     alpha: float = DEFAULT_ALPHA
@@ -116,6 +117,7 @@ class SliceConfig:
     drop_nulls: bool = False
     max_levels: int = DEFAULT_MAX_LEVELS
     progress: bool = True
+    max_memory: int | None = None
 
 
 # ---- run ------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class SliceResult:
     features: list[str]
     params: dict[str, Any]
     levels: list[tuple[int, int, int]] = field(default_factory=list)
-    _codes: np.ndarray | None = field(default=None, repr=False)
+    _codes: np.ndarray | None = field(default=None, repr=False)  # (f, m) level codes, feature-major
     _col_feature: np.ndarray | None = field(default=None, repr=False)
     _columns: np.ndarray | None = field(default=None, repr=False)
 
@@ -77,11 +77,12 @@ class SliceResult:
 
     def row_mask(self, i: int) -> np.ndarray:
         """``(n_rows,)`` bool: the rows of slice ``i`` in the input frame's order."""
-        from clipengine.kernels.sliceline import slice_mask
+        from clipengine.kernels.sliceline import slice_mask_local
 
         if not 0 <= i < len(self):
             raise IndexError(f"slice {i} out of range (0..{len(self) - 1})")
-        return slice_mask(self._codes, self._col_feature, self._columns[i])
+        offsets = np.concatenate(([0], np.cumsum(np.bincount(self._col_feature))))
+        return slice_mask_local(self._codes, offsets, self._columns[i])
 
     def describe(self, i: int) -> str:
         """``"gender = female AND age = child"``."""
@@ -163,7 +164,7 @@ def _fmt_edge(x: float) -> str:
 
 @dataclass
 class _Coded:
-    codes: np.ndarray  # (m,) int64, 0..len(labels)-1
+    codes: np.ndarray  # (m,) integer, 0..len(labels)-1
     labels: list[Any]  # value of each level; None = null level
 
 
@@ -268,7 +269,8 @@ def _code_features(frame: pl.DataFrame, features, bins, binning: str, max_levels
             skipped[name] = f"{n_levels} levels > max_levels {max_levels}"
         else:
             used.append(name)
-            coded.append(result)
+            # one byte per row and feature (two past 256 levels): tables of millions of rows stay small
+            coded.append(_Coded(result.codes.astype(np.uint8 if n_levels <= 256 else np.uint16), result.labels))
     return used, coded, skipped
 
 
@@ -284,7 +286,7 @@ def code_features(
     levels sorted, null last), the used feature names, each one's level values, and the skipped
     features with reasons."""
     used, coded, skipped = _code_features(frame, list(features), bins, binning, max_levels)
-    codes = np.column_stack([c.codes for c in coded]) if coded else np.zeros((frame.height, 0), np.int64)
+    codes = np.column_stack([c.codes.astype(np.int64) for c in coded]) if coded else np.zeros((frame.height, 0), np.int64)
     return codes, used, [c.labels for c in coded], skipped
 
 
@@ -365,6 +367,7 @@ def find_slices(
     drop_nulls: bool = False,
     max_levels: int = DEFAULT_MAX_LEVELS,
     progress: bool = False,
+    max_memory: int | None = None,
 ) -> SliceResult:
     """Top-K weak slices of ``frame`` by SliceLine score, with statistics.
 
@@ -376,7 +379,9 @@ def find_slices(
     Features with one value or more than ``max_levels`` levels are skipped and reported.
     ``compat="systemds"`` reproduces SystemDS's sliceLine output exactly. ``max_q``: slices
     with Benjamini–Hochberg q ≤ max_q are flagged ``significant`` (None = 1). ``progress``: a bar
-    over lattice levels on stderr.
+    over lattice levels on stderr. ``max_memory``: bytes the search may use (None: 80 % of the
+    memory available now); a lattice level that would need more is refused before it is allocated,
+    naming the ``min_sup``/``max_level`` that would fit.
 
     >>> import polars as pl
     >>> frame = pl.DataFrame({"color": ["red", "blue"] * 50, "error": [1, 0] * 50})
@@ -430,19 +435,63 @@ def find_slices(
         "compat": compat,
         "max_q": float(max_q) if max_q is not None else 1.0,
     }
-    return _search(coded, used, errors, skipped, params, progress)
+    if max_memory is not None and max_memory < 1:
+        raise ClipengineError(f"max_memory must be a positive number of bytes, not {max_memory!r}")
+    return _search(coded, used, errors, skipped, params, progress, max_memory)
 
 
-def _search(coded: list[_Coded], used: list[str], errors: np.ndarray, skipped, params, progress) -> SliceResult:
+# per evaluated candidate after the search: its p-value and one sorted copy for the q-values
+STATS_BYTES_PER_EVALUATED = 16
+P_VALUE_CHUNK = 1 << 20
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation now (Linux ``MemAvailable``), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _memory_refusal(error) -> ClipengineError:
+    """The kernel's refusal in the options a user types."""
+    options = []
+    if "min_sup" in error.fits:
+        options.append(f"--min-sup {error.fits['min_sup']}")
+    if "max_level" in error.fits:
+        options.append(f"--max-level {error.fits['max_level']}")
+    if error.level == 0:
+        most = error.fits.get("features")
+        options.append(f"at most {most} features (--features)" if most else "a sample of the rows")
+        what = "the data alone"
+    else:
+        options.append("fewer features (--features)")
+        what = f"lattice level {error.level} ({error.candidates} candidates)"
+    return ClipengineError(f"slice search needs ≈ {error.needed / 1e9:.2f} GB for {what}, over the "
+                           f"{error.limit / 1e9:.2f} GB memory limit (--max-memory); would fit: {', '.join(options)}")
+
+
+def _search(coded: list[_Coded], used: list[str], errors: np.ndarray, skipped, params, progress,
+            max_memory=None) -> SliceResult:
     from clipengine import stats
     from clipengine.envs import num_threads
-    from clipengine.kernels.sliceline import prepare_codes, slice_line
+    from clipengine.kernels.sliceline import SliceLineMemoryError, local_code_dtype, slice_line_local
     from clipengine.progress import progress_bar
 
     n_rows = errors.shape[0]
     domains = np.array([len(c.labels) for c in coded], dtype=np.int64)
-    local = np.column_stack([c.codes for c in coded])
-    codes, col_feature, offsets = prepare_codes(local, domains)
+    codes = np.empty((len(coded), n_rows), local_code_dtype(domains))  # (f, m) feature-major
+    for j, c in enumerate(coded):
+        codes[j] = c.codes
+        c.codes = codes[j]  # one copy of the codes, not two
+    col_feature = np.repeat(np.arange(len(coded), dtype=np.int32), domains)
+    if max_memory is None:
+        available = available_memory()
+        max_memory = int(0.8 * available) if available else None
     labels = [label for c in coded for label in c.labels]
     allowed = np.array([not (params["drop_nulls"] and label is None) for label in labels], dtype=bool)
     total = float(errors.sum())
@@ -457,26 +506,33 @@ def _search(coded: list[_Coded], used: list[str], errors: np.ndarray, skipped, p
             bar.update(1)
 
         try:
-            out = slice_line(codes, errors, col_feature, k=params["k"], alpha=params["alpha"],
-                             min_sup=params["min_sup"], max_level=params["max_level"],
-                             compat=params["compat"] == "systemds", allowed=allowed, threads=num_threads(),
-                             on_level=on_level)
+            out = slice_line_local(codes, domains, errors, k=params["k"], alpha=params["alpha"],
+                                   min_sup=params["min_sup"], max_level=params["max_level"],
+                                   compat=params["compat"] == "systemds", allowed=allowed, threads=num_threads(),
+                                   on_level=on_level, memory_limit=max_memory,
+                                   extra_per_evaluated=STATS_BYTES_PER_EVALUATED)
+        except SliceLineMemoryError as error:
+            raise _memory_refusal(error) from None
         finally:
             bar.close()
-        p_all = stats.slice_p_values(out.evaluated_size, out.evaluated_error, out.evaluated_sq, binary=binary,
-                                     n_rows=n_rows, total_error=total, total_sq=total_sq)
-        q_all = stats.benjamini_hochberg(p_all)
+        n_all = out.evaluated_size.size
+        p_all = np.empty(n_all)
+        for start in range(0, n_all, P_VALUE_CHUNK):  # chunks: the temporaries stay small
+            part = slice(start, min(n_all, start + P_VALUE_CHUNK))
+            p_all[part] = stats.slice_p_values(out.evaluated_size[part], out.evaluated_error[part],
+                                               out.evaluated_sq[part], binary=binary, n_rows=n_rows,
+                                               total_error=total, total_sq=total_sq)
         top_columns, top_stats, top_sq, top_index = out.top_slices, out.top_stats, out.top_sq, out.top_index
+        q = stats.benjamini_hochberg_at(p_all, top_index)
         n_evaluated, levels = int(out.evaluated_size.size), list(out.levels)
     else:  # no error anywhere: nothing to find
         top_columns = np.zeros((0, max(1, params["max_level"])), np.int32)
         top_stats, top_sq, top_index = np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64)
-        p_all = q_all = np.zeros(0)
+        p_all = q = np.zeros(0)
         n_evaluated, levels = 0, []
     size = top_stats[:, 3].astype(np.int64)
     error_sum = top_stats[:, 1]
     low, high = stats.slice_intervals(size, error_sum, top_sq, binary=binary)
-    q = q_all[top_index]
     predicates = []
     for columns in top_columns:
         predicates.append({used[col_feature[c]]: labels[c] for c in columns if c >= 0})
@@ -526,6 +582,7 @@ def find_slices_with_config(frame: pl.DataFrame, *, error: str, config: SliceCon
         drop_nulls=config.drop_nulls,
         max_levels=config.max_levels,
         progress=config.progress,
+        max_memory=config.max_memory,
     )
 
 

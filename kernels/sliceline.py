@@ -974,12 +974,13 @@ def _slice_line(local_t, domains, errors, m, nf, k, alpha, min_sup, max_level, c
         n_cand = int(offsets[-1])
         block_ends = _block_ends(offsets, BLOCK_CANDIDATES)
         largest_block = int(np.max(np.diff(offsets[block_ends]))) if n_cand else 0
+        last = level >= max_level or level >= nf  # the last level's valid slices are parents of nothing
         if memory_limit is not None:
             needed = memory_estimate(m, nf, n_cols, level=level, block=largest_block,
-                                     parents=max(n, n_cand), evaluated=record.n + n_cand, **budget)
+                                     parents=n if last else max(n, n_cand), evaluated=record.n + n_cand, **budget)
             if needed > memory_limit:
-                _refuse_level(needed, memory_limit, level, n_cand, record.n, S, s_ss, s_se, s_sm, col_feature,
-                              alpha, eavg, n_bound, threshold, tol, min_sup, m, nf, n_cols, budget)
+                _refuse_level(needed, memory_limit, level, n_cand, record.n, last, S, s_ss, min_sup, m, nf, n_cols,
+                              budget)
         record.reserve(n_cand)
         store_pairs = keep_pairs and level == 2 and max_level >= 3
         if store_pairs:
@@ -1022,7 +1023,8 @@ def _slice_line(local_t, domains, errors, m, nf, k, alpha, min_sup, max_level, c
             top = _update_top_k(top, C, stats, c_sq, index, k, min_sup)
             valid = (c_ss >= min_sup) & (c_se > 0)
             n_valid += int(valid.sum())
-            next_parts.append((C[valid], c_ss[valid], c_se[valid], c_sm[valid]))
+            if not last:
+                next_parts.append((C[valid], c_ss[valid], c_se[valid], c_sm[valid]))
             del C, c_ss, c_se, c_sq, c_sm, stats, scores
         if collisions:
             _warn_float_id_collisions(collisions, level)
@@ -1088,24 +1090,13 @@ def _refuse_data(needed, limit, m, nf, n_cols, budget):
     raise SliceLineMemoryError(message, needed=int(needed), limit=int(limit), level=0, candidates=0, fits=fits)
 
 
-def _refuse_level(needed, limit, level, n_cand, n_evaluated, S, s_ss, s_se, s_sm, col_feature, alpha, eavg, n_bound,
-                  threshold, tol, min_sup, m, nf, n_cols, budget):
+def _refuse_level(needed, limit, level, n_cand, n_evaluated, last, S, s_ss, min_sup, m, nf, n_cols, budget):
     fits = {}
     if level > 2 or (level == 2 and n_evaluated):
         fits["max_level"] = level - 1
-    # the smallest larger σ whose level-`level` candidates would fit (parents filtered by size;
-    # pruning thresholds of a different σ differ, so this is an estimate)
-    candidate_sup = min_sup
-    while candidate_sup < m:
-        candidate_sup = min(m, candidate_sup * 2)
-        keep = s_ss >= candidate_sup
-        count = _count_candidates(S[keep], s_ss[keep], s_se[keep], s_sm[keep], col_feature, candidate_sup, alpha,
-                                  eavg, n_bound, threshold, tol)
-        estimate = memory_estimate(m, nf, n_cols, level=level, block=min(count, BLOCK_CANDIDATES),
-                                   parents=max(int(keep.sum()), count), evaluated=n_evaluated + count, **budget)
-        if estimate <= limit:
-            fits["min_sup"] = int(candidate_sup)
-            break
+    sup = _min_sup_that_fits(S, s_ss, limit, level, n_evaluated, last, min_sup, m, nf, n_cols, budget)
+    if sup is not None:
+        fits["min_sup"] = sup
     options = []
     if "min_sup" in fits:
         options.append(f"min_sup ≥ {fits['min_sup']}")
@@ -1118,18 +1109,34 @@ def _refuse_level(needed, limit, level, n_cand, n_evaluated, S, s_ss, s_se, s_sm
                                fits=fits)
 
 
-def _count_candidates(S, s_ss, s_se, s_sm, col_feature, min_sup, alpha, eavg, n_bound, threshold, tol) -> int:
-    n = S.shape[0]
-    if n == 0:
-        return 0
+def _min_sup_that_fits(S, s_ss, limit, level, n_evaluated, last, min_sup, m, nf, n_cols, budget):
+    """The smallest σ above ``min_sup`` for which this level surely fits: its candidates are at most
+    the pairs of parents of size ≥ σ sharing a prefix (an upper bound: no count pass per σ)."""
+    if S.shape[0] == 0:
+        return None
     bounds = _group_bounds(S[:, :-1])
-    group_end = np.repeat(bounds[1:], np.diff(bounds)).astype(np.int64)
-    table = _build_table(S)
-    counts = np.zeros(n, np.int64)
-    offsets = np.zeros(n + 1, np.int64)
-    _generate(S, s_ss, s_se, s_sm, group_end, col_feature, table, min_sup, alpha, eavg, n_bound, threshold, tol,
-              0, n, counts, offsets, np.zeros((0, S.shape[1] + 1), np.int32), False)
-    return int(counts.sum())
+    group = np.repeat(np.arange(bounds.size - 1), np.diff(bounds))
+
+    def fits(sup):
+        keep = s_ss >= sup
+        per_group = np.bincount(group[keep], minlength=bounds.size - 1).astype(np.int64)
+        pairs = int((per_group * (per_group - 1) // 2).sum())
+        kept = int(keep.sum())
+        estimate = memory_estimate(m, nf, n_cols, level=level, block=min(pairs, BLOCK_CANDIDATES),
+                                   parents=kept if last else max(kept, pairs), evaluated=n_evaluated + pairs, **budget)
+        return estimate <= limit
+
+    sizes = np.unique(s_ss[s_ss > min_sup])
+    if sizes.size == 0 or not fits(int(sizes[-1])):
+        return None
+    lo, hi = 0, sizes.size - 1  # fits(sizes[hi]) holds; find the first size that fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(int(sizes[mid])):
+            hi = mid
+        else:
+            lo = mid + 1
+    return int(sizes[lo])
 
 
 def _float_id_collisions(C, col_feature, f_offsets) -> int:

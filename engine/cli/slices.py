@@ -4,6 +4,23 @@ from __future__ import annotations
 
 import click
 
+_SIZE_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def _parse_memory(value: str | None) -> int | None:
+    """``"8G"``, ``"500M"``, ``"2.5G"`` or bytes → bytes."""
+    if value is None:
+        return None
+    text = value.strip().upper().removesuffix("B")
+    unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
+    try:
+        number = float(text[: len(text) - len(unit)])
+    except ValueError:
+        number = -1.0
+    if not number > 0:
+        raise click.BadParameter(f"{value!r} is not a size such as 8G or 500M", param_hint="--max-memory")
+    return int(number * _SIZE_UNITS[unit])
+
 
 def _parse_min_sup(value: str | None):
     if value is None:
@@ -36,14 +53,28 @@ def _parse_min_sup(value: str | None):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=str), default=None,
               help="Also write OUT/slices.parquet and OUT/slices.json.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Memory the search may use, e.g. 8G [80% of the memory available at start]; a lattice level "
+                   "that would need more is refused before it starts, naming the --min-sup / --max-level that fit.")
 def slices(table, error, features, k, alpha, min_sup, max_level, bins, binning, drop_nulls, compat, max_q, as_json,
-           quiet, out_dir):
+           quiet, out_dir, max_memory):
     """Find the top-K weak slices of TABLE (Parquet or CSV) with SliceLine.
 
     A slice is a conjunction such as `gender = female AND age = child`; its score weighs
     how much higher its mean error is than the whole table's against how small it is.
     Every slice comes with an interval, a one-sided p-value against the rest of the data
     and a Benjamini–Hochberg q-value over all candidates the search evaluated.
+
+    Cost: the search goes level by level, one more predicate per level up to
+    --max-level. With f features of d values each, level L can hold up to
+    C(f, L)·d^L candidates; slices smaller than --min-sup are never extended, and
+    --min-sup and --max-level are what keep the lattice small. Time: level 2 counts
+    every pair of a row's f codes once (rows × f²), level 3 does so once more for
+    each one-predicate slice the row is in (rows × f³): each level costs about a
+    factor f more. Memory: two bytes per row and feature for the codes plus about
+    40 bytes per evaluated candidate (kept for the q-values); each level's
+    candidates are counted before it runs, and a level that would exceed
+    --max-memory is refused with the --min-sup / --max-level that would fit.
 
     \b
     Example:
@@ -56,7 +87,8 @@ def slices(table, error, features, k, alpha, min_sup, max_level, bins, binning, 
     from clipengine.slices import find_slices_with_config, read_table, write_slices
 
     config = SliceConfig(k=k, alpha=alpha, min_sup=_parse_min_sup(min_sup), max_level=max_level, bins=bins,
-                         compat=compat, max_q=max_q, binning=binning, drop_nulls=drop_nulls, progress=not quiet)
+                         compat=compat, max_q=max_q, binning=binning, drop_nulls=drop_nulls, progress=not quiet,
+                         max_memory=_parse_memory(max_memory))
     frame = read_table(table)
     names = [f.strip() for f in features.split(",") if f.strip()] if features else None
     result = find_slices_with_config(frame, error=error, config=config, features=names)
