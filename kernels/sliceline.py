@@ -37,7 +37,7 @@ Memory is bounded by design: candidates are generated and evaluated in blocks of
 that each stays under ``TABLE_BYTES``. The peak is (bytes; see :func:`memory_estimate`)::
 
     2·m·f·b + 9·m                    codes (feature- and row-major) and errors (b = 1 or 2)
-    + T·S·n_cols·c                   per-thread tables (T threads, S ≤ n_cols slot columns, c = 8 or 28)
+    + T·S·n_cols·c                   per-thread tables (T threads, S ≤ n_cols slot columns, c = 16 or 28)
     + 8·n_cols²                      level-2 pair counts kept for level 3 (0/1 errors)
     + B·(4L + 112)                   one block of B ≤ BLOCK_CANDIDATES candidates
     + P·(4L + 104)·2                 the valid slices of a level, kept as the next level's parents
@@ -67,8 +67,9 @@ PAIR_TABLE_BYTES = 512 << 20  # level-2 pair counts kept for level 3's subtracti
 BYTES_PER_EVALUATED = 25  # size int64 + error float64 + squared error float64 + level int8
 BYTES_PER_CANDIDATE = 112  # + 4·level: a block's candidates, statistics, scores, top-K merge
 BYTES_PER_PARENT = 104  # + 4·level: a valid slice kept as a parent (statistics, hash table, groups)
-_BINARY_CELL = 8  # int32 count + int32 error count
+_BINARY_CELL = 16  # int32 count + int32 error count, and their sums over a feature's other values
 _GENERAL_CELL = 28  # int32 count + float64 error, squared error, max error
+_PAIR_CELL = 8  # the level-2 pair table: int32 count + int32 error count
 
 
 class SliceLineOutput(NamedTuple):
@@ -346,59 +347,88 @@ def _generate(S, s_ss, s_se, s_sm, group_end, col_feature, table, min_sup, alpha
 
 
 @njit(cache=True)
-def _plan_tasks(C, col_feature, f_offsets, max_slot_cols, one_feature):
+def _plan_tasks(C, col_feature, f_offsets, max_slot_cols, key_width, by_feature):
     """Split lexicographically sorted candidates ``C (n, L)`` into evaluation tasks.
 
-    A task is a run of candidates sharing their first L-2 columns (the prefix Q) whose column
-    L-2 lies in a run of whole features ("slot" features) with at most ``max_slot_cols``
-    columns (one feature per task with ``one_feature``, or when one feature alone is wider).
-    Returns ``starts (T+1,)`` candidate offsets and the slot column range ``[lo, hi)`` of each.
+    A group is a run of candidates sharing their first ``key_width`` columns (the prefix Q) or,
+    with ``by_feature``, the feature of their first column. A group's column-(L-2) ("slot")
+    features are cut into runs of whole features of at most ``max_slot_cols`` columns (one
+    feature alone may be wider); a task is (group, run). Returns ``start``, ``end`` (candidate
+    range of the group) and ``lo``, ``hi`` (slot column range) per task.
     """
     n, level = C.shape
-    width = level - 2
-    starts = np.empty(n + 1, np.int64)
-    lo = np.empty(n, np.int64)
-    hi = np.empty(n, np.int64)
+    nf = f_offsets.shape[0] - 1
+    present = np.zeros(nf, np.bool_)
+    starts = np.empty(n, np.int64)
+    ends = np.empty(n, np.int64)
+    los = np.empty(n, np.int64)
+    his = np.empty(n, np.int64)
     t = 0
     i = 0
     while i < n:
-        starts[t] = i
-        f_first = col_feature[C[i, level - 2]]
-        f_last = f_first
         j = i + 1
         while j < n:
-            same = True
-            for u in range(width):
-                if C[j, u] != C[i, u]:
-                    same = False
-                    break
+            if by_feature:
+                same = col_feature[C[j, 0]] == col_feature[C[i, 0]]
+            else:
+                same = True
+                for u in range(key_width):
+                    if C[j, u] != C[i, u]:
+                        same = False
+                        break
             if not same:
                 break
-            f = col_feature[C[j, level - 2]]
-            if f != f_last:
-                if one_feature or f_offsets[f + 1] - f_offsets[f_first] > max_slot_cols:
-                    break
-                f_last = f
             j += 1
-        lo[t] = f_offsets[f_first]
-        hi[t] = f_offsets[f_last + 1]
-        t += 1
+        fa = nf
+        fb = -1
+        for u in range(i, j):
+            f = col_feature[C[u, level - 2]]
+            present[f] = True
+            fa = min(fa, f)
+            fb = max(fb, f)
+        f = fa
+        while f <= fb:
+            if not present[f]:
+                f += 1
+                continue
+            run_start = f
+            run_end = f  # last feature of the run
+            g = f + 1
+            while g <= fb and f_offsets[g + 1] - f_offsets[run_start] <= max_slot_cols:
+                if present[g]:
+                    run_end = g
+                g += 1
+            if t == starts.shape[0]:  # more tasks than candidates: grow
+                starts = np.concatenate((starts, np.empty(n, np.int64)))
+                ends = np.concatenate((ends, np.empty(n, np.int64)))
+                los = np.concatenate((los, np.empty(n, np.int64)))
+                his = np.concatenate((his, np.empty(n, np.int64)))
+            starts[t] = i
+            ends[t] = j
+            los[t] = f_offsets[run_start]
+            his[t] = f_offsets[run_end + 1]
+            t += 1
+            f = run_end + 1
+        for f in range(fa, fb + 1):
+            present[f] = False
         i = j
-    starts[t] = n
-    return starts[: t + 1].copy(), lo[:t].copy(), hi[:t].copy()
+    return starts[:t].copy(), ends[:t].copy(), los[:t].copy(), his[:t].copy()
 
 
 @njit(cache=True)
 def _task_features(C, i0, i1, slot_lo, slot_hi, col_feature, nf, flags, features):
     """Flag the features a task reads (bit 1: slot feature, column L-2 in ``[slot_lo, slot_hi)``;
-    bit 2: column feature, column L-1) and list them ascending in ``features``; returns the count."""
+    bit 2: column feature, column L-1 of such a candidate) and list them ascending in ``features``;
+    returns the count."""
     level = C.shape[1]
     f_first = col_feature[slot_lo]
-    for f in range(f_first, nf):
+    for f in range(nf):
         flags[f] = 0
     for i in range(i0, i1):
-        flags[col_feature[C[i, level - 2]]] |= 1
-        flags[col_feature[C[i, level - 1]]] |= 2
+        c = C[i, level - 2]
+        if slot_lo <= c < slot_hi:
+            flags[col_feature[c]] |= 1
+            flags[col_feature[C[i, level - 1]]] |= 2
     n = 0
     for f in range(f_first, nf):
         if flags[f] != 0:
@@ -407,82 +437,75 @@ def _task_features(C, i0, i1, slot_lo, slot_hi, col_feature, nf, flags, features
     return n
 
 
-@njit(cache=True, inline="always")
-def _row_in_prefix(C, i0, width, col_feature, f_offsets, local_rm, r):
-    for u in range(1, width):
-        c = C[i0, u]
-        f = col_feature[c]
-        if f_offsets[f] + local_rm[r, f] != c:
-            return False
-    return True
-
-
 @njit(cache=True)
-def _count_binary(C, i0, i1, slot_lo, slot_hi, local_t, local_rm, f_offsets, col_feature, err, H, HE,
-                  complement, out_ss, out_se, out_sq, out_sm, pair_cnt, pair_err):
-    """One task with 0/1 errors: counts and error counts of candidates ``i0..i1-1`` (exact integers).
+def _fill_binary(prefix, local_t, local_rm, f_offsets, err, H, HE, complement, n_feat, features, flags,
+                 slot_lo, slot_hi, col_feature, T, E):
+    """``T``/``E (slot_hi - slot_lo, n_cols)`` ← size and error count of prefix ∧ slot column ∧ column,
+    for the listed ``features`` (0/1 errors: exact integers). Rows of the prefix (column ids;
+    empty: every row) are found by scanning the first one's feature, then read whole.
 
-    ``H``/``HE``: ``(n_cols,)`` int32 size and error count of Q ∧ column (used with ``complement``:
-    each feature's most frequent value within Q is not counted but derived by subtraction).
-    ``pair_cnt``/``pair_err``: ``(n_cols, n_cols)`` int32 or empty; when given, the task's rows of
-    the pair table are stored there (level 2, for level 3's ``H``).
+    With ``complement``, each feature's most frequent value within the prefix (by ``H``, the
+    prefix's own column sizes; ``HE`` its error counts) is not counted: its entries are derived
+    by subtraction, for the column features (``flags`` bit 2).
     """
     nf, m = local_t.shape
-    n_cols = col_feature.shape[0]
-    level = C.shape[1]
-    width = level - 2
-    n_slots = slot_hi - slot_lo
-    flags = np.zeros(nf, np.int64)
-    features = np.empty(nf, np.int64)
-    n_feat = _task_features(C, i0, i1, slot_lo, slot_hi, col_feature, nf, flags, features)
-    f_stop = col_feature[slot_hi - 1] + 1  # slot features lie in [f_first, f_stop)
-    dominant = np.full(nf, -1, np.int64)
-    is_slot = np.zeros(nf, np.bool_)
-    single_slot = -1  # the task's only slot feature: rows at its skipped value add nothing
-    n_slot_features = 0
-    for t in range(n_feat):
-        f = features[t]
-        is_slot[f] = (flags[f] & 1) != 0 and f < f_stop
-        if is_slot[f]:
-            n_slot_features += 1
-            single_slot = f
-        if complement:
-            best = f_offsets[f]
-            for c in range(f_offsets[f] + 1, f_offsets[f + 1]):
-                if H[c] > H[best]:
-                    best = c
-            dominant[f] = best
-    if n_slot_features != 1 or not complement:
-        single_slot = -1
-    # per listed feature, contiguous: its index, column offset, skipped value, slot flag
-    feature_of = features[:n_feat].copy()
+    width = prefix.shape[0]
+    f_last = col_feature[slot_hi - 1]
+    T[:, :] = 0
+    E[:, :] = 0
+    feature_of = np.empty(n_feat, np.int64)
     feature_offset = np.empty(n_feat, np.int64)
     feature_dominant = np.empty(n_feat, np.int64)
     feature_slot = np.empty(n_feat, np.int64)
+    n_slot_features = 0
+    single_slot = -1  # the only slot feature: rows at its skipped value add nothing
     for t in range(n_feat):
-        f = feature_of[t]
+        f = features[t]
+        feature_of[t] = f
         feature_offset[t] = f_offsets[f]
-        feature_dominant[t] = dominant[f]
-        feature_slot[t] = 1 if is_slot[f] else 0
-    T = np.zeros((n_slots, n_cols), np.int32)
-    E = np.zeros((n_slots, n_cols), np.int32)
-    entries = np.empty(nf, np.uint32)  # unsigned: no negative-index wraparound in the inner loop
-    entry_slot = np.empty(nf, np.int64)
+        dominant = -1
+        if complement:
+            dominant = f_offsets[f]
+            for c in range(f_offsets[f] + 1, f_offsets[f + 1]):
+                if H[c] > H[dominant]:
+                    dominant = c
+        feature_dominant[t] = dominant
+        slot = (flags[f] & 1) != 0 and f <= f_last
+        feature_slot[t] = 1 if slot else 0
+        if slot:
+            n_slot_features += 1
+            single_slot = t
+    if n_slot_features != 1 or not complement:
+        single_slot = -1
+    entries = np.empty(n_feat, np.uint32)  # unsigned: no negative-index wraparound in the inner loop
+    entry_slot = np.empty(n_feat, np.int64)
     if width > 0:
-        q0 = C[i0, 0]
-        f0 = col_feature[q0]
-        x0 = q0 - f_offsets[f0]
+        f0 = col_feature[prefix[0]]
+        x0 = prefix[0] - f_offsets[f0]
         scan = local_t[f0]
     else:
         x0 = 0
         scan = local_t[0]
+    if single_slot >= 0:
+        slot_column = local_t[feature_of[single_slot]]
+        slot_skip = feature_dominant[single_slot] - feature_offset[single_slot]
+    else:
+        slot_column = local_t[0]
+        slot_skip = -1
     for r in range(m):
         if width > 0:
             if scan[r] != x0:
                 continue
-            if width > 1 and not _row_in_prefix(C, i0, width, col_feature, f_offsets, local_rm, r):
+            inside = True
+            for u in range(1, width):
+                c = prefix[u]
+                f = col_feature[c]
+                if f_offsets[f] + local_rm[r, f] != c:
+                    inside = False
+                    break
+            if not inside:
                 continue
-        if single_slot >= 0 and f_offsets[single_slot] + local_t[single_slot, r] == dominant[single_slot]:
+        if slot_column[r] == slot_skip:
             continue
         row = local_rm[r]
         k = 0
@@ -510,66 +533,77 @@ def _count_binary(C, i0, i1, slot_lo, slot_hi, local_t, local_rm, f_offsets, col
                     s = entries[j1] - slot_lo
                     for j2 in range(j1 + 1, k):
                         T[s, entries[j2]] += 1
-    if complement:
-        # a non-skipped slot value c: its entry at a feature's skipped value = |Q ∧ c| − the rest
-        for f1 in range(col_feature[slot_lo], f_stop):
-            if not is_slot[f1]:
+    if not complement:
+        return
+    for t1 in range(n_feat):
+        if feature_slot[t1] == 0:
+            continue
+        f1 = feature_of[t1]
+        d1 = feature_dominant[t1]
+        # a counted slot value c: its entry at a feature's skipped value = |prefix ∧ c| − the others
+        for c in range(f_offsets[f1], f_offsets[f1 + 1]):
+            if c == d1:
                 continue
-            for c in range(f_offsets[f1], f_offsets[f1 + 1]):
-                if c == dominant[f1]:
+            s = c - slot_lo
+            for t2 in range(t1 + 1, n_feat):
+                f2 = feature_of[t2]
+                if (flags[f2] & 2) == 0:
                     continue
-                for t in range(n_feat):
-                    f2 = features[t]
-                    if f2 <= f1 or (flags[f2] & 2) == 0:
-                        continue
-                    d2 = dominant[f2]
-                    rest = 0
-                    rest_err = 0
-                    for x in range(f_offsets[f2], f_offsets[f2 + 1]):
-                        if x != d2:
-                            rest += T[c - slot_lo, x]
-                            rest_err += E[c - slot_lo, x]
-                    T[c - slot_lo, d2] = H[c] - rest
-                    E[c - slot_lo, d2] = HE[c] - rest_err
-            # the skipped slot value: |Q ∧ x| − the other values of its feature
-            d1 = dominant[f1]
-            for t in range(n_feat):
-                f2 = features[t]
-                if f2 <= f1 or (flags[f2] & 2) == 0:
-                    continue
+                d2 = feature_dominant[t2]
+                rest = 0
+                rest_err = 0
                 for x in range(f_offsets[f2], f_offsets[f2 + 1]):
-                    rest = 0
-                    rest_err = 0
-                    for v in range(f_offsets[f1], f_offsets[f1 + 1]):
-                        if v != d1:
-                            rest += T[v - slot_lo, x]
-                            rest_err += E[v - slot_lo, x]
-                    T[d1 - slot_lo, x] = H[x] - rest
-                    E[d1 - slot_lo, x] = HE[x] - rest_err
-    for i in range(i0, i1):
-        s = C[i, level - 2] - slot_lo
-        x = C[i, level - 1]
-        out_ss[i] = T[s, x]
-        e = float(E[s, x])
-        out_se[i] = e
-        out_sq[i] = e
-        out_sm[i] = 1.0 if e > 0 else 0.0
-    if pair_cnt.shape[0] > 0:
-        for t in range(n_feat):
-            f2 = features[t]
+                    if x != d2:
+                        rest += T[s, x]
+                        rest_err += E[s, x]
+                T[s, d2] = H[c] - rest
+                E[s, d2] = HE[c] - rest_err
+        # the skipped slot value: |prefix ∧ x| − the other values of its feature
+        s = d1 - slot_lo
+        for t2 in range(t1 + 1, n_feat):
+            f2 = feature_of[t2]
             if (flags[f2] & 2) == 0:
                 continue
-            for s in range(n_slots):
-                for x in range(f_offsets[f2], f_offsets[f2 + 1]):
-                    pair_cnt[slot_lo + s, x] = T[s, x]
-                    pair_err[slot_lo + s, x] = E[s, x]
+            for x in range(f_offsets[f2], f_offsets[f2 + 1]):
+                rest = 0
+                rest_err = 0
+                for v in range(f_offsets[f1], f_offsets[f1 + 1]):
+                    if v != d1:
+                        rest += T[v - slot_lo, x]
+                        rest_err += E[v - slot_lo, x]
+                T[s, x] = H[x] - rest
+                E[s, x] = HE[x] - rest_err
 
 
 @njit(cache=True)
-def _count_general(C, i0, i1, slot_lo, slot_hi, local_t, local_rm, f_offsets, col_feature, errors,
-                   out_ss, out_se, out_sq, out_sm):
-    """One task with any non-negative errors: size, error sum, squared-error sum and max error of
-    candidates ``i0..i1-1``, each sum accumulated over the slice's rows in row order."""
+def _read_binary(C, i0, i1, first, slot_lo, slot_hi, T, E, out_ss, out_se, out_sq, out_sm):
+    """Statistics of the candidates in ``i0..i1-1`` whose slot column is in ``[slot_lo, slot_hi)``
+    (and whose first column is ``first``, unless -1) from the tables."""
+    level = C.shape[1]
+    for i in range(i0, i1):
+        c = C[i, level - 2]
+        if c < slot_lo or c >= slot_hi or (first >= 0 and C[i, 0] != first):
+            continue
+        x = C[i, level - 1]
+        out_ss[i] = T[c - slot_lo, x]
+        e = float(E[c - slot_lo, x])
+        out_se[i] = e
+        out_sq[i] = e
+        out_sm[i] = 1.0 if e > 0 else 0.0
+
+
+@njit(cache=True)
+def _binary_task(C, i0, i1, slot_lo, slot_hi, by_feature, local_t, local_rm, f_offsets, col_feature, err,
+                 column_counts, column_errors, pair_cnt, pair_err, store_pairs, out_ss, out_se, out_sq, out_sm):
+    """One task with 0/1 errors (see :func:`_plan_tasks`).
+
+    Level 2 (empty prefix): rows are every row, ``H`` the column sizes; the task's rows of the pair
+    table are stored when ``store_pairs``. ``by_feature`` (level 3 with the pair table): the
+    candidates of one first feature f0; each first column's table is counted with the pair table's
+    row as ``H``, and the most frequent value of f0, when that is cheaper, is not counted at all:
+    its table is the pair table minus the others'. Otherwise (no pair table or level ≥ 4) each
+    prefix is counted plainly.
+    """
     nf, m = local_t.shape
     n_cols = col_feature.shape[0]
     level = C.shape[1]
@@ -578,17 +612,94 @@ def _count_general(C, i0, i1, slot_lo, slot_hi, local_t, local_rm, f_offsets, co
     flags = np.zeros(nf, np.int64)
     features = np.empty(nf, np.int64)
     n_feat = _task_features(C, i0, i1, slot_lo, slot_hi, col_feature, nf, flags, features)
-    f_stop = col_feature[slot_hi - 1] + 1
-    is_slot = np.zeros(nf, np.bool_)
+    T = np.empty((n_slots, n_cols), np.int32)
+    E = np.empty((n_slots, n_cols), np.int32)
+    if width == 0:
+        _fill_binary(np.zeros(0, np.int64), local_t, local_rm, f_offsets, err, column_counts, column_errors, True,
+                     n_feat, features, flags, slot_lo, slot_hi, col_feature, T, E)
+        _read_binary(C, i0, i1, -1, slot_lo, slot_hi, T, E, out_ss, out_se, out_sq, out_sm)
+        if store_pairs:
+            for t in range(n_feat):
+                f2 = features[t]
+                if (flags[f2] & 2) == 0:
+                    continue
+                for s in range(n_slots):
+                    for x in range(f_offsets[f2], f_offsets[f2 + 1]):
+                        pair_cnt[slot_lo + s, x] = T[s, x]
+                        pair_err[slot_lo + s, x] = E[s, x]
+        return
+    if not by_feature:
+        prefix = C[i0, :width].astype(np.int64)
+        _fill_binary(prefix, local_t, local_rm, f_offsets, err, column_counts, column_errors, False, n_feat, features,
+                     flags, slot_lo, slot_hi, col_feature, T, E)
+        _read_binary(C, i0, i1, -1, slot_lo, slot_hi, T, E, out_ss, out_se, out_sq, out_sm)
+        return
+    f0 = col_feature[C[i0, 0]]
+    dominant = f_offsets[f0]
+    for c0 in range(f_offsets[f0] + 1, f_offsets[f0 + 1]):
+        if column_counts[c0] > column_counts[dominant]:
+            dominant = c0
+    has = np.zeros(f_offsets[f0 + 1] - f_offsets[f0], np.bool_)
+    for i in range(i0, i1):
+        c = C[i, level - 2]
+        if slot_lo <= c < slot_hi:
+            has[C[i, 0] - f_offsets[f0]] = True
+    direct = 0
+    for c0 in range(f_offsets[f0], f_offsets[f0 + 1]):
+        if has[c0 - f_offsets[f0]]:
+            direct += column_counts[c0]
+    subtract = has[dominant - f_offsets[f0]] and m - column_counts[dominant] < direct
+    if subtract:
+        A = np.zeros((n_slots, n_cols), np.int32)
+        AE = np.zeros((n_slots, n_cols), np.int32)
+    prefix = np.empty(1, np.int64)
+    for c0 in range(f_offsets[f0], f_offsets[f0 + 1]):
+        if c0 == dominant and subtract:
+            continue
+        if not has[c0 - f_offsets[f0]] and not (subtract and column_counts[c0] > 0):
+            continue
+        prefix[0] = c0
+        _fill_binary(prefix, local_t, local_rm, f_offsets, err, pair_cnt[c0], pair_err[c0], True, n_feat, features,
+                     flags, slot_lo, slot_hi, col_feature, T, E)
+        _read_binary(C, i0, i1, c0, slot_lo, slot_hi, T, E, out_ss, out_se, out_sq, out_sm)
+        if subtract:
+            A += T
+            AE += E
+    if subtract:
+        # every row has one value of f0: the skipped value's table is the pair table minus the others'
+        for s in range(n_slots):
+            for x in range(n_cols):
+                T[s, x] = pair_cnt[slot_lo + s, x] - A[s, x]
+                E[s, x] = pair_err[slot_lo + s, x] - AE[s, x]
+        _read_binary(C, i0, i1, dominant, slot_lo, slot_hi, T, E, out_ss, out_se, out_sq, out_sm)
+
+
+@njit(cache=True)
+def _general_task(C, i0, i1, slot_lo, slot_hi, local_t, local_rm, f_offsets, col_feature, errors,
+                  out_ss, out_se, out_sq, out_sm):
+    """One task with any non-negative errors: size, error sum, squared-error sum and max error of the
+    task's candidates, each sum accumulated over the slice's rows in row order."""
+    nf, m = local_t.shape
+    n_cols = col_feature.shape[0]
+    level = C.shape[1]
+    width = level - 2
+    n_slots = slot_hi - slot_lo
+    flags = np.zeros(nf, np.int64)
+    features = np.empty(nf, np.int64)
+    n_feat = _task_features(C, i0, i1, slot_lo, slot_hi, col_feature, nf, flags, features)
+    f_last = col_feature[slot_hi - 1]
+    feature_of = features[:n_feat].copy()
+    feature_offset = np.empty(n_feat, np.int64)
+    feature_slot = np.empty(n_feat, np.int64)
     for t in range(n_feat):
-        f = features[t]
-        is_slot[f] = (flags[f] & 1) != 0 and f < f_stop
+        f = feature_of[t]
+        feature_offset[t] = f_offsets[f]
+        feature_slot[t] = 1 if (flags[f] & 1) != 0 and f <= f_last else 0
     T = np.zeros((n_slots, n_cols), np.int32)
     S = np.zeros((n_slots, n_cols), np.float64)
     Q = np.zeros((n_slots, n_cols), np.float64)
     M = np.zeros((n_slots, n_cols), np.float64)
-    entries = np.empty(nf, np.uint32)  # unsigned: no negative-index wraparound in the inner loop
-    entry_slot = np.empty(nf, np.bool_)
+    entries = np.empty(n_feat, np.uint32)
     if width > 0:
         q0 = C[i0, 0]
         f0 = col_feature[q0]
@@ -601,21 +712,24 @@ def _count_general(C, i0, i1, slot_lo, slot_hi, local_t, local_rm, f_offsets, co
         if width > 0:
             if scan[r] != x0:
                 continue
-            if width > 1 and not _row_in_prefix(C, i0, width, col_feature, f_offsets, local_rm, r):
+            inside = True
+            for u in range(1, width):
+                c = C[i0, u]
+                f = col_feature[c]
+                if f_offsets[f] + local_rm[r, f] != c:
+                    inside = False
+                    break
+            if not inside:
                 continue
         row = local_rm[r]
-        k = 0
         for t in range(n_feat):
-            f = features[t]
-            entries[k] = f_offsets[f] + row[f]
-            entry_slot[k] = is_slot[f]
-            k += 1
+            entries[t] = feature_offset[t] + row[feature_of[t]]
         e = errors[r]
         e2 = e * e
-        for j1 in range(k):
-            if entry_slot[j1]:
+        for j1 in range(n_feat):
+            if feature_slot[j1] != 0:
                 s = entries[j1] - slot_lo
-                for j2 in range(j1 + 1, k):
+                for j2 in range(j1 + 1, n_feat):
                     x = entries[j2]
                     T[s, x] += 1
                     S[s, x] += e
@@ -623,34 +737,32 @@ def _count_general(C, i0, i1, slot_lo, slot_hi, local_t, local_rm, f_offsets, co
                     if e > M[s, x]:
                         M[s, x] = e
     for i in range(i0, i1):
-        s = C[i, level - 2] - slot_lo
+        c = C[i, level - 2]
+        if c < slot_lo or c >= slot_hi:
+            continue
         x = C[i, level - 1]
-        out_ss[i] = T[s, x]
-        out_se[i] = S[s, x]
-        out_sq[i] = Q[s, x]
-        out_sm[i] = M[s, x]
+        out_ss[i] = T[c - slot_lo, x]
+        out_se[i] = S[c - slot_lo, x]
+        out_sq[i] = Q[c - slot_lo, x]
+        out_sm[i] = M[c - slot_lo, x]
 
 
 @njit(cache=True, parallel=True)
-def _evaluate_binary(C, starts, lo, hi, local_t, local_rm, f_offsets, col_feature, err, H_source, HE_source,
-                     complement, by_prefix, pair_cnt, pair_err, out_ss, out_se, out_sq, out_sm):
-    """Every task of a block in parallel (0/1 errors). ``H_source``/``HE_source``: ``(1, n_cols)``
-    column counts (``by_prefix=False``, level 2) or the ``(n_cols, n_cols)`` pair table whose row
-    Q's first column is Q's ``H`` (``by_prefix=True``, level 3)."""
+def _evaluate_binary(C, starts, ends, lo, hi, by_feature, local_t, local_rm, f_offsets, col_feature, err,
+                     column_counts, column_errors, pair_cnt, pair_err, store_pairs, out_ss, out_se, out_sq, out_sm):
+    """Every task of a block in parallel (0/1 errors); see :func:`_binary_task`."""
     for t in prange(lo.shape[0]):
-        i0 = starts[t]
-        row = C[i0, 0] if by_prefix else 0
-        _count_binary(C, i0, starts[t + 1], lo[t], hi[t], local_t, local_rm, f_offsets, col_feature, err,
-                      H_source[row], HE_source[row], complement, out_ss, out_se, out_sq, out_sm, pair_cnt, pair_err)
+        _binary_task(C, starts[t], ends[t], lo[t], hi[t], by_feature, local_t, local_rm, f_offsets, col_feature, err,
+                     column_counts, column_errors, pair_cnt, pair_err, store_pairs, out_ss, out_se, out_sq, out_sm)
 
 
 @njit(cache=True, parallel=True)
-def _evaluate_general(C, starts, lo, hi, local_t, local_rm, f_offsets, col_feature, errors,
+def _evaluate_general(C, starts, ends, lo, hi, local_t, local_rm, f_offsets, col_feature, errors,
                       out_ss, out_se, out_sq, out_sm):
     """Every task of a block in parallel (any errors)."""
     for t in prange(lo.shape[0]):
-        _count_general(C, starts[t], starts[t + 1], lo[t], hi[t], local_t, local_rm, f_offsets, col_feature,
-                       errors, out_ss, out_se, out_sq, out_sm)
+        _general_task(C, starts[t], ends[t], lo[t], hi[t], local_t, local_rm, f_offsets, col_feature, errors,
+                      out_ss, out_se, out_sq, out_sm)
 
 
 @njit(cache=True)
@@ -755,7 +867,7 @@ def _slot_columns(n_cols: int, largest_domain: int, binary: bool) -> int:
 
 
 def _pair_table_fits(n_cols: int) -> bool:
-    return n_cols * n_cols * _BINARY_CELL <= PAIR_TABLE_BYTES
+    return n_cols * n_cols * _PAIR_CELL <= PAIR_TABLE_BYTES
 
 
 def memory_estimate(rows: int, features: int, n_cols: int, *, threads: int, binary: bool = True,
@@ -771,7 +883,7 @@ def memory_estimate(rows: int, features: int, n_cols: int, *, threads: int, bina
     data = 2 * rows * features * code_bytes + 9 * rows + 64 * n_cols
     cell = _BINARY_CELL if binary else _GENERAL_CELL
     tables = threads * _slot_columns(n_cols, largest_domain, binary) * n_cols * cell
-    pairs = n_cols * n_cols * _BINARY_CELL if binary and max_level >= 3 and _pair_table_fits(n_cols) else 0
+    pairs = n_cols * n_cols * _PAIR_CELL if binary and max_level >= 3 and _pair_table_fits(n_cols) else 0
     lattice = (block * (BYTES_PER_CANDIDATE + 4 * level) + 2 * parents * (BYTES_PER_PARENT + 4 * level)
                + evaluated * (BYTES_PER_EVALUATED + extra_per_evaluated))
     return int(data + tables + pairs + lattice)
@@ -948,8 +1060,8 @@ def _slice_line(local_t, domains, errors, m, nf, k, alpha, min_sup, max_level, c
     if on_level is not None:
         on_level(1, int(n_cols))
 
-    column_counts = ss.astype(np.int32)[None, :]
-    column_errors = se.astype(np.int32)[None, :] if binary else column_counts
+    column_counts = ss.astype(np.int32)
+    column_errors = se.astype(np.int32) if binary else column_counts
     pair_cnt = pair_err = np.zeros((0, 0), np.int32)
     have_pairs = False
     level = 1
@@ -986,7 +1098,8 @@ def _slice_line(local_t, domains, errors, m, nf, k, alpha, min_sup, max_level, c
         if store_pairs:
             pair_cnt = np.zeros((n_cols, n_cols), np.int32)
             pair_err = np.zeros((n_cols, n_cols), np.int32)
-        complement = level == 2 or (level == 3 and have_pairs)
+        by_feature = binary and level == 3 and have_pairs  # level 3 counted per first feature, with subtraction
+        no_pairs = np.zeros((0, 0), np.int32)
         next_parts = []
         n_valid = 0
         collisions = 0
@@ -1003,19 +1116,15 @@ def _slice_line(local_t, domains, errors, m, nf, k, alpha, min_sup, max_level, c
             c_se = np.empty(n_block, np.float64)
             c_sq = np.empty(n_block, np.float64)
             c_sm = np.empty(n_block, np.float64)
-            starts, lo, hi = _plan_tasks(C, col_feature, f_offsets, slot_cols if level > 2 else level2_cols, False)
+            starts, ends, lo, hi = _plan_tasks(C, col_feature, f_offsets, slot_cols if level > 2 else level2_cols,
+                                               level - 2, by_feature)
             if binary:
-                if level == 2:
-                    h, he, by_prefix = column_counts, column_errors, False
-                elif complement:
-                    h, he, by_prefix = pair_cnt, pair_err, True
-                else:
-                    h, he, by_prefix = column_counts, column_errors, False
-                out_pairs = (pair_cnt, pair_err) if store_pairs else (np.zeros((0, 0), np.int32),) * 2
-                _evaluate_binary(C, starts, lo, hi, local_t, local_rm, f_offsets, col_feature, err, h, he,
-                                 complement, by_prefix, out_pairs[0], out_pairs[1], c_ss, c_se, c_sq, c_sm)
+                _evaluate_binary(C, starts, ends, lo, hi, by_feature, local_t, local_rm, f_offsets, col_feature, err,
+                                 column_counts, column_errors, pair_cnt if (store_pairs or by_feature) else no_pairs,
+                                 pair_err if (store_pairs or by_feature) else no_pairs, store_pairs,
+                                 c_ss, c_se, c_sq, c_sm)
             else:
-                _evaluate_general(C, starts, lo, hi, local_t, local_rm, f_offsets, col_feature, errors,
+                _evaluate_general(C, starts, ends, lo, hi, local_t, local_rm, f_offsets, col_feature, errors,
                                   c_ss, c_se, c_sq, c_sm)
             scores = _scores(c_ss, c_se, eavg, alpha, float(m))
             stats = np.column_stack((scores, c_se, c_sm, c_ss.astype(np.float64)))
