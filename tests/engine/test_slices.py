@@ -284,3 +284,18 @@ def test_slices_command_imports_no_scipy_stats_and_no_torch(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "rows, mean error" in run.stdout
     assert "MODULES False False True" in run.stderr
+
+
+@pytest.mark.parametrize("dtype", [pl.Int64, pl.Int16, pl.UInt8, pl.UInt32])
+def test_integer_columns_coded_by_counting_as_polars_codes_them(dtype):
+    from clipengine.slices import _code_categorical, _code_feature
+
+    rng = np.random.default_rng(9)
+    low = -4 if dtype.is_signed_integer() else 3
+    series = pl.Series("x", rng.choice(np.arange(low, low + 14, 3), 5000), dtype=dtype)
+    fast = _code_feature(series, "x", 10, "quantile")
+    reference = _code_categorical(series)
+    assert fast.labels == reference.labels and all(type(v) is int for v in fast.labels)
+    assert np.array_equal(fast.codes, reference.codes) and fast.codes.dtype == np.uint8
+    wide = pl.Series("y", [0, 1 << 20, 5] * 10, dtype=pl.Int64)  # a wide range: the Polars path
+    assert _code_feature(wide, "y", 10, "quantile").labels == [0, 5, 1 << 20]
