@@ -16,6 +16,19 @@ DEFAULT_CONFIDENCE = 0.95
 # stdtrit, stdtr); importing scipy.stats as well would dominate the start-up of `clipengine slices`.
 
 
+# scipy.special.ndtri(0.975) exactly: the default interval needs no scipy import at all
+_NORMAL_QUANTILE_975 = 1.959963984540054
+
+
+def _normal_quantile(q: float) -> float:
+    """``scipy.stats.norm.ppf(q)``."""
+    if q == 0.975:
+        return _NORMAL_QUANTILE_975
+    from scipy.special import ndtri
+
+    return float(ndtri(q))
+
+
 def _t_ppf(q: float, df: np.ndarray) -> np.ndarray:
     """``scipy.stats.t.ppf(q, df)``: NaN where df ≤ 0 or is NaN."""
     from scipy.special import stdtrit
@@ -37,11 +50,9 @@ def _t_sf(x: np.ndarray, df: np.ndarray) -> np.ndarray:
 
 def wilson_interval(successes: np.ndarray, n: np.ndarray, confidence: float = DEFAULT_CONFIDENCE):
     """Wilson score interval of a binomial proportion: ``(low, high)``, each ``(S,)`` float64."""
-    from scipy.special import ndtri
-
     successes = np.asarray(successes, dtype=np.float64)
     n = np.asarray(n, dtype=np.float64)
-    z = float(ndtri(0.5 + confidence / 2))
+    z = _normal_quantile(0.5 + confidence / 2)
     with np.errstate(invalid="ignore", divide="ignore"):
         p = successes / n
         denom = 1 + z * z / n

@@ -92,3 +92,8 @@ def test_t_distribution_without_scipy_stats_is_bit_identical_to_it():
     assert np.array_equal(stats._t_sf(x, df), sps.t.sf(x, df), equal_nan=True)
     for q in (0.9, 0.975, 0.995):
         assert np.array_equal(stats._t_ppf(q, df), sps.t.ppf(q, df), equal_nan=True)
+
+
+def test_normal_quantile_is_scipys():
+    for q in (0.975, 0.95, 0.995, 0.5):
+        assert stats._normal_quantile(q) == sps.norm.ppf(q)
