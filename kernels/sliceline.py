@@ -162,14 +162,16 @@ def local_code_dtype(domains: np.ndarray) -> np.dtype:
 # ---- njit kernels ---------------------------------------------------------------------------------
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _column_stats(local_t, f_offsets, errors, n_cols):
+    """Size, error sum, squared-error sum and max error of every column (features in parallel,
+    each column's sums in row order)."""
     nf, m = local_t.shape
     ss = np.zeros(n_cols, np.int64)
     se = np.zeros(n_cols, np.float64)
     sq = np.zeros(n_cols, np.float64)
     sm = np.zeros(n_cols, np.float64)
-    for j in range(nf):
+    for j in prange(nf):
         base = f_offsets[j]
         column = local_t[j]
         for r in range(m):
