@@ -231,7 +231,8 @@ def _code_feature(series: pl.Series, name: str, bins, binning: str) -> _Coded | 
         user_edges = not isinstance(bins, (int, np.integer))
         if series.null_count() == len(series):
             return _code_categorical(series)
-        few = max(int(bins), INT_CATEGORICAL_LEVELS) if dtype.is_integer() else int(bins) if not user_edges else 0
+        # at most this many values: categorical (user-given edges always bin)
+        few = 0 if user_edges else max(int(bins), INT_CATEGORICAL_LEVELS) if dtype.is_integer() else int(bins)
         if dtype.is_integer() and not user_edges and not series.null_count():
             coded = _code_small_integers(series.to_numpy(), few)
             if coded is not None:
