@@ -14,8 +14,9 @@ table of the same shape with the properties that decide SliceLine's work:
   low income, …) plus small per-value effects, about 15 % on average.
 
 Rows are made in chunks of ``CHUNK_ROWS``, each from its own seed, so any prefix of a big table is
-the smaller table, memory stays at one chunk, and the cost is linear in rows. Attribute names and
-domain sizes follow the UCI attribute list (a few merged so the one-hot width is 378, as in the paper).
+the smaller table, memory stays at one chunk, and the cost is linear in rows. Attribute names are
+the UCI list's; the level counts are close to its and set so that the one-hot width is 378, as the
+paper reports for USCensus.
 """
 
 from __future__ import annotations
