@@ -1,28 +1,47 @@
-"""SliceLine: clipengine vs the PyPI ``sliceline`` package vs Apache SystemDS, in one run.
+"""SliceLine: what a user pays for `clipengine slices`, cold and warm, against PyPI sliceline and SystemDS.
 
-Each engine runs in its own child process on the same integer-coded matrix and errors;
-the parent prints the time of the slice search alone, the whole child's peak memory
-(maxrss from ``wait4``), ratios, and whether the top-K agree (compat mode reproduces
-the references' semantics; exact mode is clipengine's default).
+    python bench/sliceline.py                          # Adult σ 32, L 3: all three engines, whole processes
+    python bench/sliceline.py --case adult326          # Adult σ 326
+    python bench/sliceline.py --case census            # USCensus-like 2.5M × 68, L 3, σ n/100 (clipengine only)
+    python bench/sliceline.py --case census --rows 25000000 --warm 1
 
-    python bench/sliceline.py --case adult                   # all engines
-    python bench/sliceline.py --case synth1m10 --no-peers    # clipengine only
-    python bench/sliceline.py --case all --no-peers
+Every engine runs as the program a user would start, each in its own fresh process, on the
+same data, in one run; the parent times the whole process and reads its peak memory (maxrss
+from ``wait4``):
 
-Cases: adult (Adult train, logistic-regression 0/1 errors, σ 32, L 3), adult326 (σ 326),
-synth1m10 (1M × 10 features, 5-10 levels, L 3), synth1m20 (1M × 20), census
-(2.5M × 68 features, 378 one-hot columns, σ = n/100, L 3). SystemDS: ``--systemds-jar``
-(default: the jar shipped in the PyPI wheel ``systemds`` 3.4.0, searched in
-/work/venv-systemds and /work/venv). Run heavy peers under ``flock /tmp/clipengine-bench.lock``.
+- **clipengine**: ``clipengine slices TABLE --error wrong --min-sup σ --family lattice --json`` on the raw table
+  (CSV for Adult: the CLI reads it, types and bins the columns, searches, computes p- and
+  q-values, prints). *Cold* is its first call ever (an empty Numba cache: every kernel is
+  compiled), *warm* any later call (kernels loaded from the cache), median of ``--warm`` calls.
+  Beside it, the search alone (``slice_line_local`` on the coded table in a warmed process,
+  best of 5) and, for the census case, nothing else: the peers are not run at that size.
+- **PyPI sliceline** (with its ``numba`` extra, installed): a Python process that reads the
+  coded CSV with pandas and calls ``Slicefinder.fit`` (its one-hot encoding included), cold
+  (empty Numba cache) and warm; beside it the ``fit`` call alone.
+- **Apache SystemDS 3.4.0** (the jar of the PyPI wheel ``systemds``, Java 17): ``java … DMLScript``
+  on a DML script that reads the coded CSV as a frame, recodes it (``transformencode``) and
+  calls the builtin ``sliceLine``; the JVM start and the CSV read are in the whole process,
+  and the ``sliceLine`` call alone is timed inside the script (twice: the JVM keeps no cache).
+
+Peers get the table clipengine would search (Adult's numeric columns in clipengine's 10
+quantile bins, written as level codes), so all engines search the same one-hot matrix; the
+top-10 must agree (scores, sizes, error sums and the slices above the 10th score). Errors on
+Adult: 0/1 misclassifications of a logistic regression on the one-hot features. The census
+case is bench/_uscensus.py's table (skewed, correlated attributes; written as Parquet first,
+not timed). Run on a quiet machine, under ``flock /tmp/clipengine-bench.lock``; the load
+average before and after is printed next to the CPU model, its AMX/AVX512-BF16 flags, cores and date.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import glob
 import json
 import math
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,25 +58,44 @@ if not DATA.exists():
 CASES = {
     "adult": dict(kind="adult", min_sup=32, max_level=3),
     "adult326": dict(kind="adult", min_sup=326, max_level=3),
-    "synth1m10": dict(kind="synthetic", rows=1_000_000, features=10, max_level=3),
-    "synth1m20": dict(kind="synthetic", rows=1_000_000, features=20, max_level=3),
-    "synth100k10": dict(kind="synthetic", rows=100_000, features=10, max_level=3),
-    "census": dict(kind="census", rows=2_500_000, features=68, columns=378, max_level=3),
+    "census": dict(kind="census", rows=2_500_000, max_level=3),
 }
 ALPHA = 0.95
 K = 10
+ERROR = "wrong"
+
+
+# ---- machine ------------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    """CPU model, AMX / AVX512-BF16 flags, cores, date, load: printed next to every figure."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    amx = "AMX " + ("yes" if {"amx_bf16", "amx_tile"} <= flags else "no")
+    bf16 = "AVX512-BF16 " + ("yes" if "avx512_bf16" in flags else "no")
+    cores = len(os.sched_getaffinity(0))
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{model} | {amx}, {bf16} | {cores} cores | {now} | load {os.getloadavg()[0]:.2f}"
 
 
 # ---- data ---------------------------------------------------------------------------------------
 
 
-def adult_coded() -> tuple[np.ndarray, np.ndarray]:
-    """Adult train coded per feature (numeric columns in 10 quantile bins, as clipengine does) and
-    the 0/1 misclassification errors of a plain logistic regression on the one-hot features."""
+def adult_frame():
+    """Adult train (numbers as numbers) with ``wrong``: the 0/1 misclassifications of a plain
+    logistic regression on clipengine's one-hot coding of the 14 features."""
     import polars as pl
 
     sys.path.insert(0, str(REPO))
-    from clipengine.slices.find import code_features
+    from clipengine.slices.coding import code_features
 
     frame = pl.read_csv(DATA / "adult_train.csv").with_columns(pl.col(pl.String).str.strip_chars())
     # numbers after ", " are read as text: make them numbers again
@@ -67,191 +105,227 @@ def adult_coded() -> tuple[np.ndarray, np.ndarray]:
     )
     label = (frame["income"].str.contains(">50K")).to_numpy().astype(np.float64)
     features = [c for c in frame.columns if c != "income"]
-    local, _, _, _ = code_features(frame, features, bins=10, binning="quantile")
+    _, coded, _ = code_features(frame, features)
+    local = np.column_stack([c.codes.astype(np.int64) for c in coded])
     domains = local.max(axis=0) + 1
     onehot = np.zeros((local.shape[0], int(domains.sum())), np.float32)
     offsets = np.concatenate(([0], np.cumsum(domains)[:-1]))
     onehot[np.arange(local.shape[0])[:, None], local + offsets] = 1.0
-    try:
-        from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression
 
-        model = LogisticRegression(max_iter=1000).fit(onehot, label)
-        predicted = model.predict(onehot)
-    except ImportError:  # plain gradient descent
-        w = np.zeros(onehot.shape[1] + 1)
-        design = np.hstack([onehot, np.ones((onehot.shape[0], 1), np.float32)])
-        for _ in range(500):
-            p = 1 / (1 + np.exp(-design @ w))
-            w -= 0.5 * design.T @ (p - label) / design.shape[0]
-        predicted = (design @ w > 0).astype(float)
-    return local.astype(np.int64), (predicted != label).astype(np.float64)
+    predicted = LogisticRegression(max_iter=1000).fit(onehot, label).predict(onehot)
+    return frame.drop("income").with_columns(pl.Series(ERROR, (predicted != label).astype(np.int64)))
 
 
-def synthetic_coded(rows: int, features: int, seed: int = 1, domains=None) -> tuple[np.ndarray, np.ndarray]:
-    """Uniform levels (5-10 per feature), 0/1 errors from a logistic model of per-level effects."""
-    rng = np.random.default_rng(seed)
-    if domains is None:
-        domains = rng.integers(5, 11, features)
-    local = np.empty((rows, features), np.int64)
-    z = np.full(rows, -2.0)
-    for j, d in enumerate(domains):
-        local[:, j] = rng.integers(0, d, rows)
-        z += rng.normal(0, 0.5, d)[local[:, j]]
-    errors = (rng.random(rows) < 1 / (1 + np.exp(-z))).astype(np.float64)
-    return local, errors
+def prepare(name: str, folder: Path, rows: int | None) -> dict:
+    """(child) Write the case's tables into ``folder``: what each engine reads."""
+    import polars as pl
 
+    sys.path.insert(0, str(REPO))
+    from clipengine.slices.coding import code_features
 
-def census_coded(rows: int, features: int, columns: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(3)
-    domains = np.full(features, columns // features)
-    domains[: columns - domains.sum()] += 1
-    rng.shuffle(domains)
-    return synthetic_coded(rows, features, seed=3, domains=domains)
-
-
-def make_case(name: str) -> dict:
     spec = CASES[name]
     if spec["kind"] == "adult":
-        local, errors = adult_coded()
-        min_sup = spec["min_sup"]
-    elif spec["kind"] == "synthetic":
-        local, errors = synthetic_coded(spec["rows"], spec["features"])
-        min_sup = math.ceil(spec["rows"] / 100)
+        frame = adult_frame()
+        frame.write_csv(folder / "table.csv")
+        features = [c for c in frame.columns if c != ERROR]
+        used, coded_features, _ = code_features(frame, features)
+        codes = np.column_stack([c.codes.astype(np.int64) for c in coded_features])
+        labels = [c.labels for c in coded_features]
+        # the peers' input: clipengine's levels written as codes "L<i>" (categorical for every engine)
+        coded = pl.DataFrame({n: [f"L{v}" for v in codes[:, j]] for j, n in enumerate(used)})
+        coded.with_columns(pl.Series(ERROR, frame[ERROR])).write_csv(folder / "coded.csv")
+        np.savetxt(folder / "errors.csv", frame[ERROR].to_numpy(), fmt="%d")
+        np.savez(folder / "codes.npz", local_t=np.ascontiguousarray(codes.T).astype(np.uint8),
+                 domains=codes.max(axis=0) + 1, errors=frame[ERROR].to_numpy().astype(np.float64))
+        (folder / "labels.json").write_text(json.dumps({"features": used, "labels": [[str(v) for v in lv]
+                                                                                    for lv in labels]}))
+        m, f, n_cols = frame.height, len(used), int(sum(len(lv) for lv in labels))
+        min_sup, error_mean = spec["min_sup"], float(frame[ERROR].mean())
+        table = folder / "table.csv"
     else:
-        local, errors = census_coded(spec["rows"], spec["features"], spec["columns"])
-        min_sup = math.ceil(spec["rows"] / 100)
-    return dict(local=local, errors=errors, min_sup=min_sup, max_level=spec["max_level"])
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import _uscensus
+
+        m = rows or spec["rows"]
+        table = _uscensus.write_census_parquet(folder / "table.parquet", m, error_column=ERROR)
+        f, n_cols = len(_uscensus.NAMES), int(_uscensus.DOMAINS.sum())
+        min_sup = math.ceil(m / 100)
+        error_mean = float(pl.scan_parquet(table).select(pl.col(ERROR).mean()).collect().item())
+    return dict(rows=m, features=f, columns=n_cols, min_sup=min_sup, max_level=spec["max_level"], table=str(table),
+                error_mean=error_mean, kind=spec["kind"])
 
 
 # ---- workers (run in child processes) ---------------------------------------------------------------
 
 
-def worker_ours(path: str, mode: str) -> dict:
+def worker_search(folder: Path, case: dict) -> dict:
+    """clipengine's search alone, in a warmed process, best of 5 (Adult) or once (census)."""
     sys.path.insert(0, str(REPO))
-    data = np.load(path)
-    local, errors = data["local"], data["errors"]
-    min_sup, max_level = int(data["min_sup"]), int(data["max_level"])
-    from clipengine.kernels.sliceline import prepare_codes, slice_line
-    from clipengine.slices import stats
+    from clipengine.kernels.sliceline import slice_line_local
 
-    domains = local.max(axis=0) + 1
-    codes, col_feature, _ = prepare_codes(local, domains)
-    # warm the JIT (cache=True loads compiled code) on a tiny problem so timing excludes it
-    slice_line(codes[:200], errors[:200], col_feature, k=K, alpha=ALPHA, min_sup=5, max_level=2)
-    start = time.perf_counter()
-    out = slice_line(codes, errors, col_feature, k=K, alpha=ALPHA, min_sup=min_sup, max_level=max_level,
-                     compat=mode == "compat")
-    search = time.perf_counter() - start
-    start = time.perf_counter()
-    total, binary = float(errors.sum()), bool(np.all((errors == 0) | (errors == 1)))
-    p = stats.slice_p_values(out.evaluated_size, out.evaluated_error, out.evaluated_sq, binary=binary,
-                             n_rows=errors.size, total_error=total, total_sq=float(errors @ errors))
-    stats.benjamini_hochberg(p)
-    stat_time = time.perf_counter() - start
-    offsets = np.concatenate(([0], np.cumsum(domains)[:-1]))
-    slices = []
-    for cols in out.top_slices:
-        cols = cols[cols >= 0]
-        slices.append({int(col_feature[c]): int(c - offsets[col_feature[c]]) for c in cols})
-    return dict(time=search, stats_time=stat_time, top=out.top_stats.tolist(), slices=slices,
-                evaluated=int(out.evaluated_size.size), levels=out.levels)
+    if case["kind"] == "adult":
+        data = np.load(folder / "codes.npz")
+        local_t, domains, errors = data["local_t"], data["domains"], data["errors"]
+        repeats = 5
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import _uscensus
+
+        local_t, errors = _uscensus.census_codes(case["rows"])
+        domains = _uscensus.DOMAINS
+        repeats = 1
+    kwargs = dict(k=K, alpha=ALPHA, min_sup=case["min_sup"], max_level=case["max_level"])
+    slice_line_local(local_t[:, :2000], domains, errors[:2000], k=K, min_sup=5, max_level=2)  # load the kernels
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = slice_line_local(local_t, domains, errors, **kwargs)
+        times.append(time.perf_counter() - start)
+    return dict(search=min(times), levels=[list(level) for level in out.levels], evaluated=int(out.evaluated_size.size))
 
 
-def worker_pypi(path: str) -> dict:
-    data = np.load(path)
+def worker_pypi(folder: Path, case: dict) -> dict:
+    """What a user of the PyPI package runs: read the table, ``Slicefinder.fit``."""
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]  # this file is named sliceline.py too
-    from sliceline import Slicefinder
+    import pandas as pd
+    from sliceline import Slicefinder, is_numba_available
 
-    finder = Slicefinder(alpha=ALPHA, k=K, max_l=int(data["max_level"]), min_sup=int(data["min_sup"]))
+    frame = pd.read_csv(folder / "coded.csv")
+    errors = frame.pop(ERROR).to_numpy(dtype=float)
+    finder = Slicefinder(alpha=ALPHA, k=K, max_l=case["max_level"], min_sup=case["min_sup"])
     start = time.perf_counter()
-    finder.fit(data["local"], data["errors"])
-    elapsed = time.perf_counter() - start
+    finder.fit(frame.to_numpy(), errors)
+    fit = time.perf_counter() - start
     top = [[s["slice_score"], s["sum_slice_error"], s["max_slice_error"], s["slice_size"]]
            for s in finder.top_slices_statistics_]
-    slices = [{j: int(v) for j, v in enumerate(row) if v is not None} for row in finder.top_slices_]
-    return dict(time=elapsed, top=top, slices=slices)
+    slices = [{int(j): str(v) for j, v in enumerate(row) if v is not None} for row in finder.top_slices_]
+    return dict(search=fit, top=top, slices=slices, numba=bool(is_numba_available()))
 
 
 DML = """
-X = read($X, format="csv", header=FALSE);
+F = read($X, data_type="frame", format="csv", header=TRUE);
 e = read($e, format="csv", header=FALSE);
+[X, M] = transformencode(target=F, spec="{ids: true, recode: [" + $cols + "]}");
 t0 = time();
 [TK, TKC, D] = sliceLine(X=X, e=e, k=$k, maxL=$L, minSup=$minsup, alpha=$alpha, tpEval=TRUE, verbose=FALSE);
 t1 = time();
 write(TK, $TK, format="csv");
 write(TKC, $TKC, format="csv");
+write(M, $M, format="csv");
 print("SLICELINE_SECONDS " + ((t1 - t0) / 1e9));
 """
 
 
 def find_systemds_jar() -> str | None:
-    for root in ("/work/venv-systemds", "/work/venv", sys.prefix):
-        hits = glob.glob(f"{root}/lib/python3*/site-packages/systemds/SystemDS.jar")
-        if hits:
-            return sorted(hits)[0]
-    return None
+    import importlib.util
+
+    spec = importlib.util.find_spec("systemds")  # located, not imported (its import prints warnings)
+    if spec and spec.origin and (Path(spec.origin).parent / "SystemDS.jar").exists():
+        return str(Path(spec.origin).parent / "SystemDS.jar")
+    hits = glob.glob(f"{sys.prefix}/lib/python3*/site-packages/systemds/SystemDS.jar")
+    return sorted(hits)[0] if hits else None
 
 
-def prepare(name: str, tmp: Path, with_csv: bool) -> dict:
-    """(child) Build a case, save it for the workers, and the CSVs SystemDS reads."""
-    case = make_case(name)
-    local = case["local"].astype(np.int16 if case["local"].max() < 32767 else np.int32)
-    np.savez(tmp / "case.npz", local=local, errors=case["errors"], min_sup=case["min_sup"],
-             max_level=case["max_level"])
-    if with_csv:
-        np.savetxt(tmp / "X.csv", case["local"] + 1, fmt="%d", delimiter=",")
-        np.savetxt(tmp / "e.csv", case["errors"], fmt="%.17g")
-    m, nf = case["local"].shape
-    return dict(rows=m, features=nf, columns=int((case["local"].max(axis=0) + 1).sum()), min_sup=case["min_sup"],
-                max_level=case["max_level"], error_mean=float(case["errors"].mean()))
-
-
-def run_systemds(jar: str, case: dict, tmp: Path, heap: str) -> dict:
-    X = tmp / "X.csv"
-    e = tmp / "e.csv"
-    script = tmp / "sliceline.dml"
+def run_systemds(jar: str, folder: Path, case: dict, heap: str) -> dict:
+    script = folder / "sliceline.dml"
     script.write_text(DML)
+    coded = folder / "coded.csv"
+    # the coded table without the error column, which SystemDS reads apart
+    import polars as pl
+
+    frame = pl.read_csv(coded)
+    features = frame.drop(ERROR)
+    features.write_csv(folder / "X.csv")
     lib = str(Path(jar).parent / "lib" / "*")
-    cmd = ["java", f"-Xmx{heap}", "--add-modules=jdk.incubator.vector", "-cp", f"{jar}:{lib}", "org.apache.sysds.api.DMLScript", "-exec", "singlenode",
-           "-f", str(script), "-nvargs", f"X={X}", f"e={e}", f"k={K}", f"L={case['max_level']}",
-           f"minsup={case['min_sup']}", f"alpha={ALPHA}", f"TK={tmp / 'TK.csv'}", f"TKC={tmp / 'TKC.csv'}"]
-    start = time.perf_counter()
-    proc, rusage, output = _run_child(cmd)
-    whole = time.perf_counter() - start
-    if proc != 0:
-        return dict(error=output[-2000:], maxrss=rusage.ru_maxrss * 1024, whole=whole)
-    seconds = float(next(line.split()[1] for line in output.splitlines() if line.startswith("SLICELINE_SECONDS")))
-    tkc = np.loadtxt(tmp / "TKC.csv", delimiter=",", ndmin=2)
-    tk = np.loadtxt(tmp / "TK.csv", delimiter=",", ndmin=2)
-    slices = [{j: int(v) - 1 for j, v in enumerate(row) if v > 0} for row in tk]
-    return dict(time=seconds, whole=whole, top=tkc.tolist(), slices=slices, maxrss=rusage.ru_maxrss * 1024)
-
-
-def _run_child(cmd: list[str]):
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    output = proc.stdout.read()
-    _, status, rusage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, rusage, output
-
-
-def run_worker(kind: str, path: Path, mode: str = "exact") -> dict:
-    cmd = [sys.executable, __file__, "--worker", kind, "--data", str(path), "--mode", mode]
-    start = time.perf_counter()
-    code, rusage, output = _run_child(cmd)
-    whole = time.perf_counter() - start
+    cols = ",".join(str(j + 1) for j in range(features.width))
+    cmd = ["java", f"-Xmx{heap}", "--add-modules=jdk.incubator.vector", "-cp", f"{jar}:{lib}",
+           "org.apache.sysds.api.DMLScript", "-exec", "singlenode", "-f", str(script), "-nvargs",
+           f"X={folder / 'X.csv'}", f"e={folder / 'errors.csv'}", f"cols={cols}", f"k={K}", f"L={case['max_level']}",
+           f"minsup={case['min_sup']}", f"alpha={ALPHA}", f"TK={folder / 'TK.csv'}", f"TKC={folder / 'TKC.csv'}",
+           f"M={folder / 'M.csv'}"]
+    whole, rss, code, output = _run_child(cmd)
     if code != 0:
-        return dict(error=output[-2000:], maxrss=rusage.ru_maxrss * 1024, whole=whole)
+        return dict(error=output[-2000:], maxrss=rss, whole=whole)
+    seconds = float(next(line.split()[1] for line in output.splitlines() if line.startswith("SLICELINE_SECONDS")))
+    tkc = np.loadtxt(folder / "TKC.csv", delimiter=",", ndmin=2)
+    tk = np.loadtxt(folder / "TK.csv", delimiter=",", ndmin=2)
+    # recode maps: "value·code" per column, after the two #Meta rows
+    maps: dict[int, dict[int, str]] = {}
+    for line in (folder / "M.csv").read_text(encoding="utf-8").splitlines():
+        if line.startswith("#Meta"):
+            continue
+        for j, cell in enumerate(line.split(",")):
+            if "·" in cell:
+                value, code = cell.rsplit("·", 1)
+                maps.setdefault(j, {})[int(code)] = value
+    slices = [{j: maps[j][int(v)] for j, v in enumerate(row) if v > 0} for row in tk]
+    return dict(search=seconds, whole=whole, top=tkc.tolist(), slices=slices, maxrss=rss)
+
+
+def _run_child(cmd: list[str], env: dict | None = None, stdout_only: bool = False):
+    """Wall seconds, peak RSS (bytes), exit code and output of one process (stdout and stderr, or
+    stdout alone with stderr appended when it fails)."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors if stdout_only else subprocess.STDOUT,
+                                text=True, env=env)
+        output = proc.stdout.read()
+        _, status, rusage = os.wait4(proc.pid, 0)
+        whole = time.perf_counter() - start
+        code = os.waitstatus_to_exitcode(status)
+        if stdout_only and code != 0:
+            errors.seek(0)
+            output += errors.read()
+    return whole, rusage.ru_maxrss * 1024, code, output
+
+
+def _worker(kind: str, folder: Path, case: dict, env=None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", kind, "--data", str(folder), "--case-json", json.dumps(case)]
+    whole, rss, code, output = _run_child(cmd, env)
+    if code != 0:
+        return dict(error=output[-2000:], maxrss=rss, whole=whole)
     result = json.loads(output.strip().splitlines()[-1])
-    result.update(maxrss=rusage.ru_maxrss * 1024, whole=whole)
+    result.update(maxrss=rss, whole=whole)
     return result
+
+
+def clipengine_command() -> list[str]:
+    """The command a user types: the ``clipengine`` script next to this Python, else ``-m clipengine``."""
+    script = Path(sys.executable).parent / "clipengine"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "clipengine"]
+
+
+def run_cli(case: dict, env: dict, compat: bool = False) -> dict:
+    # --family lattice: the whole table searched, as the peers search it (the default split design
+    # searches half the rows and tests on the other half)
+    cmd = [*clipengine_command(), "slices", case["table"], "--error", ERROR, "--min-sup", str(case["min_sup"]),
+           "--max-level", str(case["max_level"]), "--k", str(K), "--alpha", str(ALPHA), "--family", "lattice",
+           "--json", "--quiet"]
+    if compat:
+        cmd += ["--compat", "systemds"]
+    whole, rss, code, output = _run_child(cmd, env, stdout_only=True)
+    if code != 0:
+        return dict(error=output[-2000:], maxrss=rss, whole=whole)
+    records = json.loads(output)
+    top = [[r["score"], r["error_sum"], r["max_error"], r["size"]] for r in records]
+    return dict(whole=whole, maxrss=rss, top=top, predicates=[r["predicates"] for r in records])
+
+
+def _as_codes(predicates: list[dict], labels: dict) -> list[dict]:
+    """clipengine's ``{feature: label}`` predicates as the peers' ``{feature index: "L<code>"}``."""
+    index = {name: j for j, name in enumerate(labels["features"])}
+    out = []
+    for p in predicates:
+        out.append({index[name]: f"L{labels['labels'][index[name]].index(str(value))}" for name, value in p.items()})
+    return out
 
 
 def _agree(a: dict, b: dict, k: int = K) -> str:
     if "top" not in a or "top" not in b:
         return "n/a"
-    ta, tb = np.array(a["top"])[:k], np.array(b["top"])[:k]
+    ta, tb = np.array(a["top"], float)[:k], np.array(b["top"], float)[:k]
     if ta.shape != tb.shape:
         return f"no ({len(ta)} vs {len(tb)} slices)"
     same_stats = np.allclose(ta, tb, rtol=1e-9, atol=1e-9)
@@ -259,81 +333,127 @@ def _agree(a: dict, b: dict, k: int = K) -> str:
     sa = {frozenset((int(f), v) for f, v in s.items()) for s, t in zip(a["slices"], ta) if t[0] > kth + 1e-12}
     sb = {frozenset((int(f), v) for f, v in s.items()) for s, t in zip(b["slices"], tb) if t[0] > kth + 1e-12}
     if same_stats and sa == sb:
-        return "yes (identical top-K stats and slices)"
+        return "identical"
     if same_stats:
-        return f"stats equal, slices differ: {sorted(map(sorted, sa - sb))} vs {sorted(map(sorted, sb - sa))}"
-    return "no"
+        return "statistics equal, slices differ"
+    return "different"
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", default="adult", help=f"one of {', '.join(CASES)} or all (comma-separated ok)")
-    parser.add_argument("--no-peers", action="store_true", help="clipengine only")
+    parser.add_argument("--case", default="adult", help=f"one of {', '.join(CASES)} (comma-separated ok)")
+    parser.add_argument("--rows", type=int, default=None, help="census rows [2,500,000]")
+    parser.add_argument("--warm", type=int, default=3, help="warm clipengine calls (median) [3]")
     parser.add_argument("--no-pypi", action="store_true")
     parser.add_argument("--no-systemds", action="store_true")
-    parser.add_argument("--modes", default="exact,compat", help="clipengine modes to run")
     parser.add_argument("--systemds-jar", default=None)
     parser.add_argument("--systemds-heap", default="16g")
+    parser.add_argument("--keep", default=None, help="keep the tables in this folder")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", default="exact", help=argparse.SUPPRESS)
+    parser.add_argument("--case-json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         if args.worker == "prepare":
-            result = prepare(args.case, Path(args.data), args.mode == "csv")
-        elif args.worker == "ours":
-            result = worker_ours(args.data, args.mode)
+            result = prepare(args.case, Path(args.data), args.rows)
+        elif args.worker == "search":
+            result = worker_search(Path(args.data), json.loads(args.case_json))
         else:
-            result = worker_pypi(args.data)
+            result = worker_pypi(Path(args.data), json.loads(args.case_json))
         print(json.dumps(result))
         return
-    names = list(CASES) if args.case == "all" else args.case.split(",")
+    names = args.case.split(",")
     for name in names:
         if name not in CASES:
             parser.error(f"unknown case {name!r}; cases: {', '.join(CASES)}")
-    jar = None if (args.no_peers or args.no_systemds) else (args.systemds_jar or find_systemds_jar())
+    print(f"machine: {machine()}", flush=True)
     for name in names:
-        # data is built in a child: a child's maxrss counts its parent's peak at fork, so the parent stays small
         with tempfile.TemporaryDirectory(prefix="clipengine-bench-") as tmp:
-            tmp = Path(tmp)
-            path = tmp / "case.npz"
-            code, _, output = _run_child([sys.executable, __file__, "--worker", "prepare", "--case", name,
-                                          "--data", str(tmp), "--mode", "csv" if jar else "npz"])
+            folder = Path(args.keep) if args.keep else Path(tmp)
+            folder.mkdir(parents=True, exist_ok=True)
+            # built in a child: the parent stays small, so children's maxrss is their own
+            cmd = [sys.executable, __file__, "--worker", "prepare", "--case", name, "--data", str(folder)]
+            if args.rows:
+                cmd += ["--rows", str(args.rows)]
+            _, _, code, output = _run_child(cmd)
             if code != 0:
                 print(f"== {name}: preparing the data failed:\n{output[-2000:]}")
                 continue
             case = json.loads(output.strip().splitlines()[-1])
-            print(f"\n== {name}: {case['rows']} rows × {case['features']} features ({case['columns']} one-hot "
+            print(f"\n== {name}: {case['rows']:,} rows × {case['features']} features ({case['columns']} one-hot "
                   f"columns), σ {case['min_sup']}, L {case['max_level']}, α {ALPHA}, k {K}, "
                   f"mean error {case['error_mean']:.4f}", flush=True)
-            results = {}
-            for mode in args.modes.split(","):
-                results[f"clipengine {mode}"] = run_worker("ours", path, mode)
-            if not args.no_peers and not args.no_pypi:
-                results["sliceline (PyPI)"] = run_worker("pypi", path)
-            if jar:
-                results["SystemDS 3.4.0"] = run_systemds(jar, case, tmp, args.systemds_heap)
-            elif not args.no_peers and not args.no_systemds:
-                print("   SystemDS: jar not found (pip install systemds==3.4.0 into /work/venv-systemds)")
-            base_label = "clipengine exact" if "clipengine exact" in results else next(iter(results))
-            base = results[base_label]
-            compat = results.get("clipengine compat")
-            for label, r in results.items():
-                if "error" in r:
-                    print(f"   {label:<20} FAILED (peak {r['maxrss'] / 1e9:.2f} GB): {r['error'].strip()[-300:]}")
-                    continue
-                ratio = f"{r['time'] / base['time']:.1f}× {base_label}" if "time" in base and r is not base else ""
-                extra = f", {r['evaluated']} candidates evaluated, levels {r['levels']}" if "evaluated" in r else ""
-                stats_time = f" + stats {r['stats_time']:.2f} s" if "stats_time" in r else ""
-                print(f"   {label:<20} search {r['time']:8.2f} s{stats_time} | process {r['whole']:7.1f} s | "
-                      f"peak {r['maxrss'] / 1e9:6.2f} GB | {ratio}{extra}")
-            if compat:
-                for label, r in results.items():
-                    if label.startswith("clipengine") or "error" in r:
-                        continue
-                    print(f"   top-{K} clipengine compat == {label}: {_agree(compat, r)}")
-                if "clipengine exact" in results:
-                    print(f"   top-{K} clipengine exact == compat: {_agree(results['clipengine exact'], compat)}")
+            run_case(case, folder, args)
+    print(f"\nmachine after: {machine()}")
+
+
+def run_case(case: dict, folder: Path, args) -> None:
+    cache = folder / "numba-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+    rows = []
+    cold = run_cli(case, env)  # first call ever: empty Numba cache
+    warm = [run_cli(case, env) for _ in range(max(1, args.warm))]
+    search = _worker("search", folder, case, env)
+    ok = [r for r in warm if "error" not in r]
+    ours = dict(ok[0]) if ok else dict(warm[0])
+    if ok:
+        ours["whole"] = statistics.median(r["whole"] for r in ok)
+        ours["maxrss"] = max(r["maxrss"] for r in ok)
+    rows.append(("clipengine slices", cold, ours, search))
+    peers = {}
+    if case["kind"] == "adult":
+        labels = json.loads((folder / "labels.json").read_text())
+        for result in (cold, ours):
+            if "predicates" in result:
+                result["slices"] = _as_codes(result["predicates"], labels)
+        compat = run_cli(case, env, compat=True)
+        if "predicates" in compat:
+            compat["slices"] = _as_codes(compat["predicates"], labels)
+        peers["clipengine --compat systemds"] = compat
+        if not args.no_pypi:
+            pypi_cache = folder / "pypi-numba-cache"
+            pypi_env = {**os.environ, "NUMBA_CACHE_DIR": str(pypi_cache)}
+            pypi_cold = _worker("pypi", folder, case, pypi_env)
+            pypi_warm = _worker("pypi", folder, case, pypi_env)
+            rows.append(("PyPI sliceline 0.3.0", pypi_cold, pypi_warm, pypi_warm))
+            peers["PyPI sliceline"] = pypi_warm
+        jar = None if args.no_systemds else (args.systemds_jar or find_systemds_jar())
+        if jar:
+            first = run_systemds(jar, folder, case, args.systemds_heap)
+            second = run_systemds(jar, folder, case, args.systemds_heap)
+            # the JVM keeps nothing between runs: its better run is its warm figure
+            ok_runs = [r for r in (first, second) if "error" not in r]
+            best = min(ok_runs, key=lambda r: r["whole"]) if ok_runs else second
+            rows.append(("SystemDS 3.4.0", first, best, best))
+            peers["SystemDS"] = best
+        elif not args.no_systemds:
+            print("   SystemDS: jar not found (pip install systemds==3.4.0)")
+    print(f"   {'':<22} {'whole process: first / warm':>30} {'search alone':>14} {'peak memory':>12}")
+    # ratios are against the peers' warm (best) processes
+    for label, first, again, alone in rows:
+        if "error" in again:
+            print(f"   {label:<22} FAILED (peak {_gb(again['maxrss'])}): {again['error'].strip()[-400:]}")
+            continue
+        first_text = f"{first['whole']:.2f} s" if "error" not in first else "failed"
+        alone_text = f"{alone['search']:.3f} s" if "search" in alone else "—"
+        print(f"   {label:<22} {first_text + ' / ' + format(again['whole'], '.2f') + ' s':>30} {alone_text:>14} "
+              f"{_gb(max(first.get('maxrss', 0), again['maxrss'])):>12}")
+    if "levels" in search:
+        print(f"   clipengine lattice: {search['evaluated']:,} candidates evaluated, levels {search['levels']}")
+    base = ours.get("whole")
+    for label, first, again, alone in rows[1:]:
+        if base and "whole" in again and "error" not in again:
+            ratio = f"{again['whole'] / base:.1f}× the warm clipengine process"
+            if "search" in alone and "search" in search:
+                ratio += f"; search alone {alone['search'] / search['search']:.0f}×"
+            print(f"   {label}: {ratio}")
+    for label, peer in peers.items():
+        print(f"   top-{K} clipengine == {label}: {_agree(ours, peer)}")
 
 
 if __name__ == "__main__":

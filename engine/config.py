@@ -123,7 +123,8 @@ class SliceConfig:
     ``family``: "split" or "lattice" (None: split, or lattice with ``compat``, which reproduces SystemDS on
     every row); ``family_size``: the search looks for the top max(k, family_size) slices (k with
     ``compat``), so that a slice's q-value is the same for every k ≤ family_size; ``test_fraction`` of the rows (drawn with
-    ``split_seed``) are held out for testing and estimating under "split"."""
+    ``split_seed``) are held out for testing and estimating under "split"; ``max_memory``: bytes the search may use
+    (None: 80 % of the memory available when it starts)."""
 
     k: int = DEFAULT_K
     alpha: float = DEFAULT_ALPHA
@@ -140,6 +141,7 @@ class SliceConfig:
     test_fraction: float = DEFAULT_TEST_FRACTION
     split_seed: int = DEFAULT_SPLIT_SEED
     progress: bool = True
+    max_memory: int | None = None
 
 
 # ---- coverage -------------------------------------------------------------------------------

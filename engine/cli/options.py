@@ -80,6 +80,24 @@ def parse_min_sup(ctx: click.Context | None, param: click.Parameter | None, valu
     raise click.BadParameter(f"{value!r} is neither a row count ≥ 1 nor a fraction in (0, 1)", param_hint="--min-sup")
 
 
+_SIZE_UNITS = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def parse_memory(ctx: click.Context | None, param: click.Parameter | None, value) -> int | None:
+    """``--max-memory``: ``"8G"``, ``"500M"``, ``"2.5G"`` or bytes → bytes; None keeps the default."""
+    if value is None or isinstance(value, int):
+        return value
+    text = str(value).strip().upper().removesuffix("B")
+    unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
+    try:
+        number = float(text[: len(text) - len(unit)])
+    except ValueError:
+        number = -1.0
+    if not number > 0:
+        raise click.BadParameter(f"{value!r} is not a size such as 8G or 500M", param_hint="--max-memory")
+    return int(number * _SIZE_UNITS[unit])
+
+
 def slice_options(function: Callable) -> Callable:
     """SliceLine's settings (→ :func:`slice_config`)."""
     return _stack([
@@ -112,6 +130,10 @@ def slice_options(function: Callable) -> Callable:
                      help="split: share of the items held out for testing."),
         click.option("--split-seed", type=int, default=config.DEFAULT_SPLIT_SEED, show_default=True,
                      help="split: seed of the random split."),
+        click.option("--max-memory", default=None, metavar="SIZE", callback=parse_memory,
+                     help="Memory the search may use, e.g. 8G [80% of the memory available at start]; a lattice "
+                          "level that would need more is refused before it starts, naming the --min-sup / "
+                          "--max-level that fit."),
     ])(function)
 
 
@@ -126,8 +148,8 @@ def labels_option(function: Callable) -> Callable:
 
 def slice_config(*, k, alpha, min_sup, max_level, bins, binning, drop_nulls, compat, max_q, family=None,
                  family_size=config.DEFAULT_FAMILY_SIZE, test_fraction=config.DEFAULT_TEST_FRACTION,
-                 split_seed=config.DEFAULT_SPLIT_SEED, progress: bool = True) -> config.SliceConfig:
+                 split_seed=config.DEFAULT_SPLIT_SEED, max_memory=None, progress: bool = True) -> config.SliceConfig:
     return config.SliceConfig(k=k, alpha=alpha, min_sup=min_sup, max_level=max_level, bins=bins, binning=binning,
                               drop_nulls=drop_nulls, compat=compat, max_q=max_q, family=family,
                               family_size=family_size, test_fraction=test_fraction, split_seed=split_seed,
-                              progress=progress)
+                              max_memory=max_memory, progress=progress)

@@ -141,7 +141,8 @@ Example:
 @click.option("--log-json", is_flag=True, default=False, help="JSON-lines events on stdout (machine-readable).")
 def run(dataset, root, out, schema, detections, predictions, errors_file, classes, iou, follow_links, limit, seed, model,
         pretrained, weights, backend, device, precision, batch_size, workers, strategy, labels, adapt, k, alpha, min_sup,
-        max_level, bins, binning, drop_nulls, compat, max_q, family, family_size, test_fraction, split_seed, baseline,
+        max_level, bins, binning, drop_nulls, compat, max_q, family, family_size, test_fraction, split_seed, max_memory,
+        baseline,
         min_diff, min_psi, no_report, executor, ray_address, ray_workers, gpus_per_worker, cpus_for_decode, ray_shards,
         quiet, log_json) -> None:
     from clipengine.config import AnnotateConfig, CompareConfig, DatasetConfig, EncodeConfig, RunConfig
@@ -152,7 +153,7 @@ def run(dataset, root, out, schema, detections, predictions, errors_file, classe
                           precision=precision, batch_size=batch_size, workers=workers)
     slices = slice_config(k=k, alpha=alpha, min_sup=min_sup, max_level=max_level, bins=bins, binning=binning,
                           drop_nulls=drop_nulls, compat=compat, max_q=max_q, family=family, family_size=family_size,
-                          test_fraction=test_fraction, split_seed=split_seed)
+                          test_fraction=test_fraction, split_seed=split_seed, max_memory=max_memory)
     config = RunConfig(
         dataset=dataset,
         root=root,

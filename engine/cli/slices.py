@@ -20,7 +20,7 @@ from clipengine.cli.options import labels_option, slice_config, slice_options
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=str), default=None,
               help="Also write OUT/slices.parquet and OUT/slices.json.")
 def slices(table, error, features, k, alpha, min_sup, max_level, bins, binning, drop_nulls, compat, max_q, family,
-           family_size, test_fraction, split_seed, labels, as_json, quiet, out_dir):
+           family_size, test_fraction, split_seed, max_memory, labels, as_json, quiet, out_dir):
     """Find the top-K weak slices of TABLE (Parquet or CSV, or a run directory) with SliceLine.
 
     A slice is a conjunction such as `gender = female AND age = child`; its score weighs
@@ -32,6 +32,17 @@ def slices(table, error, features, k, alpha, min_sup, max_level, bins, binning, 
     slice for label noise: its true group's size and error rate, and "not confirmed"
     where that interval does not lie above the overall error rate (a table needs the
     labels' key columns, path [and box]).
+
+    Cost: the search goes level by level, one more predicate per level up to
+    --max-level. With f features of d values each, level L can hold up to
+    C(f, L)·d^L candidates; slices smaller than --min-sup are never extended, and
+    --min-sup and --max-level are what keep the lattice small. Time: level 2 counts
+    every pair of a row's f codes once (rows × f²), level 3 does so once more for
+    each one-predicate slice the row is in (rows × f³): each level costs about a
+    factor f more. Memory: two bytes per row and feature for the codes plus about
+    40 bytes per evaluated candidate (kept for the q-values); each level's
+    candidates are counted before it runs, and a level that would exceed
+    --max-memory is refused with the --min-sup / --max-level that would fit.
 
     \b
     Example:
@@ -48,7 +59,8 @@ def slices(table, error, features, k, alpha, min_sup, max_level, bins, binning, 
 
     config = slice_config(k=k, alpha=alpha, min_sup=min_sup, max_level=max_level, bins=bins, binning=binning,
                           drop_nulls=drop_nulls, compat=compat, max_q=max_q, family=family, family_size=family_size,
-                          test_fraction=test_fraction, split_seed=split_seed, progress=not quiet)
+                          test_fraction=test_fraction, split_seed=split_seed, max_memory=max_memory,
+                          progress=not quiet)
     names = [f.strip() for f in features.split(",") if f.strip()] if features else None
     if Path(table).is_dir():
         frame, error, default_features, sample = _run_table(Path(table), error, labels)

@@ -159,13 +159,33 @@ def code_feature(series: pl.Series, name: str, bins, binning: str) -> CodedFeatu
             series = series.fill_nan(None)
         if series.null_count() == len(series):
             return code_categorical(series)
-        n_unique = series.drop_nulls().n_unique()
-        if not user_edges:
-            few = max(int(bins), INT_CATEGORICAL_LEVELS) if dtype.is_integer() else int(bins)
-            if n_unique <= few:
-                return code_categorical(series)
+        # at most this many values: categorical (user-given edges always bin)
+        few = 0 if user_edges else max(int(bins), INT_CATEGORICAL_LEVELS) if dtype.is_integer() else int(bins)
+        if dtype.is_integer() and not user_edges and not series.null_count():
+            coded = _code_small_integers(series.to_numpy(), few)
+            if coded is not None:
+                return coded
+        if not user_edges and series.drop_nulls().n_unique() <= few:
+            return code_categorical(series)
         return bin_numeric(series, name, bins, binning)
     return f"unsupported dtype {dtype}"
+
+
+def _code_small_integers(values: np.ndarray, few: int) -> CodedFeature | None:
+    """:func:`code_categorical` of a null-free integer column with at most ``few`` distinct values in a
+    small range, by counting (one pass: tables of millions of rows are mostly such columns); None
+    otherwise."""
+    low, high = int(values.min()), int(values.max())
+    if high - low >= 1 << 16:
+        return None
+    shifted = values.astype(np.int64) - low if low else values
+    counts = np.bincount(shifted, minlength=high - low + 1)
+    present = np.flatnonzero(counts)
+    if present.size > few:
+        return None
+    code_of = np.zeros(high - low + 1, np.uint8 if present.size <= 256 else np.uint16)
+    code_of[present] = np.arange(present.size)
+    return CodedFeature(code_of[shifted], (present + low).tolist())
 
 
 def compact(coded: CodedFeature) -> CodedFeature:
@@ -208,6 +228,8 @@ def code_features(
             skipped[name] = f"{n_levels} levels > max_levels {max_levels}"
         else:
             used.append(name)
+            # one byte per row and feature (two past 256 levels): tables of millions of rows stay small
+            result.codes = result.codes.astype(np.uint8 if n_levels <= 256 else np.uint16, copy=False)
             coded.append(result)
     return used, coded, skipped
 

@@ -115,7 +115,7 @@ class SliceResult:
     true_size: np.ndarray | None = None
     true_note: list[str] = field(default_factory=list)
     labels: dict[str, Any] | None = None
-    _codes: np.ndarray | None = field(default=None, repr=False)
+    _codes: np.ndarray | None = field(default=None, repr=False)  # (f, m) level codes, feature-major
     _col_feature: np.ndarray | None = field(default=None, repr=False)
     _columns: np.ndarray | None = field(default=None, repr=False)
     _test_rows: np.ndarray | None = field(default=None, repr=False)
@@ -152,11 +152,11 @@ class SliceResult:
 
     def row_mask(self, i: int) -> np.ndarray:
         """``(n_rows,)`` bool: the rows of slice ``i`` in the input frame's order."""
-        from clipengine.kernels.sliceline import slice_mask
+        from clipengine.kernels.sliceline import slice_mask_local
 
         if not 0 <= i < len(self):
             raise IndexError(f"slice {i} out of range (0..{len(self) - 1})")
-        return slice_mask(self._codes, self._col_feature, self._columns[i])
+        return slice_mask_local(self._codes, _offsets(self._col_feature), self._columns[i])
 
     def describe(self, i: int) -> str:
         """``"gender = female AND age = child"``."""
@@ -330,6 +330,7 @@ def find_slices(
     split_seed: int = DEFAULT_SPLIT_SEED,
     labels: LabelledSample | None = None,
     progress: bool = False,
+    max_memory: int | None = None,
 ) -> SliceResult:
     """Top-K weak slices of ``frame`` by SliceLine score, with statistics.
 
@@ -345,7 +346,9 @@ def find_slices(
     ``split_seed``) or "lattice" (every row; the family is every slice with ≥ min_sup rows); None means
     split, or lattice with ``compat``. ``family_size``: the search looks for max(k, family_size)
     slices. ``labels``: a labelled sample of the rows; each slice then gets its true group's size and
-    error rate. ``progress``: a bar over lattice levels on stderr.
+    error rate. ``progress``: a bar over lattice levels on stderr. ``max_memory``: bytes the search may
+    use (None: 80 % of the memory available now); a lattice level that would need more is refused
+    before it is allocated, naming the ``min_sup``/``max_level`` that would fit.
 
     >>> import polars as pl
     >>> frame = pl.DataFrame({"color": ["red", "blue"] * 50, "error": [1, 0] * 50})
@@ -407,7 +410,9 @@ def find_slices(
         "test_fraction": float(test_fraction) if family == "split" else None,
         "split_seed": int(split_seed) if family == "split" else None,
     }
-    result = _search(coded, used, errors, skipped, params, progress)
+    if max_memory is not None and max_memory < 1:
+        raise ClipengineError(f"max_memory must be a positive number of bytes, not {max_memory!r}")
+    result = _search(coded, used, errors, skipped, params, progress, max_memory)
     if labels is not None:
         _correct(result, frame, errors, labels)
     return result
@@ -424,15 +429,22 @@ def _split_rows(n_rows: int, test_fraction: float, seed: int) -> np.ndarray:
     return test
 
 
+def _offsets(col_feature: np.ndarray) -> np.ndarray:
+    """(f + 1,) int64: each feature's first one-hot column (feature j owns offsets[j] .. offsets[j+1]-1)."""
+    return np.concatenate(([0], np.cumsum(np.bincount(col_feature)))).astype(np.int64)
+
+
 def _slice_sums(codes, col_feature, columns, errors, test):
-    """Whole-table ``(size, error_sum, sq, max_error)`` and held-out ``(size, error_sum, sq)`` of each slice."""
-    from clipengine.kernels.sliceline import slice_mask
+    """Whole-table ``(size, error_sum, sq, max_error)`` and held-out ``(size, error_sum, sq)`` of each
+    slice; ``codes`` (f, m) feature-major level codes."""
+    from clipengine.kernels.sliceline import slice_mask_local
 
     k = columns.shape[0]
     whole = np.zeros((k, 4))
     held_out = np.zeros((k, 3))
+    offsets = _offsets(col_feature)
     for i in range(k):
-        mask = slice_mask(codes, col_feature, columns[i])
+        mask = slice_mask_local(codes, offsets, columns[i])
         e = errors[mask]
         whole[i] = (e.size, e.sum(), np.dot(e, e), e.max() if e.size else 0.0)
         if test is not None:
@@ -449,8 +461,9 @@ def _lattice_p_values(codes, col_feature, allowed, errors, out, params, binary, 
     n_rows, n_cols = errors.shape[0], col_feature.shape[0]
     size, error_sum, sq = np.zeros(n_cols, np.int64), np.zeros(n_cols), np.zeros(n_cols)
     squared = errors * errors
-    for j in range(codes.shape[1]):  # one feature at a time: no (rows × features) temporary
-        column = codes[:, j]
+    offsets = _offsets(col_feature)
+    for j in range(codes.shape[0]):  # one feature at a time: no (rows × features) temporary
+        column = codes[j].astype(np.int64) + offsets[j]
         size += np.bincount(column, minlength=n_cols)
         error_sum += np.bincount(column, weights=errors, minlength=n_cols)
         sq += np.bincount(column, weights=squared, minlength=n_cols)
@@ -462,17 +475,60 @@ def _lattice_p_values(codes, col_feature, allowed, errors, out, params, binary, 
                                 binary=binary, n_rows=n_rows, total_error=total, total_sq=total_sq)
 
 
-def _search(coded: list[CodedFeature], used: list[str], errors: np.ndarray, skipped, params, progress) -> SliceResult:
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation now (Linux ``MemAvailable``), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _memory_refusal(error, rows_per_searched_row: float = 1.0) -> ClipengineError:
+    """The kernel's refusal (:class:`clipengine.kernels.sliceline.SliceLineMemoryError`) in the options a
+    user types; ``rows_per_searched_row`` turns a support among the searched rows (the split design
+    searches part of them) into the ``--min-sup`` over all rows."""
+    options = []
+    if "min_sup" in error.fits:
+        options.append(f"--min-sup {math.ceil(error.fits['min_sup'] * rows_per_searched_row)}")
+    if "max_level" in error.fits:
+        options.append(f"--max-level {error.fits['max_level']}")
+    if error.level == 0:
+        most = error.fits.get("features")
+        options.append(f"at most {most} features (--features)" if most else "a sample of the rows")
+        what = "the data alone"
+    else:
+        options.append("fewer features (--features)")
+        what = f"lattice level {error.level} ({error.candidates} candidates)"
+    return ClipengineError(f"slice search needs ≈ {error.needed / 1e9:.2f} GB for {what}, over the "
+                           f"{error.limit / 1e9:.2f} GB memory limit (--max-memory); would fit: {', '.join(options)}")
+
+
+# per evaluated candidate after the search: its p-value and one sorted copy for the q-values
+STATS_BYTES_PER_EVALUATED = 16
+
+
+def _search(coded: list[CodedFeature], used: list[str], errors: np.ndarray, skipped, params, progress,
+            max_memory: int | None = None) -> SliceResult:
     from clipengine.envs import num_threads
     from clipengine.kernels.lattice import count_lattice
-    from clipengine.kernels.sliceline import prepare_codes, slice_line
+    from clipengine.kernels.sliceline import SliceLineMemoryError, local_code_dtype, slice_line_local
     from clipengine.progress import progress_bar
     from clipengine.slices import stats
 
     n_rows = errors.shape[0]
     domains = np.array([len(c.labels) for c in coded], dtype=np.int64)
-    local = np.column_stack([c.codes for c in coded])
-    codes, col_feature, offsets = prepare_codes(local, domains)
+    codes = np.empty((len(coded), n_rows), local_code_dtype(domains))  # (f, m) feature-major level codes
+    for j, c in enumerate(coded):
+        codes[j] = c.codes
+        c.codes = codes[j]  # one copy of the codes, not two
+    col_feature = np.repeat(np.arange(len(coded), dtype=np.int32), domains)
+    if max_memory is None:
+        available = available_memory()
+        max_memory = int(0.8 * available) if available else None
     labels = [label for c in coded for label in c.labels]
     column_bounds = [bound for c in coded for bound in c.bounds]
     allowed = np.array([not (params["drop_nulls"] and label is None) for label in labels], dtype=bool)
@@ -481,7 +537,7 @@ def _search(coded: list[CodedFeature], used: list[str], errors: np.ndarray, skip
     binary = bool(np.all((errors == 0) | (errors == 1)))
     split = params["family"] == "split"
     test = _split_rows(n_rows, params["test_fraction"], params["split_seed"]) if split else None
-    search_codes, search_errors = (codes[~test], errors[~test]) if split else (codes, errors)
+    search_codes, search_errors = (np.ascontiguousarray(codes[:, ~test]), errors[~test]) if split else (codes, errors)
     search_rows = search_errors.shape[0]
     params["search_min_sup"] = max(1, math.ceil(params["min_sup"] * search_rows / n_rows))
     # SystemDS's pruning depends on k: compat reproduces its output for the k asked for
@@ -496,10 +552,13 @@ def _search(coded: list[CodedFeature], used: list[str], errors: np.ndarray, skip
             bar.update(1)
 
         try:
-            out = slice_line(search_codes, search_errors, col_feature, k=k_search, alpha=params["alpha"],
-                             min_sup=params["search_min_sup"], max_level=params["max_level"],
-                             compat=params["compat"] == "systemds", allowed=allowed, threads=num_threads(),
-                             on_level=on_level)
+            out = slice_line_local(search_codes, domains, search_errors, k=k_search, alpha=params["alpha"],
+                                   min_sup=params["search_min_sup"], max_level=params["max_level"],
+                                   compat=params["compat"] == "systemds", allowed=allowed, threads=num_threads(),
+                                   on_level=on_level, memory_limit=max_memory,
+                                   extra_per_evaluated=STATS_BYTES_PER_EVALUATED)
+        except SliceLineMemoryError as error:
+            raise _memory_refusal(error, n_rows / search_rows) from None
         finally:
             bar.close()
         found_columns, found_stats = out.top_slices, out.top_stats
@@ -522,7 +581,7 @@ def _search(coded: list[CodedFeature], used: list[str], errors: np.ndarray, skip
         family = {"design": "split", "size": int(found_columns.shape[0]), "search_rows": int(search_rows),
                   "test_rows": int(test.sum()), "search_min_sup": params["search_min_sup"]}
     else:
-        feature_major = np.ascontiguousarray(local.T, dtype=np.int16 if domains.max() < 2**15 else np.int32)
+        feature_major = np.ascontiguousarray(codes, dtype=np.int16 if domains.max() < 2**15 else np.int32)
         lattice = count_lattice(feature_major, domains, min_sup=params["min_sup"], max_level=params["max_level"],
                                 allowed=allowed)
         del feature_major
@@ -645,6 +704,7 @@ def find_slices_with_config(frame: pl.DataFrame, *, error: str, config: SliceCon
         split_seed=config.split_seed,
         labels=labels,
         progress=config.progress,
+        max_memory=config.max_memory,
     )
 
 

@@ -12,14 +12,47 @@ import numpy as np
 
 DEFAULT_CONFIDENCE = 0.95
 
+# scipy.special's distribution functions are what scipy.stats's ``norm`` and ``t`` evaluate (ndtri,
+# stdtrit, stdtr); importing scipy.stats as well would dominate the start-up of `clipengine slices`.
+
+
+# scipy.special.ndtri(0.975) exactly: the default interval needs no scipy import at all
+_NORMAL_QUANTILE_975 = 1.959963984540054
+
+
+def _normal_quantile(q: float) -> float:
+    """``scipy.stats.norm.ppf(q)``."""
+    if q == 0.975:
+        return _NORMAL_QUANTILE_975
+    from scipy.special import ndtri
+
+    return float(ndtri(q))
+
+
+def _t_ppf(q: float, df: np.ndarray) -> np.ndarray:
+    """``scipy.stats.t.ppf(q, df)``: NaN where df ≤ 0 or is NaN."""
+    from scipy.special import stdtrit
+
+    df = np.asarray(df, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.where(df > 0, stdtrit(np.where(df > 0, df, 1.0), q), np.nan)
+
+
+def _t_sf(x: np.ndarray, df: np.ndarray) -> np.ndarray:
+    """``scipy.stats.t.sf(x, df)``: NaN where df ≤ 0, x or df is NaN."""
+    from scipy.special import stdtr
+
+    x = np.asarray(x, dtype=np.float64)
+    df = np.asarray(df, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return np.where(df > 0, stdtr(np.where(df > 0, df, 1.0), -x), np.nan)
+
 
 def wilson_interval(successes: np.ndarray, n: np.ndarray, confidence: float = DEFAULT_CONFIDENCE):
     """Wilson score interval of a binomial proportion: ``(low, high)``, each ``(S,)`` float64."""
-    from scipy.stats import norm
-
     successes = np.asarray(successes, dtype=np.float64)
     n = np.asarray(n, dtype=np.float64)
-    z = norm.ppf(0.5 + confidence / 2)
+    z = _normal_quantile(0.5 + confidence / 2)
     with np.errstate(invalid="ignore", divide="ignore"):
         p = successes / n
         denom = 1 + z * z / n
@@ -30,13 +63,11 @@ def wilson_interval(successes: np.ndarray, n: np.ndarray, confidence: float = DE
 
 def mean_t_interval(total: np.ndarray, total_sq: np.ndarray, n: np.ndarray, confidence: float = DEFAULT_CONFIDENCE):
     """t interval of a mean from sums: ``(low, high)``; NaN where n < 2."""
-    from scipy.stats import t
-
     n = np.asarray(n, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = total / n
         var = np.maximum((total_sq - n * mean * mean) / (n - 1), 0.0)
-        half = t.ppf(0.5 + confidence / 2, n - 1) * np.sqrt(var / n)
+        half = _t_ppf(0.5 + confidence / 2, n - 1) * np.sqrt(var / n)
     half = np.where(n >= 2, half, np.nan)
     return mean - half, mean + half
 
@@ -47,13 +78,11 @@ def hypergeometric_p(successes, n, total_successes: float, n_rows: int) -> np.nd
     from clipengine.kernels.hypergeom import hypergeometric_sf
 
     p = hypergeometric_sf(np.asarray(successes), np.asarray(n), int(round(total_successes)), int(n_rows))
-    return np.clip(np.nan_to_num(p, nan=1.0), 0.0, 1.0)
+    return np.clip(np.nan_to_num(p, nan=1.0, copy=False), 0.0, 1.0, out=p)
 
 
 def welch_p(total, total_sq, n, grand_total: float, grand_sq: float, n_rows: int) -> np.ndarray:
     """One-sided Welch t-test p-value: is the slice's mean error above the rest's?"""
-    from scipy.stats import t
-
     n1 = np.asarray(n, dtype=np.float64)
     n2 = n_rows - n1
     s1 = np.asarray(total, dtype=np.float64)
@@ -68,7 +97,7 @@ def welch_p(total, total_sq, n, grand_total: float, grand_sq: float, n_rows: int
         se = np.sqrt(v1 + v2)
         stat = (m1 - m2) / se
         df = (v1 + v2) ** 2 / (v1 * v1 / (n1 - 1) + v2 * v2 / (n2 - 1))
-        p = t.sf(stat, df)
+        p = _t_sf(stat, df)
     # no spread at all: the difference is certain
     p = np.where(se == 0, np.where(m1 > m2, 0.0, 1.0), p)
     p = np.where((n1 < 2) | (n2 < 2), 1.0, p)
@@ -87,6 +116,26 @@ def benjamini_hochberg(p_values: np.ndarray) -> np.ndarray:
     q = np.empty(n)
     q[order] = np.minimum(q_sorted, 1.0)
     return q
+
+
+def benjamini_hochberg_at(p_values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``benjamini_hochberg(p_values)[index]``, the same numbers, with one sorted copy of the
+    p-values in memory instead of five ``(C,)`` arrays (the family can hold millions of candidates)."""
+    p = np.asarray(p_values, dtype=np.float64)
+    n = p.size
+    index = np.asarray(index, dtype=np.int64)
+    if index.size == 0:
+        return np.zeros(0)
+    ranked = np.sort(p)
+    # tied p-values share the q-value of the last of them
+    last = np.searchsorted(ranked, p[index], side="right") - 1
+    step = 1 << 20
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        ranked[start:stop] = ranked[start:stop] * n / np.arange(start + 1, stop + 1)
+    backwards = ranked[::-1]
+    np.minimum.accumulate(backwards, out=backwards)
+    return np.minimum(ranked[last], 1.0)
 
 
 def slice_p_values(size, error_sum, error_sq, *, binary: bool, n_rows: int, total_error: float, total_sq: float):

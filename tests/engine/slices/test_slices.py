@@ -221,3 +221,83 @@ def test_quantile_binning_keeps_a_heavy_point_mass_as_its_own_bin():
     assert np.array_equal(coded[0].codes == 0, gain == 0)
     result = find_slices(frame, error="error")
     assert result.predicates[0]["gain"].startswith("(0.0, ")
+
+
+# ---- memory limit and start-up ------------------------------------------------------------------------
+
+
+def wide_ab(m=500, nf=120, seed=0):
+    """issue 14's table: every feature takes the values a and b, random 0/1 errors."""
+    rng = np.random.default_rng(seed)
+    columns = {f"c{j}": rng.choice(["a", "b"], m) for j in range(nf)}
+    return pl.DataFrame({**columns, "error": rng.integers(0, 2, m)})
+
+
+def test_a_lattice_over_the_memory_limit_is_refused_in_one_line_naming_what_fits():
+    frame = wide_ab()
+    with pytest.raises(ClipengineError) as info:
+        find_slices(frame, error="error", max_memory=60_000_000)
+    message = str(info.value)
+    assert "\n" not in message and "lattice level 3" in message and "--max-memory" in message
+    assert "--max-level 2" in message and "fewer features (--features)" in message
+    suggested = int(message.split("--min-sup ")[1].split(",")[0])
+    assert suggested > 5  # the default ⌈500/100⌉ did not fit
+    for option in ({"max_level": 2}, {"min_sup": suggested}):
+        result = find_slices(frame, error="error", max_memory=60_000_000, **option)
+        assert result.n_evaluated > 0
+
+
+def test_cli_refusal_exits_2_and_max_memory_is_parsed(tmp_path):
+    import subprocess
+    import sys
+
+    wide_ab(nf=100).write_csv(tmp_path / "ab.csv")
+    run = subprocess.run([sys.executable, "-m", "clipengine", "slices", str(tmp_path / "ab.csv"), "--error", "error",
+                          "--max-memory", "40M", "--quiet"], capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().startswith("clipengine: error: slice search needs ≈")
+    assert "0.04 GB memory limit" in run.stderr and "Traceback" not in run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1
+    from clipengine.cli.options import parse_memory
+
+    def _parse_memory(text):
+        return parse_memory(None, None, text)
+
+    assert _parse_memory("8G") == 8_000_000_000 and _parse_memory("1.5gb") == 1_500_000_000
+    assert _parse_memory("500M") == 500_000_000 and _parse_memory("123") == 123
+    for bad in ("lots", "-1G", "0"):
+        with pytest.raises(Exception, match="not a size"):
+            _parse_memory(bad)
+
+
+def test_slices_command_imports_no_scipy_stats_and_no_torch(tmp_path):
+    """A warm `clipengine slices` pays for what it uses: scipy.stats and scipy.special (their imports
+    are several times the search on Adult-sized tables) and torch are not imported for 0/1 errors."""
+    import subprocess
+    import sys
+
+    pedestrians(m=300).write_csv(tmp_path / "t.csv")
+    probe = ("import sys, runpy; sys.argv = ['clipengine', 'slices', sys.argv[1], '--error', 'error', '--quiet'];"
+             "import atexit; atexit.register(lambda: print('MODULES', 'scipy.stats' in sys.modules,"
+             " 'scipy.special' in sys.modules, 'torch' in sys.modules, 'numba' in sys.modules, file=sys.stderr));"
+             "runpy.run_module('clipengine', run_name='__main__')")
+    run = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "t.csv")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "rows, mean error" in run.stdout
+    assert "MODULES False False False True" in run.stderr  # 0/1 errors: no scipy distribution needed
+
+
+@pytest.mark.parametrize("dtype", [pl.Int64, pl.Int16, pl.UInt8, pl.UInt32])
+def test_integer_columns_coded_by_counting_as_polars_codes_them(dtype):
+    from clipengine.slices.coding import code_categorical as _code_categorical
+    from clipengine.slices.coding import code_feature as _code_feature
+
+    rng = np.random.default_rng(9)
+    low = -4 if dtype.is_signed_integer() else 3
+    series = pl.Series("x", rng.choice(np.arange(low, low + 14, 3), 5000), dtype=dtype)
+    fast = _code_feature(series, "x", 10, "quantile")
+    reference = _code_categorical(series)
+    assert fast.labels == reference.labels and all(type(v) is int for v in fast.labels)
+    assert np.array_equal(fast.codes, reference.codes) and fast.codes.dtype == np.uint8
+    wide = pl.Series("y", [0, 1 << 20, 5] * 10, dtype=pl.Int64)  # a wide range: the Polars path
+    assert _code_feature(wide, "y", 10, "quantile").labels == [0, 5, 1 << 20]

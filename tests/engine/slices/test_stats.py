@@ -100,3 +100,32 @@ def test_fcr_confidence():
     assert stats.fcr_confidence(0.95, 10, 1000) == pytest.approx(1 - 10 * 0.05 / 1000)
     assert stats.fcr_confidence(0.95, 0, 1000) == 0.95
     assert stats.fcr_confidence(0.95, 20, 10) == pytest.approx(0.95)
+
+
+def test_benjamini_hochberg_at_equals_the_full_adjustment_with_ties():
+    rng = np.random.default_rng(4)
+    for n in (1, 7, 50_000):
+        # 20 % signal, the rest null; many ties, exact zeros and ones
+        p = np.round(np.where(rng.random(n) < 0.2, rng.random(n) ** 4, rng.random(n)), 4)
+        p[rng.integers(0, n, max(1, n // 100))] = 0.0
+        p[rng.integers(0, n, max(1, n // 100))] = 1.0
+        index = rng.integers(0, n, 40)
+        q = stats.benjamini_hochberg(p)[index]
+        assert np.array_equal(stats.benjamini_hochberg_at(p, index), q)
+    # the step-up's running minimum changes these q-values (p·n/rank alone would not give them)
+    rank = np.searchsorted(np.sort(p), p[index], side="right")
+    assert not np.array_equal(np.minimum(p[index] * n / rank, 1.0), q)
+
+
+def test_t_distribution_without_scipy_stats_is_bit_identical_to_it():
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(0, 4, 2000), [np.inf, -np.inf, np.nan, 0.0, 60.0, -60.0]])
+    df = np.concatenate([rng.exponential(30, 2000), [0.0, -1.0, np.nan, np.inf, 1e-3, 2.0]])
+    assert np.array_equal(stats._t_sf(x, df), sps.t.sf(x, df), equal_nan=True)
+    for q in (0.9, 0.975, 0.995):
+        assert np.array_equal(stats._t_ppf(q, df), sps.t.ppf(q, df), equal_nan=True)
+
+
+def test_normal_quantile_is_scipys():
+    for q in (0.975, 0.95, 0.995, 0.5):
+        assert stats._normal_quantile(q) == sps.norm.ppf(q)
