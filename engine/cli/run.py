@@ -8,7 +8,15 @@ from pathlib import Path
 import click
 
 from clipengine import config as defaults
-from clipengine.cli.options import model_config, model_options, runtime_options, slice_config, slice_options
+from clipengine.cli.options import (
+    coverage_config,
+    coverage_options,
+    model_config,
+    model_options,
+    runtime_options,
+    slice_config,
+    slice_options,
+)
 from clipengine.datasets import DATASETS
 
 
@@ -53,7 +61,9 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
     "run",
     help=f"""The whole semantic test: encode a dataset's images (or object crops), label them
 zero-shot with a prompt schema, join the model-under-test's per-item errors, find the weak
-slices with SliceLine and write a summary and report into RUN (default runs/<dataset>).
+slices with SliceLine, measure which combinations of conditions the data covers (t-way
+coverage: over the ODD's features with --odd, else the schema's attributes and the dataset's
+own features) and write a summary and report into RUN (default runs/<dataset>).
 
 Rerunning the same command skips finished stages whose inputs did not change, encodes only
 new images, and resumes a killed run. Without --model/--weights the default CLIP weights are
@@ -68,6 +78,7 @@ Example:
   clipengine run --dataset fashion-mnist
   clipengine run --dataset carla --root carla_export/ --detections dets/ --out runs/carla
   clipengine run --dataset folder --root photos/ --schema scene --k 20
+  clipengine run --dataset folder --root photos/ --schema scene --odd odd.yaml --t 3 --min-count 5
   clipengine run --config nightly.yaml --quiet --log-json
   clipengine run --dataset folder --root /shared/photos --out /shared/runs/nightly --executor ray --ray-address auto
   clipengine run --dataset folder --root /shared/photos --executor ray --ray-address auto \\
@@ -104,6 +115,7 @@ Example:
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decode threads [one per core].")
 @click.option("--strategy", default=None, help="Prompt aggregation (mean, max, topm, naive; per attribute a=max).")
 @slice_options
+@coverage_options
 @click.option("--no-report", is_flag=True, default=False, help="Skip report.html.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where encoding runs: this process, or a Ray cluster (needs clipengine[ray]).")
@@ -121,7 +133,7 @@ Example:
 @click.option("--log-json", is_flag=True, default=False, help="JSON-lines events on stdout (machine-readable).")
 def run(dataset, root, out, schema, detections, predictions, errors_file, classes, iou, limit, seed, model, pretrained,
         weights, backend, device, precision, batch_size, workers, strategy, k, alpha, min_sup, max_level, bins,
-        binning, drop_nulls, compat, max_q, no_report, executor, ray_address, ray_workers, gpus_per_worker,
+        binning, drop_nulls, compat, max_q, t, min_count, odd, min_prob, soft, no_report, executor, ray_address, ray_workers, gpus_per_worker,
         cpus_for_decode, ray_shards, quiet, log_json) -> None:
     from clipengine.config import AnnotateConfig, DatasetConfig, EncodeConfig, RunConfig
     from clipengine.errors import ClipengineError
@@ -142,6 +154,7 @@ def run(dataset, root, out, schema, detections, predictions, errors_file, classe
         encode=encode,
         annotate=AnnotateConfig(strategy=strategy, device=device),
         slices=slices,
+        coverage=coverage_config(t=t, min_count=min_count, odd=odd, min_prob=min_prob, soft=soft),
         auto_model=model is None and weights is None and pretrained is None,
         report=not no_report,
         executor=executor,

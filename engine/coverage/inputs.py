@@ -33,3 +33,17 @@ def read_coverage_input(path: str | Path) -> tuple[pl.DataFrame, bool]:
     if path.is_dir():
         return read_run_table(path), True
     return read_table(path, what="table"), False
+
+
+def run_features(run_dir: str | Path) -> list[str] | None:
+    """The features ``clipengine run`` covers in ``run_dir`` (and slices on): the list its
+    ``manifest.json`` records — the schema's attributes, then the dataset's own feature columns
+    (:func:`clipengine.artifacts.joined_features`); None for a folder without that record (e.g. one
+    written by ``clipengine annotate`` alone)."""
+    from clipengine import artifacts
+
+    manifest = artifacts.read_manifest(run_dir) or {}
+    features = manifest.get("features")
+    if isinstance(features, list) and features and all(isinstance(f, str) for f in features):
+        return list(features)
+    return None

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -454,9 +454,10 @@ def _probs_of(frame: pl.DataFrame, name: str) -> np.ndarray | None:
 
 
 def _resolve_features(frame: pl.DataFrame, names: Sequence[str] | None, odd: Odd | None, is_run: bool,
-                      error: str | None, max_levels: int) -> tuple[list[_Feature], dict[str, str]]:
+                      error: str | None, max_levels: int,
+                      optional: bool = False) -> tuple[list[_Feature], dict[str, str]]:
     skipped: dict[str, str] = {}
-    explicit = names is not None or odd is not None
+    explicit = (names is not None and not optional) or odd is not None
     if odd is not None:
         chosen = list(odd.features)
         if names is not None:
@@ -472,12 +473,18 @@ def _resolve_features(frame: pl.DataFrame, names: Sequence[str] | None, odd: Odd
     elif names is not None:
         chosen = list(dict.fromkeys(names))
         missing = [n for n in chosen if n not in frame.columns]
-        if missing:
+        if missing and optional:
+            skipped.update({n: "no such column" for n in missing})
+            chosen = [n for n in chosen if n in frame.columns]
+        elif missing:
             raise ClipengineError(f"feature column(s) {', '.join(repr(n) for n in missing)} not found; "
                                   f"available columns: {', '.join(frame.columns)}")
     else:
         chosen = _features_of(frame, is_run, error)
-    if error is not None and error in chosen:
+    if error is not None and error in chosen and optional and odd is None:
+        skipped[error] = "the error column"
+        chosen = [n for n in chosen if n != error]
+    elif error is not None and error in chosen:
         raise ClipengineError(f"the error column '{error}' cannot also be a feature")
     texts = {}
     for name in chosen:
@@ -582,13 +589,18 @@ def measure_coverage(
     against: pl.DataFrame | None = None,
     against_source: str | None = None,
     is_run: bool = False,
+    features_optional: bool = False,
 ) -> CoverageResult:
     """t-way coverage of ``frame``'s features (see the module docstring).
 
     ``features``: the columns (default: the ODD's features, else a run's labelled attributes, else
     every column but keys, errors and ``_prob`` / ``_margin``); ``odd``: a parsed ODD
     (:func:`clipengine.coverage.odd.load_odd`); ``against``: another frame with the same feature
-    columns; ``is_run``: ``frame`` is a run's metadata (for the default features).
+    columns; ``is_run``: ``frame`` is a run's metadata (for the default features);
+    ``features_optional``: ``features`` is a default list (a run's, :func:`coverage_run`) rather than
+    the user's — a name that is no column (here or in ``against``) or cannot be a feature is left out
+    with its reason in ``skipped_features``, and ``t`` is lowered to the number of features left
+    (``params["t_requested"]`` then keeps the asked one).
 
     >>> import polars as pl
     >>> frame = pl.DataFrame({"weather": ["rain", "fog", "rain", "clear"], "time": ["day", "day", "night", "night"]})
@@ -603,6 +615,8 @@ def measure_coverage(
 
     if isinstance(frame, pl.LazyFrame):
         frame = frame.collect()
+    if isinstance(against, pl.LazyFrame):
+        against = against.collect()
     _check(config)
     if frame.height == 0:
         raise ClipengineError("the table has no rows")
@@ -611,11 +625,19 @@ def measure_coverage(
         error = DEFAULT_ERROR_COLUMN
     elif error is not None and error not in frame.columns:
         raise ClipengineError(f"error column '{error}' not found; available columns: {', '.join(frame.columns)}")
-    chosen, skipped = _resolve_features(frame, features, odd, is_run, error, config.max_levels)
+    optional = features_optional and features is not None and odd is None
+    chosen, skipped = _resolve_features(frame, features, odd, is_run, error, config.max_levels, optional)
+    if optional and against is not None:
+        for feature in [f for f in chosen if f.name not in against.columns]:
+            skipped[feature.name] = f"not in the --against table {against_source or ''}".rstrip()
+            chosen.remove(feature)
     if not chosen:
         detail = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no feature columns"
         raise ClipengineError(f"no usable feature column ({detail})")
-    if config.t > len(chosen):
+    t_requested = config.t
+    if config.t > len(chosen) and optional:
+        config = replace(config, t=len(chosen))
+    elif config.t > len(chosen):
         raise ClipengineError(f"t = {config.t} needs at least {config.t} features; there are {len(chosen)} "
                               f"({', '.join(f.name for f in chosen)})")
     uses_probs = config.min_prob is not None or config.soft
@@ -627,8 +649,6 @@ def measure_coverage(
 
     other_features = None
     if against is not None:
-        if isinstance(against, pl.LazyFrame):
-            against = against.collect()
         missing = [f.name for f in chosen if f.name not in against.columns]
         if missing:
             raise ClipengineError(f"--against {against_source or 'frame'}: no column '{missing[0]}' (a feature here)")
@@ -686,6 +706,8 @@ def measure_coverage(
               "min_prob": float(config.min_prob) if config.min_prob is not None else None,
               "soft": bool(config.soft), "odd": odd.path if odd is not None else None,
               "error": error, "limit": int(config.limit), "table_rows": int(config.table_rows)}
+    if t_requested != config.t:
+        params["t_requested"] = int(t_requested)
     result = CoverageResult(n_rows=m, features=[f.name for f in chosen], values=domains, levels=levels,
                             params=params, skipped_features=skipped, certain_features=certain if uses_probs else [],
                             binary_errors=binary, error_column=error,
@@ -813,6 +835,29 @@ def _out_of_odd(result: CoverageResult, frame: pl.DataFrame, codes: np.ndarray, 
             "excluded: " + CoverageResult.describe(words(r))
             for r in range(rule_features.shape[0]) if matches(r, [i])[0]]
         result.out_of_odd_examples.append(json.loads(json.dumps(example, default=str)))
+
+
+# ---- the run's stage ---------------------------------------------------------------------------------
+
+
+def coverage_run(run_dir: str | Path, config: CoverageConfig, features: Sequence[str] | None) -> CoverageResult:
+    """The coverage stage of a run: its items (metadata ⋈ errors, :func:`clipengine.coverage.inputs.read_run_table`)
+    → :func:`measure_coverage` → ``coverage.json`` / ``coverage.parquet`` in ``run_dir``.
+
+    The features: the ODD's (``config.odd``), else ``features`` as a default list — a run passes the
+    slices stage's features, the schema's attributes then the dataset's own columns
+    (:func:`clipengine.artifacts.joined_features`); those that cannot be features (continuous
+    numbers, more than ``max_levels`` values, absent) are left out with their reason, and ``t`` is
+    lowered to the number left."""
+    from clipengine.coverage.inputs import read_run_table
+    from clipengine.coverage.odd import load_odd
+
+    frame = read_run_table(run_dir)
+    odd = load_odd(config.odd) if config.odd is not None else None
+    result = measure_coverage(frame, config=config, features=None if odd is not None else features, odd=odd,
+                              is_run=True, features_optional=True)
+    write_coverage(result, run_dir)
+    return result
 
 
 # ---- writing -------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The whole semantic test as one resumable job: a dataset through encode → errors → annotate →
-eval → slices → summary → report, each stage recorded in ``RUN/manifest.json``.
+eval → slices → coverage → summary → report, each stage recorded in ``RUN/manifest.json``.
 
 This module only sequences stages (each usable alone, each in its own package) and records them:
 
@@ -10,7 +10,8 @@ This module only sequences stages (each usable alone, each in its own package) a
 | annotate | :func:`clipengine.annotate.stage.annotate_run` | metadata.parquet (+ metadata_naive.parquet with ground truth) | encode, schema hash, strategy |
 | eval | :func:`clipengine.annotate.evaluate.evaluate_run` | label_quality.csv / .md | annotate, errors |
 | slices | :func:`clipengine.slices.find.slice_run` | slices.parquet, slices.json | annotate, errors, slice settings, features |
-| summary | :func:`clipengine.run.summary.write_summary` | summary.md | slices, eval |
+| coverage | :func:`clipengine.coverage.stage.coverage_run` | coverage.json, coverage.parquet | annotate, errors, coverage settings, the ODD file (content), features |
+| summary | :func:`clipengine.run.summary.write_summary` | summary.md | slices, eval, coverage |
 | report | :func:`clipengine.report.write_report` | report.html (+ thumbs/) | summary |
 
 A stage runs when its fingerprint differs from the finished one in the manifest (or it never
@@ -35,7 +36,7 @@ from clipengine.config import RunConfig
 from clipengine.errors import ClipengineError
 from clipengine.run.manifest import Manifest, fingerprint, now_iso, package_versions
 
-STAGES = ("encode", "errors", "annotate", "eval", "slices", "summary", "report")
+STAGES = ("encode", "errors", "annotate", "eval", "slices", "coverage", "summary", "report")
 
 
 @dataclass
@@ -150,7 +151,9 @@ class _Job:
 
         started = time.perf_counter()
         schema_file = Path(self.schema_name)
-        given = [*self.dataset.input_files(), *([schema_file] if schema_file.is_file() else [])]
+        odd_file = self.config.coverage.odd
+        given = [*self.dataset.input_files(), *([schema_file] if schema_file.is_file() else []),
+                 *([odd_file] if odd_file is not None else [])]
         artifacts.check_inputs_kept(self.run_dir, given)
         self.manifest = Manifest(self.run_dir)
         items = self.dataset.list_items()
@@ -162,6 +165,11 @@ class _Job:
             self.log.say(notice)
             self.log.event("notice", message=notice)
         schema = load_schema(self.schema_name)
+        if self.config.coverage.odd is not None:  # a bad ODD file stops the run before any work
+            from clipengine.coverage.odd import load_odd
+
+            load_odd(self.config.coverage.odd)
+        features = artifacts.joined_features(schema.attribute_names, self.dataset.error_features())
         self.manifest.update(
             dataset={"name": self.config.dataset, "root": str(self.dataset.root) if self.dataset.root else None,
                      "settings": self.dataset.settings(), "items": items.height,
@@ -169,6 +177,7 @@ class _Job:
             inputs=describe_files(self.dataset.input_files()) + [{"listing": f"{items.height} items",
                                                                    "sha256": listing_hash}],
             schema={"name": schema.name, "hash": schema.hash, "source": schema.source},
+            features=features,  # the schema's attributes, then the dataset's own: what slices and coverage use
             config=_jsonable(dataclasses.asdict(replace(self.config, out=self.run_dir))),
             model_choice={"model": self.model.model, "weights": str(self.model.weights) if self.model.weights else None,
                           "pretrained": self.model.pretrained, "auto": self.config.auto_model, "notice": notice},
@@ -184,10 +193,11 @@ class _Job:
         annotate_fp = fingerprint("annotate", encode_fp, schema.hash, annotate_cfg.strategy, has_truth)
         errors_fp = fingerprint("errors", dataset_fp)
         eval_fp = fingerprint("eval", annotate_fp, errors_fp, self.dataset.truth_mapping()) if has_truth else None
-        features = artifacts.joined_features(schema.attribute_names, self.dataset.error_features())
         slice_settings = {k: v for k, v in dataclasses.asdict(self.config.slices).items() if k != "progress"}
         slices_fp = fingerprint("slices", annotate_fp, errors_fp, slice_settings, features, artifacts.SLICES_FORMAT)
-        summary_fp = fingerprint("summary", slices_fp, eval_fp)
+        coverage_fp = fingerprint("coverage", annotate_fp, errors_fp, *_coverage_settings(self.config.coverage),
+                                  features)
+        summary_fp = fingerprint("summary", slices_fp, eval_fp, coverage_fp)
         report_fp = fingerprint("report", summary_fp)
 
         bar = progress_bar(len(STAGES), "run", enabled=self.progress, unit="stage")
@@ -203,6 +213,7 @@ class _Job:
             else:
                 bar.update(1)
             self.stage("slices", slices_fp, lambda: self._slices(features), bar)
+            self.stage("coverage", coverage_fp, lambda: self._coverage(features), bar)
             self.stage("summary", summary_fp, self._summary, bar)
             if self.config.report:
                 self.stage("report", report_fp, self._report, bar)
@@ -283,6 +294,16 @@ class _Job:
             "skipped_features": result.skipped_features,
         }
 
+    def _coverage(self, features: list[str]) -> tuple[list[str], dict]:
+        from clipengine.coverage.stage import coverage_run
+
+        result = coverage_run(self.run_dir, replace(self.config.coverage, progress=self.progress), features)
+        return [artifacts.COVERAGE_JSON, artifacts.COVERAGE_PARQUET], {
+            "rows": result.n_rows, "features": list(result.features),
+            "coverage": [{k: entry[k] for k in ("t", "covered", "valid")} for entry in result.coverage()],
+            "out_of_odd": int(result.out_of_odd), "skipped_features": dict(result.skipped_features),
+        }
+
     def _summary(self) -> tuple[list[str], dict]:
         from clipengine.run.summary import write_summary
 
@@ -294,6 +315,15 @@ class _Job:
 
         write_report(self.run_dir)
         return [artifacts.REPORT], {}
+
+
+def _coverage_settings(config) -> tuple[dict, str | None]:
+    """What of the coverage settings shapes its outputs: the settings (not ``progress``) and the
+    ODD file's content hash (a path alone would miss an edited file)."""
+    from clipengine.bindings.files import sha256_file
+
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
+    return settings, sha256_file(config.odd) if config.odd is not None else None
 
 
 def _jsonable(value: Any) -> Any:

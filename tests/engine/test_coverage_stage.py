@@ -429,3 +429,80 @@ def test_cli_errors_are_one_line_with_exit_code_2(table, tmp_path, capsys):
             main(["coverage", str(table), *args])
         assert code.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def _run_dir_with_manifest(folder, features):
+    """A run directory as ``clipengine run`` leaves it for coverage: metadata, errors (a continuous and a
+    categorical dataset column) and the manifest's feature list."""
+    from clipengine.bindings.files import write_json
+
+    rng = np.random.default_rng(3)
+    n = 60
+    paths = [f"img{i:03d}.png" for i in range(n)]
+    weather = rng.choice(["fog", "rain", "clear"], n)
+    light = rng.choice(["day", "night"], n)
+    pl.DataFrame({"path": paths, "weather": weather, "weather_prob": rng.uniform(0.4, 1, n),
+                  "weather_margin": rng.uniform(0, 0.5, n), "light": light, "light_prob": rng.uniform(0.4, 1, n),
+                  "light_margin": rng.uniform(0, 0.5, n)}).write_parquet(folder / "metadata.parquet")
+    pl.DataFrame({"path": paths, "error": rng.integers(0, 2, n), "road": rng.choice(["wet", "dry"], n),
+                  "ink": rng.uniform(0, 1, n), "true_weather": weather}).write_parquet(folder / "errors.parquet")
+    if features is not None:
+        write_json(folder / "manifest.json", {"format": 1, "features": features})
+    return folder
+
+
+def test_a_run_directory_is_covered_over_the_features_its_manifest_records(tmp_path, capsys):
+    from clipengine.cli import main
+    from clipengine.coverage.inputs import run_features
+
+    run_dir = _run_dir_with_manifest(tmp_path, ["weather", "light", "road", "ink"])
+    assert run_features(run_dir) == ["weather", "light", "road", "ink"]
+    with pytest.raises(SystemExit) as code:
+        main(["coverage", str(run_dir), "--json"])
+    assert code.value.code == 0
+    out = json.loads(capsys.readouterr().out)
+    # the dataset's categorical column is covered, its continuous one left out with the reason
+    assert list(out["features"]) == ["weather", "light", "road"]
+    assert "continuous numbers" in out["skipped_features"]["ink"]
+    frame = read_run_table(run_dir)
+    assert out["coverage"][1]["covered"] == sum(len(set(zip(frame[a].to_list(), frame[b].to_list())))
+                                                for a, b in itertools.combinations(["weather", "light", "road"], 2))
+    # named features stay strict; without the manifest's record, the labelled attributes
+    with pytest.raises(SystemExit) as code:
+        main(["coverage", str(run_dir), "--features", "weather,ink", "--json"])
+    assert code.value.code == 2
+    (run_dir / "manifest.json").unlink()
+    assert run_features(run_dir) is None
+    with pytest.raises(SystemExit):
+        main(["coverage", str(run_dir), "--json"])
+    assert list(json.loads(capsys.readouterr().out)["features"]) == ["weather", "light"]
+
+
+def test_optional_features_lower_t_and_skip_what_against_lacks():
+    frame = pl.DataFrame({"a": ["x", "y", "x"], "b": ["u", "u", "v"], "c": [0.5, 0.25, 0.125]})
+    other = pl.DataFrame({"a": ["x", "x"], "c": [0.5, 0.5]})
+    result = measure_coverage(frame, config=config(t=3), features=["a", "b", "c", "gone"], features_optional=True,
+                              against=other, against_source="other.parquet")
+    assert result.features == ["a"] and result.params["t"] == 1 and result.params["t_requested"] == 3
+    assert result.skipped_features["gone"] == "no such column"
+    assert result.skipped_features["b"] == "not in the --against table other.parquet"
+    assert "continuous" in result.skipped_features["c"]
+    with pytest.raises(ClipengineError, match="t = 3 needs at least 3 features"):
+        measure_coverage(frame, config=config(t=3), features=["a", "b"])
+
+
+def test_cli_out_never_overwrites_an_input(tmp_path, capsys):
+    from clipengine.cli import main
+
+    (tmp_path / "odd").mkdir()
+    odd = tmp_path / "odd" / "coverage.json"  # an ODD file is YAML, and JSON is YAML
+    odd.write_text('{"features": {"weather": ["fog", "rain"], "time": ["day", "night"]}}')
+    source = tmp_path / "table.csv"
+    pl.DataFrame({"weather": ["fog", "rain"], "time": ["day", "night"]}).write_csv(source)
+    with pytest.raises(SystemExit) as code:
+        main(["coverage", str(source), "--odd", str(odd), "--out", str(odd.parent)])
+    assert code.value.code == 2 and "which this run would overwrite" in capsys.readouterr().err
+    assert odd.read_text().startswith('{"features"')
+    with pytest.raises(SystemExit) as code:
+        main(["coverage", str(source), "--odd", str(odd), "--out", str(tmp_path / "out")])
+    assert code.value.code == 0 and (tmp_path / "out" / COVERAGE_JSON).is_file()
