@@ -428,6 +428,26 @@ def read_coverage(run_dir: str | os.PathLike) -> dict | None:
     return read_json_file(path) if path.is_file() else None
 
 
+def read_coverage_table(run_dir: str | os.PathLike, *, t: int | None = None):
+    """The rows of ``coverage.parquet`` (of feature sets of ``t`` features only, when given; the file is
+    filtered as it is read), feature and value columns as text; None when the run has no such file, a
+    one-line error when it is unreadable."""
+    import polars as pl
+
+    path = Path(run_dir) / COVERAGE_PARQUET
+    if not path.is_file():
+        return None
+    try:
+        frame = pl.scan_parquet(path)
+        if t is not None:
+            frame = frame.filter(pl.col("t") == t)
+        frame = frame.collect()
+    except Exception as error:
+        raise ClipengineError(f"{path}: not a readable coverage table ({_first_line(error)})") from None
+    text = [c for c in frame.columns if c.startswith(("feature_", "value_"))]
+    return frame.with_columns(pl.col(text).cast(pl.String))
+
+
 # ---- label quality, summary, report ----------------------------------------------------------------
 def write_label_quality(out_dir: str | os.PathLike, table, markdown: str) -> tuple[Path, Path]:
     """``label_quality.csv`` (``table``, a frame) and ``label_quality.md``, atomically."""

@@ -830,7 +830,7 @@ def _out_of_odd(result: CoverageResult, frame: pl.DataFrame, codes: np.ndarray, 
     examples = sorted(set(np.concatenate([g[:share] for g in groups]).tolist()) if groups else [])[:EXAMPLES]
     keys = [k for k in KEY_COLUMNS if k in frame.columns]
     for i in examples:
-        example: dict[str, Any] = {"row": i, **{key: frame[key][i] for key in keys}}
+        example: dict[str, Any] = {"row": i, **frame.select(keys).row(i, named=True)}  # a box as a list
         example["reasons"] = [f"{f.name} = {f.text[i]}" for j, f in enumerate(chosen) if outside[j, i]] + [
             "excluded: " + CoverageResult.describe(words(r))
             for r in range(rule_features.shape[0]) if matches(r, [i])[0]]

@@ -506,3 +506,13 @@ def test_cli_out_never_overwrites_an_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as code:
         main(["coverage", str(source), "--odd", str(odd), "--out", str(tmp_path / "out")])
     assert code.value.code == 0 and (tmp_path / "out" / COVERAGE_JSON).is_file()
+
+
+def test_out_of_odd_examples_name_their_items_by_path_and_box():
+    frame = pl.DataFrame({"path": ["a.png", "a.png", "b.png"], "box": [[0.0, 0.0, 4.0, 4.0], [1.0, 2.0, 3.0, 4.0], None],
+                          "weather": ["fog", "hail", "hail"], "time": ["day", "day", "night"]})
+    odd = parse_odd("features:\n  weather: [fog, rain]\n  time: [day, night]\n")
+    result = measure_coverage(frame, config=config(), odd=odd)
+    examples = json.loads(json.dumps(result.to_json()["out_of_odd_examples"]))
+    assert [(e["row"], e["path"], e["box"]) for e in examples] == [(1, "a.png", [1.0, 2.0, 3.0, 4.0]),
+                                                                    (2, "b.png", None)]
