@@ -519,33 +519,35 @@ def _resolve_features(frame: pl.DataFrame, names: Sequence[str] | None, odd: Odd
     return features, skipped
 
 
-def _code(features: list[_Feature], domains: list[list[str]], min_prob: float | None):
-    """``(codes (f, m) int16, labels (f, m) int16 | None, outside (f, m) bool)``: mode codes (labels
-    below ``min_prob`` unknown), codes of every label (when ``min_prob``), values outside the domain."""
+def _code(features: list[_Feature], domains: list[list[str]], min_prob: float | None, *, outside_kept: bool = True):
+    """``(codes (f, m) int16, labels (f, m) int16 | None, outside (f, m) bool | None)``: mode codes (labels
+    below ``min_prob`` unknown), codes of every label (when ``min_prob``), values outside the domain
+    (None without ``outside_kept``: domains of observed values leave nothing outside)."""
     m = features[0].text.len() if features else 0
     codes = np.empty((len(features), m), np.int16)
     labels = np.empty((len(features), m), np.int16) if min_prob is not None else None
-    outside = np.zeros((len(features), m), bool)
+    outside = np.zeros((len(features), m), bool) if outside_kept else None
     # an Enum of the domain numbers the values in its order, a value outside it becomes null; the
     # columns are coded in parallel
     texts = pl.DataFrame([f.text.alias(f"c{j}") for j, f in enumerate(features)])
-    exprs = []
-    for j, domain in enumerate(domains):
-        coded = pl.col(f"c{j}").cast(pl.Enum(domain), strict=False)
-        exprs.append(coded.to_physical().cast(pl.Int16).fill_null(-1).alias(f"code{j}"))
-        exprs.append((coded.is_null() & pl.col(f"c{j}").is_not_null()).alias(f"off{j}"))
-    coded = texts.select(exprs)
+    coded = texts.select(pl.col(f"c{j}").cast(pl.Enum(domain), strict=False).to_physical().cast(pl.Int16)
+                         .fill_null(-1).alias(f"code{j}") for j, domain in enumerate(domains))
     for j, feature in enumerate(features):
-        code = coded[f"code{j}"].to_numpy()
-        off = coded[f"off{j}"].to_numpy()
+        code = coded.get_column(f"code{j}").to_numpy()
+        if outside is not None:
+            # outside the domain: coded -1 although the value is not null (found here rather than by a
+            # second expression in the query, which would cost as much as the coding)
+            outside[j] = code < 0
+            if feature.text.null_count():
+                outside[j] &= feature.text.is_not_null().to_numpy()
         if labels is not None:
             labels[j] = code
             if feature.prob is not None:
                 unsure = feature.prob < min_prob
                 code = np.where(unsure, np.int16(-1), code)
-                off = off & ~unsure
+                if outside is not None:
+                    outside[j] &= ~unsure
         codes[j] = code
-        outside[j] = off
     return codes, labels, outside
 
 
@@ -674,7 +676,7 @@ def measure_coverage(
     sizes = np.array([len(d) for d in domains], np.int64)
     _check_size(sizes.tolist(), config.t)
 
-    codes, label_codes, outside = _code(chosen, domains, config.min_prob)
+    codes, label_codes, outside = _code(chosen, domains, config.min_prob, outside_kept=odd is not None)
     m = frame.height
     errors = _errors_of(frame, error) if error is not None else None
     binary = errors is None or bool(np.all((errors == 0) | (errors == 1)))
@@ -684,7 +686,7 @@ def measure_coverage(
 
     other_codes = other_probs = None
     if other_features is not None:
-        other_codes, _, _ = _code(other_features, domains, config.min_prob)
+        other_codes, _, _ = _code(other_features, domains, config.min_prob, outside_kept=False)
         if config.soft:
             other_probs = np.stack([f.prob if f.prob is not None else np.ones(against.height, np.float32)
                                     for f in other_features])
@@ -830,7 +832,7 @@ def _out_of_odd(result: CoverageResult, frame: pl.DataFrame, codes: np.ndarray, 
     examples = sorted(set(np.concatenate([g[:share] for g in groups]).tolist()) if groups else [])[:EXAMPLES]
     keys = [k for k in KEY_COLUMNS if k in frame.columns]
     for i in examples:
-        example: dict[str, Any] = {"row": i, **frame.select(keys).row(i, named=True)}  # a box as a list
+        example: dict[str, Any] = {"row": i, **(frame.select(keys).row(i, named=True) if keys else {})}  # box: a list
         example["reasons"] = [f"{f.name} = {f.text[i]}" for j, f in enumerate(chosen) if outside[j, i]] + [
             "excluded: " + CoverageResult.describe(words(r))
             for r in range(rule_features.shape[0]) if matches(r, [i])[0]]

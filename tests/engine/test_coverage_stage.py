@@ -516,3 +516,13 @@ def test_out_of_odd_examples_name_their_items_by_path_and_box():
     examples = json.loads(json.dumps(result.to_json()["out_of_odd_examples"]))
     assert [(e["row"], e["path"], e["box"]) for e in examples] == [(1, "a.png", [1.0, 2.0, 3.0, 4.0]),
                                                                     (2, "b.png", None)]
+
+
+def test_an_unsure_label_outside_the_odd_is_unknown_not_out_of_it():
+    frame = pl.DataFrame({"weather": ["fog", "hail", "hail", "rain"], "weather_prob": [0.9, 0.3, 0.9, 0.2],
+                          "time": ["day", "day", "night", "night"]})
+    odd = parse_odd("features:\n  weather: [fog, rain]\n  time: [day, night]\n")
+    result = measure_coverage(frame, config=config(min_prob=0.5), odd=odd)
+    assert result.out_of_odd == 1 and result.out_of_odd_rows.tolist() == [2]
+    assert result.unknown == {"weather": 3, "time": 0}
+    assert measure_coverage(frame, config=config(), odd=odd).out_of_odd == 2
