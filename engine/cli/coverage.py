@@ -58,7 +58,7 @@ def coverage(source, features, t, min_count, odd, against, min_prob, soft, error
     """
     import json
 
-    from clipengine.coverage.inputs import read_coverage_input, run_features
+    from clipengine.coverage.inputs import read_coverage_input, run_features, run_values
     from clipengine.coverage.odd import load_odd
     from clipengine.coverage.stage import measure_coverage, write_coverage
 
@@ -78,7 +78,8 @@ def coverage(source, features, t, min_count, odd, against, min_prob, soft, error
     if optional:
         names = run_features(source)
     result = measure_coverage(frame, config=config, features=names, odd=odd_spec, against=other,
-                              against_source=against, is_run=is_run, features_optional=optional)
+                              against_source=against, is_run=is_run, features_optional=optional,
+                              known_values=run_values(source) if is_run else None)
     record = result.to_json() if out_dir or as_json else None
     if out_dir:
         from clipengine.artifacts import locked

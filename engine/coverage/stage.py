@@ -40,7 +40,7 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -592,6 +592,7 @@ def measure_coverage(
     against_source: str | None = None,
     is_run: bool = False,
     features_optional: bool = False,
+    known_values: Mapping[str, Sequence[str]] | None = None,
 ) -> CoverageResult:
     """t-way coverage of ``frame``'s features (see the module docstring).
 
@@ -602,7 +603,10 @@ def measure_coverage(
     ``features_optional``: ``features`` is a default list (a run's, :func:`coverage_run`) rather than
     the user's — a name that is no column (here or in ``against``) or cannot be a feature is left out
     with its reason in ``skipped_features``, and ``t`` is lowered to the number of features left
-    (``params["t_requested"]`` then keeps the asked one).
+    (``params["t_requested"]`` then keeps the asked one); ``known_values``: without an ODD, the values
+    some features can take, in order (a run's schema attributes: their classes,
+    :func:`clipengine.coverage.inputs.run_values`) — a value no item shows is missing, a value outside
+    the list unknown; the other features take the values they show.
 
     >>> import polars as pl
     >>> frame = pl.DataFrame({"weather": ["rain", "fog", "rain", "clear"], "time": ["day", "day", "night", "night"]})
@@ -669,6 +673,9 @@ def measure_coverage(
     else:
         domains = []
         for i, feature in enumerate(chosen):
+            if known_values and feature.name in known_values:
+                domains.append([str(v) for v in known_values[feature.name]])
+                continue
             domains.append(_domain(feature, other_features[i] if other_features else None))
             if len(domains[-1]) > config.max_levels:
                 raise ClipengineError(f"feature '{feature.name}': {len(domains[-1])} distinct values over both "
@@ -850,14 +857,15 @@ def coverage_run(run_dir: str | Path, config: CoverageConfig, features: Sequence
     slices stage's features, the schema's attributes then the dataset's own columns
     (:func:`clipengine.artifacts.joined_features`); those that cannot be features (continuous
     numbers, more than ``max_levels`` values, absent) are left out with their reason, and ``t`` is
-    lowered to the number left."""
-    from clipengine.coverage.inputs import read_run_table
+    lowered to the number left. Without an ODD an attribute's values are the schema's classes (a
+    class no item was given shows as missing), a dataset column's the values it holds."""
+    from clipengine.coverage.inputs import read_run_table, run_values
     from clipengine.coverage.odd import load_odd
 
     frame = read_run_table(run_dir)
     odd = load_odd(config.odd) if config.odd is not None else None
     result = measure_coverage(frame, config=config, features=None if odd is not None else features, odd=odd,
-                              is_run=True, features_optional=True)
+                              is_run=True, features_optional=True, known_values=run_values(run_dir))
     write_coverage(result, run_dir)
     return result
 

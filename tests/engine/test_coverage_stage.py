@@ -526,3 +526,29 @@ def test_an_unsure_label_outside_the_odd_is_unknown_not_out_of_it():
     assert result.out_of_odd == 1 and result.out_of_odd_rows.tolist() == [2]
     assert result.unknown == {"weather": 3, "time": 0}
     assert measure_coverage(frame, config=config(), odd=odd).out_of_odd == 2
+
+
+def test_a_runs_attributes_take_their_schema_classes_seen_or_not(tmp_path, capsys):
+    from clipengine import artifacts
+    from clipengine.cli import main
+    from clipengine.coverage.inputs import run_values
+
+    run_dir = _run_dir_with_manifest(tmp_path, ["weather", "light", "road"])
+    metadata = pl.read_parquet(run_dir / "metadata.parquet")
+    schema = {"format": 1, "attributes": [
+        {"name": "weather", "classes": [{"name": c, "prompts": []} for c in ("snow", "rain", "fog", "clear")]},
+        {"name": "light", "classes": [{"name": c, "prompts": []} for c in ("night", "day")]}]}
+    artifacts.write_metadata(run_dir / "metadata.parquet", metadata,
+                             {artifacts.META_SCHEMA_CONTENT: json.dumps(schema)})
+    assert run_values(run_dir) == {"weather": ["snow", "rain", "fog", "clear"], "light": ["night", "day"]}
+    with pytest.raises(SystemExit):
+        main(["coverage", str(run_dir), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    # the schema's order; a class no item was given is missing, a dataset column keeps what it holds
+    assert out["features"] == {"weather": ["snow", "rain", "fog", "clear"], "light": ["night", "day"],
+                               "road": sorted(set(metadata.join(pl.read_parquet(run_dir / "errors.parquet"),
+                                                                on="path")["road"].to_list()))}
+    singles = [m["predicates"] for m in out["missing"] if m["t"] == 1]
+    assert singles == [{"weather": "snow"}]
+    assert (out["coverage"][0]["covered"], out["coverage"][0]["valid"]) == (3 + 2 + 2, 4 + 2 + 2)
+    assert run_values(tmp_path / "nowhere") == {}

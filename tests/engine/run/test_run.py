@@ -169,6 +169,9 @@ def test_coverage_stage_covers_the_schema_attributes_and_the_dataset_features(re
     assert manifest["features"] == ["scene", "tone", "road"]
     coverage = json.loads((run_dir / "coverage.json").read_text())
     assert list(coverage["features"]) == ["scene", "tone", "road"] and coverage["rows"] == N_IMAGES
+    # the attributes' values are the schema's classes, in its order; the dataset column's those it holds
+    assert coverage["features"]["scene"] == ["urban", "rural"] and coverage["features"]["tone"] == ["bright", "dark"]
+    assert coverage["features"]["road"] == ["dry", "wet"]
     assert [entry["t"] for entry in coverage["coverage"]] == [1, 2]
     assert manifest["stages"]["coverage"]["coverage"] == [{k: e[k] for k in ("t", "covered", "valid")}
                                                          for e in coverage["coverage"]]
