@@ -129,6 +129,13 @@ def test_t_way_figures_and_the_missing_list_come_from_coverage_json(coverage_run
     table = table[:table.index("</table>")]
     shown = [m for m in coverage["missing"] if not m["implied"]]
     assert table.count('class="missing-row') == min(40, len(shown))
+    # error rates beside the combinations that have items
+    with_items = [m for m in shown[:40] if m["count"]]
+    assert with_items and "Error rate" in table
+    rows = table.split('<tr class="missing-row')[1:]
+    for row, record in zip(rows, shown):
+        if record["count"]:
+            assert f"{100 * record['error_rate']:.1f} %" in row
     # in words, in coverage.json's order (thinnest first)
     first = shown[0]["predicates"]
     words = re.sub(r"<[^>]+>", "", table[table.index('class="missing-row'):]).split("\n")[0]
