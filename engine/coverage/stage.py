@@ -226,8 +226,23 @@ class CoverageResult:
         return fields
 
     def differences(self, limit: int) -> dict[str, Any] | None:
-        """With ``against``: per t the combinations covered here and there, and the lists of those
-        covered in one and not the other (largest count first), capped by ``limit``."""
+        """Set-difference coverage against the ``against`` frame (None without one); ``to_json()["against"]``.
+
+        Both frames are counted over the same features, values (the ODD's, the known values, else those
+        seen in either frame) and valid combinations; *covered* means ``min_count`` items (expected
+        items with ``soft``) in that frame. Other tools read this (``clipengine compare``: with the
+        baseline as ``against``, ``other_not_this`` are the combinations newly missing, ``this_not_other``
+        the newly covered), so its form is kept::
+
+            {"source": str | None, "rows": int,                       # the against frame
+             "coverage": [{"t", "valid", "covered_this", "covered_other", "common",
+                           "this_not_other", "other_not_this"}, ...],  # one per t, counts of combinations
+             "this_not_other": {"total": int, "combinations": [{"predicates": {feature: value, ...},
+                                                                "t", "count", "count_other"}, ...]},
+             "other_not_this": {...the same...}}
+
+        Each list: the largest count first (here for ``this_not_other``, there for ``other_not_this``),
+        then the lower t; at most ``limit`` entries of ``total``."""
         if self.against is None:
             return None
         per_t, here_only, there_only = [], [], []

@@ -552,3 +552,45 @@ def test_a_runs_attributes_take_their_schema_classes_seen_or_not(tmp_path, capsy
     assert singles == [{"weather": "snow"}]
     assert (out["coverage"][0]["covered"], out["coverage"][0]["valid"]) == (3 + 2 + 2, 4 + 2 + 2)
     assert run_values(tmp_path / "nowhere") == {}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_against_matches_brute_force_set_differences(seed):
+    rng = np.random.default_rng(seed)
+    names = ["a", "b", "c", "d"]
+
+    def table(n, skew):
+        return pl.DataFrame({name: rng.choice([f"{name}{v}" for v in range(3)], n, p=skew) for name in names})
+
+    here, there = table(60, [0.6, 0.3, 0.1]), table(40, [0.2, 0.3, 0.5])
+    result = measure_coverage(here, config=config(t=3, min_count=2, limit=10_000), against=there)
+    against = result.to_json()["against"]
+    values = {name: sorted(set(here[name]) | set(there[name])) for name in names}
+    for t in (1, 2, 3):
+        counted = {}
+        for label, frame in (("here", here), ("there", there)):
+            rows = Counter()
+            for subset in itertools.combinations(names, t):
+                rows.update((subset, tuple(r)) for r in frame.select(subset).iter_rows())
+            counted[label] = {key for key, n in rows.items() if n >= 2}
+        every = {(subset, combo) for subset in itertools.combinations(names, t)
+                 for combo in itertools.product(*(values[n] for n in subset))}
+        entry = against["coverage"][t - 1]
+        assert entry["valid"] == len(every)
+        assert (entry["covered_this"], entry["covered_other"]) == (len(counted["here"]), len(counted["there"]))
+        assert entry["common"] == len(counted["here"] & counted["there"])
+
+        def listed(key):
+            return {(tuple(c["predicates"]), tuple(c["predicates"].values()))
+                    for c in against[key]["combinations"] if c["t"] == t}
+
+        assert listed("this_not_other") == counted["here"] - counted["there"]
+        assert listed("other_not_this") == counted["there"] - counted["here"]
+    for key, side in (("this_not_other", "count"), ("other_not_this", "count_other")):
+        listing = against[key]
+        assert listing["total"] == len(listing["combinations"])
+        assert [c[side] for c in listing["combinations"]] == sorted((c[side] for c in listing["combinations"]),
+                                                                   reverse=True)
+    capped = result.differences(3)
+    assert len(capped["other_not_this"]["combinations"]) == 3
+    assert capped["other_not_this"]["total"] == against["other_not_this"]["total"]
