@@ -133,8 +133,8 @@ Example:
 @click.option("--log-json", is_flag=True, default=False, help="JSON-lines events on stdout (machine-readable).")
 def run(dataset, root, out, schema, detections, predictions, errors_file, classes, iou, limit, seed, model, pretrained,
         weights, backend, device, precision, batch_size, workers, strategy, k, alpha, min_sup, max_level, bins,
-        binning, drop_nulls, compat, max_q, t, min_count, odd, min_prob, soft, no_report, executor, ray_address, ray_workers, gpus_per_worker,
-        cpus_for_decode, ray_shards, quiet, log_json) -> None:
+        binning, drop_nulls, compat, max_q, t, min_count, odd, min_prob, soft, no_report, executor, ray_address,
+        ray_workers, gpus_per_worker, cpus_for_decode, ray_shards, quiet, log_json) -> None:
     from clipengine.config import AnnotateConfig, DatasetConfig, EncodeConfig, RunConfig
     from clipengine.errors import ClipengineError
     from clipengine.run.job import RunLog, run_job

@@ -537,7 +537,8 @@ def _resolve_features(frame: pl.DataFrame, names: Sequence[str] | None, odd: Odd
 def _code(features: list[_Feature], domains: list[list[str]], min_prob: float | None, *, outside_kept: bool = True):
     """``(codes (f, m) int16, labels (f, m) int16 | None, outside (f, m) bool | None)``: mode codes (labels
     below ``min_prob`` unknown), codes of every label (when ``min_prob``), values outside the domain
-    (None without ``outside_kept``: domains of observed values leave nothing outside)."""
+    (None without ``outside_kept``: only an ODD reports items out of it; elsewhere such a value is
+    unknown, as its code says)."""
     m = features[0].text.len() if features else 0
     codes = np.empty((len(features), m), np.int16)
     labels = np.empty((len(features), m), np.int16) if min_prob is not None else None
