@@ -356,12 +356,23 @@ def test_fashion_mnist_run_end_to_end(tmp_path, tiny_clip, tiny_encoder):
     if not (envs.fashion_mnist_dir() / FILES["test_images"]).is_file():
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
     config = replace(make_config(tmp_path, tiny_clip, data=None), dataset="fashion-mnist", root=None, schema=None,
-                     data=DatasetConfig(limit=40), slices=SliceConfig(min_sup=3), report=False)
+                     data=DatasetConfig(limit=40), slices=SliceConfig(min_sup=3))
     result = run_job(config, encoder=tiny_encoder)
     assert result.manifest["schema"]["name"] == "fashion"
     lq = pl.read_csv(result.run_dir / "label_quality.csv")
     assert "garment" in lq["attribute"].to_list()  # truth: the real garment classes
     assert pl.read_parquet(result.run_dir / "items.parquet")["path"][0] == "test/000000"
+    # coverage over the schema's attributes (every garment class, given or not); ink left out with its reason
+    from clipengine.annotate.schemas import load_schema
+
+    coverage = json.loads((result.run_dir / "coverage.json").read_text())
+    schema = load_schema("fashion")
+    assert coverage["features"] == {a.name: list(a.class_names) for a in schema.attributes}
+    assert "continuous" in coverage["skipped_features"]["ink"]
+    page = (result.run_dir / "report.html").read_text(encoding="utf-8")
+    pairs = len(schema.attributes) * (len(schema.attributes) - 1) // 2
+    assert page.count('class="chart-figure heat-map"') == min(12, pairs) and 'id="coverage-levels"' in page
+    assert "## Coverage" in (result.run_dir / "summary.md").read_text()
 
 
 def test_bad_executor_and_dataset_errors(tmp_path, tiny_clip):
