@@ -223,7 +223,7 @@ def _heat_maps(pairs, domains: dict[str, list[str]], min_count: float) -> tuple[
     """The pairs' heat maps, least covered first (then in file order), at most ``MAX_HEAT_MAPS``."""
     import numpy as np
 
-    from clipengine.report import charts
+    from clipengine.report.charts import COVERED, EXCLUDED, MISSING, THIN, heat_map
 
     needed = {"feature_1", "feature_2", "value_1", "value_2", "count", "valid"}
     if pairs is None or pairs.height == 0 or not needed <= set(pairs.columns):
@@ -248,24 +248,24 @@ def _heat_maps(pairs, domains: dict[str, list[str]], min_count: float) -> tuple[
         at_row = {v: i for i, v in enumerate(row_values)}
         at_column = {v: j for j, v in enumerate(column_values)}
         counts = np.zeros((len(row_values), len(column_values)))
-        states = np.full(counts.shape, charts.MISSING, np.int8)
+        states = np.full(counts.shape, MISSING, np.int8)
         for r in rows:
             i, j = at_row[r["value_1"]], at_column[r["value_2"]]
             count = finite_or_none(r["count"]) or 0.0
             counts[i, j] = count
             if not r["valid"]:
-                states[i, j] = charts.EXCLUDED
+                states[i, j] = EXCLUDED
             elif count >= min_count:
-                states[i, j] = charts.COVERED
+                states[i, j] = COVERED
             elif count > 0:
-                states[i, j] = charts.THIN
+                states[i, j] = THIN
         cells = int(counts.size)
         svg = None
         if cells <= MAX_HEAT_MAP_CELLS:
-            svg = charts.heat_map(row_values, column_values, counts, states, row_title=first, column_title=second,
+            svg = heat_map(row_values, column_values, counts, states, row_title=first, column_title=second,
                                   salt=f"coverage-{index + 1}")
         heat_maps.append(HeatMap(row_feature=first, column_feature=second, svg=svg, covered=covered, valid=valid,
-                                 missing=int(np.sum(states == charts.MISSING)), thin=int(np.sum(states == charts.THIN)),
+                                 missing=int(np.sum(states == MISSING)), thin=int(np.sum(states == THIN)),
                                  cells=cells))
     return heat_maps, len(summaries), notes
 
