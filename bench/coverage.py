@@ -4,7 +4,8 @@ Generates a table (``--rows`` × ``--features`` string columns with 2–6 values
 missing combinations, a 0/1 ``error`` column) as Parquet, then for each t:
 
 - the whole command a user types, ``clipengine coverage TABLE --t T --out DIR --json --quiet``, in a
-  fresh process: cold (an empty Numba cache, so compilation is included) and warm (the same cache);
+  fresh process: cold (an empty Numba cache, so compilation is included) and warm (the same cache),
+  wall time and the process's CPU time (on a loaded machine the wall time grows, the CPU time little);
 - the kernel alone (:func:`clipengine.kernels.coverage.count_combinations`, every t' ≤ T, compiled
   beforehand) on the coded columns;
 - the NumPy reference at its best: per feature set ``np.bincount`` of the mixed-radix code, the code
@@ -184,21 +185,24 @@ def worker_reference(folder: Path, t: int, procs: int, max_sets: int, seed: int)
             "agree": agree}
 
 
-def run_child(cmd: list[str], env: dict | None = None) -> tuple[int, float, int, str]:
+def run_child(cmd: list[str], env: dict | None = None) -> tuple[int, float, int, str, float]:
+    """``(exit code, wall seconds, peak bytes, output, CPU seconds)`` of a child process; CPU time
+    (user + system, all threads) is what a loaded machine cannot inflate much."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output = proc.stdout.read()
     _, status, rusage = os.wait4(proc.pid, 0)
-    return os.waitstatus_to_exitcode(status), time.perf_counter() - start, rusage.ru_maxrss * 1024, output
+    cpu = rusage.ru_utime + rusage.ru_stime
+    return os.waitstatus_to_exitcode(status), time.perf_counter() - start, rusage.ru_maxrss * 1024, output, cpu
 
 
 def worker(kind: str, *args: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, *args]
-    code, whole, peak, output = run_child(cmd)
+    code, whole, peak, output, cpu = run_child(cmd)
     if code != 0:
         return {"error": output[-2000:], "peak": peak}
     result = json.loads(output.strip().splitlines()[-1])
-    result.update(peak=peak, whole=whole)
+    result.update(peak=peak, whole=whole, process_cpu=cpu)
     return result
 
 
@@ -206,11 +210,12 @@ def command(table: Path, t: int, out: Path, cache: Path) -> dict:
     env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
     cmd = [sys.executable, "-m", "clipengine", "coverage", str(table), "--t", str(t), "--out", str(out),
            "--json", "--quiet"]
-    code, seconds, peak, output = run_child(cmd, env)
+    code, seconds, peak, output, cpu = run_child(cmd, env)
     if code != 0:
         return {"error": output[-2000:], "peak": peak}
     result = json.loads(output[output.index("{"):])
-    return {"time": seconds, "peak": peak, "coverage": result["coverage"], "missing": result["missing_total"]}
+    return {"time": seconds, "cpu": cpu, "peak": peak, "coverage": result["coverage"],
+            "missing": result["missing_total"]}
 
 
 def main(argv=None) -> None:
@@ -275,6 +280,8 @@ def main(argv=None) -> None:
                     note = (f"  ({'scaled from ' + format(r['sampled'], ',') + ' of ' if scaled else 'all '}"
                             f"{r['sets']:,} sets; {r['measured']:.1f} s measured; counts equal the kernel's: "
                             f"{r['agree']})")
+                if "cpu" in r:
+                    note = f"  (CPU {r['cpu']:.2f} s, user + system, all threads){note}"
                 print(f"   {label:<44} {r['time']:9.2f} s   peak {r['peak'] / 1e9:6.2f} GB{note}")
             if "time" in reference and "time" in kernel:
                 line = f"   reference / kernel: {reference['time'] / kernel['time']:.1f}×"

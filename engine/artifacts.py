@@ -583,6 +583,24 @@ def read_comparison(run_dir: str | os.PathLike) -> tuple[dict, Any] | None:
     items_path = run_dir / COMPARE_ITEMS
     items = read_parquet_file(items_path) if items_path.is_file() else None
     return document, items
+def read_coverage_table(run_dir: str | os.PathLike, *, t: int | None = None):
+    """The rows of ``coverage.parquet`` (of feature sets of ``t`` features only, when given; the file is
+    filtered as it is read), feature and value columns as text; None when the run has no such file, a
+    one-line error when it is unreadable."""
+    import polars as pl
+
+    path = Path(run_dir) / COVERAGE_PARQUET
+    if not path.is_file():
+        return None
+    try:
+        frame = pl.scan_parquet(path)
+        if t is not None:
+            frame = frame.filter(pl.col("t") == t)
+        frame = frame.collect()
+    except Exception as error:
+        raise ClipengineError(f"{path}: not a readable coverage table ({_first_line(error)})") from None
+    text = [c for c in frame.columns if c.startswith(("feature_", "value_"))]
+    return frame.with_columns(pl.col(text).cast(pl.String))
 
 
 # ---- label quality, summary, report ----------------------------------------------------------------

@@ -228,12 +228,13 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """The whole job: a dataset through encode → annotate → errors → slices → report.
+    """The whole job: a dataset through encode → annotate → errors → slices → coverage → report.
 
     ``schema`` None means the dataset's default schema; ``out`` None means ``runs/<dataset>``;
     ``auto_model`` True means: the default CLIP weights when they can be had, else ConSE.
     ``baseline``: an earlier run directory to compare this run with (``compare.json``, and a section of
     the report), with the settings ``compare``.
+    ``coverage``: the coverage stage's settings (its features: the ODD's, else the slices' features).
     """
 
     dataset: str = "fashion-mnist"
@@ -244,6 +245,7 @@ class RunConfig:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     annotate: AnnotateConfig = field(default_factory=AnnotateConfig)
     slices: SliceConfig = field(default_factory=SliceConfig)
+    coverage: CoverageConfig = field(default_factory=CoverageConfig)
     auto_model: bool = True
     report: bool = True
     executor: str = "local"

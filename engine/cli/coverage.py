@@ -2,31 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+
+from clipengine.cli.options import coverage_config, coverage_options
+from clipengine.config import DEFAULT_COVERAGE_LIMIT, DEFAULT_COVERAGE_MAX_LEVELS
 
 TEXT_LIMIT = 25  # combinations listed on the terminal unless --limit says otherwise
 
 
 @click.command("coverage")
 @click.argument("source", type=click.Path(exists=True, path_type=str))
-@click.option("--features", default=None, help="Comma-separated feature columns [the ODD's features, else a run's "
-              "labelled attributes, else every column but keys, errors and _prob/_margin].")
-@click.option("--t", "t", type=click.IntRange(1, 4), default=2, show_default=True,
-              help="Largest number of features per combination (coverage is reported for every t up to it).")
-@click.option("--min-count", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Items a combination needs to count as covered; fewer is listed as missing (0) or thin.")
-@click.option("--odd", type=click.Path(dir_okay=False, path_type=str), default=None,
-              help="ODD file (YAML): the features, their allowed values, excluded combinations.")
+@click.option("--features", default=None, help="Comma-separated feature columns [the ODD's features; for a run "
+              "directory the run's (its schema's attributes and the dataset's own features); else every column "
+              "but keys, errors and _prob/_margin].")
+@coverage_options
 @click.option("--against", type=click.Path(exists=True, path_type=str), default=None,
               help="Another run or table: combinations covered in one and not in the other, both ways.")
-@click.option("--min-prob", type=click.FloatRange(0, 1), default=None,
-              help="Labels with <feature>_prob below P count as unknown.")
-@click.option("--soft", is_flag=True,
-              help="Count each item as the product of its labels' probabilities (expected counts).")
 @click.option("--error", default=None, help="Error column for error rates per combination [error, when present].")
 @click.option("--limit", type=click.IntRange(min=0), default=None,
-              help="Most combinations listed [1000 in JSON and files; 25 on the terminal].")
-@click.option("--max-levels", type=click.IntRange(min=1), default=64, show_default=True,
+              help=f"Most combinations listed [{DEFAULT_COVERAGE_LIMIT} in JSON and files; {TEXT_LIMIT} on the "
+                   "terminal].")
+@click.option("--max-levels", type=click.IntRange(min=1), default=DEFAULT_COVERAGE_MAX_LEVELS, show_default=True,
               help="Without an ODD, features with more distinct values are left out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -60,23 +58,34 @@ def coverage(source, features, t, min_count, odd, against, min_prob, soft, error
     """
     import json
 
-    from clipengine.config import DEFAULT_COVERAGE_LIMIT, CoverageConfig
-    from clipengine.coverage.inputs import read_coverage_input
+    from clipengine.coverage.inputs import read_coverage_input, run_features, run_values
     from clipengine.coverage.odd import load_odd
     from clipengine.coverage.stage import measure_coverage, write_coverage
 
-    config = CoverageConfig(t=t, min_count=min_count, odd=odd, min_prob=min_prob, soft=soft,
-                            limit=DEFAULT_COVERAGE_LIMIT if limit is None else limit, error=error,
-                            max_levels=max_levels, progress=not quiet and not as_json)
+    config = coverage_config(t=t, min_count=min_count, odd=odd, min_prob=min_prob, soft=soft,
+                             limit=DEFAULT_COVERAGE_LIMIT if limit is None else limit, error=error,
+                             max_levels=max_levels, progress=not quiet and not as_json)
     odd_spec = load_odd(odd) if odd else None
+    if out_dir:  # before any work: never overwrite an input
+        from clipengine.artifacts import COVERAGE_JSON, COVERAGE_PARQUET, check_inputs_kept
+
+        given = [p for p in (source, against, odd) if p and not Path(p).is_dir()]
+        check_inputs_kept(out_dir, given, [COVERAGE_JSON, COVERAGE_PARQUET])
     frame, is_run = read_coverage_input(source)
     other = read_coverage_input(against)[0] if against else None
     names = [f.strip() for f in features.split(",") if f.strip()] if features else None
+    optional = names is None and odd_spec is None and is_run and run_features(source) is not None
+    if optional:
+        names = run_features(source)
     result = measure_coverage(frame, config=config, features=names, odd=odd_spec, against=other,
-                              against_source=against, is_run=is_run)
+                              against_source=against, is_run=is_run, features_optional=optional,
+                              known_values=run_values(source) if is_run else None)
     record = result.to_json() if out_dir or as_json else None
     if out_dir:
-        write_coverage(result, out_dir, record=record)
+        from clipengine.artifacts import locked
+
+        with locked(out_dir):
+            write_coverage(result, out_dir, record=record)
     if as_json:
         click.echo(json.dumps(record, indent=2, ensure_ascii=False))
         return

@@ -1,5 +1,5 @@
 """Options shared by several commands, each defined once with its default taken from the stage's
-config dataclass (:mod:`clipengine.config`): the model, where it runs, and SliceLine's settings.
+config dataclass (:mod:`clipengine.config`): the model, where it runs, SliceLine's settings and coverage's.
 
 Only click and the config module are imported here, so ``clipengine --help`` stays light.
 """
@@ -153,3 +153,27 @@ def slice_config(*, k, alpha, min_sup, max_level, bins, binning, drop_nulls, com
                               drop_nulls=drop_nulls, compat=compat, max_q=max_q, family=family,
                               family_size=family_size, test_fraction=test_fraction, split_seed=split_seed,
                               max_memory=max_memory, progress=progress)
+
+
+def coverage_options(function: Callable) -> Callable:
+    """The coverage stage's settings that ``clipengine coverage`` and ``clipengine run`` share
+    (→ :func:`coverage_config`)."""
+    return _stack([
+        click.option("--t", "t", type=click.IntRange(1, 4), default=config.DEFAULT_COVERAGE_T, show_default=True,
+                     help="Coverage: largest number of features per combination (reported for every t up to it)."),
+        click.option("--min-count", type=click.IntRange(min=1), default=config.DEFAULT_MIN_COUNT, show_default=True,
+                     help="Coverage: items a combination needs to count as covered; fewer is listed as missing (0) "
+                          "or thin."),
+        click.option("--odd", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Coverage: ODD file (YAML) with the features, their allowed values and excluded "
+                          "combinations."),
+        click.option("--min-prob", type=click.FloatRange(0, 1), default=None,
+                     help="Coverage: labels with <feature>_prob below P count as unknown."),
+        click.option("--soft", is_flag=True,
+                     help="Coverage: count each item as the product of its labels' probabilities (expected counts)."),
+    ])(function)
+
+
+def coverage_config(*, t, min_count, odd, min_prob, soft, **changes) -> config.CoverageConfig:
+    return config.CoverageConfig(t=t, min_count=min_count, odd=Path(odd) if odd else None, min_prob=min_prob,
+                                 soft=soft, **changes)

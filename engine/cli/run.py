@@ -9,6 +9,8 @@ import click
 
 from clipengine import config as defaults
 from clipengine.cli.options import (
+    coverage_config,
+    coverage_options,
     model_config,
     model_options,
     runtime_options,
@@ -54,7 +56,9 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
     "run",
     help=f"""The whole semantic test: encode a dataset's images (or object crops), label them
 zero-shot with a prompt schema, join the model-under-test's per-item errors, find the weak
-slices with SliceLine and write a summary and report into RUN (default runs/<dataset>).
+slices with SliceLine, measure which combinations of conditions the data covers (t-way
+coverage: over the ODD's features with --odd, else the schema's attributes and the dataset's
+own features) and write a summary and report into RUN (default runs/<dataset>).
 
 Rerunning the same command skips finished stages whose inputs did not change, encodes only
 new images, and resumes a killed run. Without --model/--weights the default CLIP weights are
@@ -71,6 +75,7 @@ Example:
   clipengine run --dataset fashion-mnist --labels labels.csv
   clipengine run --dataset carla --root carla_export/ --detections dets/ --out runs/carla
   clipengine run --dataset folder --root photos/ --schema scene --k 20
+  clipengine run --dataset folder --root photos/ --schema scene --odd odd.yaml --t 3 --min-count 5
   clipengine run --config nightly.yaml --quiet --log-json
   clipengine run --dataset folder --root photos/ --out runs/2024-05-02 --baseline runs/2024-05-01
   clipengine run --dataset folder --root /shared/photos --out /shared/runs/nightly --executor ray --ray-address auto
@@ -124,6 +129,7 @@ Example:
               help="--baseline: smallest change of a slice's error rate that counts as worse/better.")
 @click.option("--min-psi", type=click.FloatRange(min=0), default=defaults.DEFAULT_MIN_PSI, show_default=True,
               help="--baseline: smallest population stability index that counts as drift.")
+@coverage_options
 @click.option("--no-report", is_flag=True, default=False, help="Skip report.html.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Where encoding runs: this process, or a Ray cluster (needs clipengine[ray]).")
@@ -142,7 +148,7 @@ Example:
 def run(dataset, root, out, schema, detections, predictions, errors_file, classes, iou, follow_links, limit, seed, model,
         pretrained, weights, backend, device, precision, batch_size, workers, strategy, labels, adapt, k, alpha, min_sup,
         max_level, bins, binning, drop_nulls, compat, max_q, family, family_size, test_fraction, split_seed, max_memory,
-        baseline,
+        t, min_count, odd, min_prob, soft, baseline,
         min_diff, min_psi, no_report, executor, ray_address, ray_workers, gpus_per_worker, cpus_for_decode, ray_shards,
         quiet, log_json) -> None:
     from clipengine.config import AnnotateConfig, CompareConfig, DatasetConfig, EncodeConfig, RunConfig
@@ -165,6 +171,7 @@ def run(dataset, root, out, schema, detections, predictions, errors_file, classe
         encode=encode,
         annotate=AnnotateConfig(strategy=strategy, device=device, labels=labels, adapt=adapt),
         slices=slices,
+        coverage=coverage_config(t=t, min_count=min_count, odd=odd, min_prob=min_prob, soft=soft),
         auto_model=model is None and weights is None and pretrained is None,
         report=not no_report,
         executor=executor,

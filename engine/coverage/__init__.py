@@ -2,7 +2,8 @@
 
 - ``odd``: the ODD file (features, allowed values, excluded combinations), loaded as data.
 - ``inputs``: a run directory (metadata ⋈ errors) or a table.
-- ``stage``: :func:`~clipengine.coverage.stage.measure_coverage` (frame in, ``CoverageResult`` out) and
-  its outputs through :mod:`clipengine.artifacts` (``coverage.json``, ``coverage.parquet``); the counting
-  is :mod:`clipengine.kernels.coverage`.
+- ``stage``: :func:`~clipengine.coverage.stage.measure_coverage` (frame in, ``CoverageResult`` out), its
+  outputs through :mod:`clipengine.artifacts` (``coverage.json``, ``coverage.parquet``) and
+  :func:`~clipengine.coverage.stage.coverage_run`, the stage of ``clipengine run``; the counting is
+  :mod:`clipengine.kernels.coverage`.
 """

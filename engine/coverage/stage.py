@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -226,8 +226,23 @@ class CoverageResult:
         return fields
 
     def differences(self, limit: int) -> dict[str, Any] | None:
-        """With ``against``: per t the combinations covered here and there, and the lists of those
-        covered in one and not the other (largest count first), capped by ``limit``."""
+        """Set-difference coverage against the ``against`` frame (None without one); ``to_json()["against"]``.
+
+        Both frames are counted over the same features, values (the ODD's, the known values, else those
+        seen in either frame) and valid combinations; *covered* means ``min_count`` items (expected
+        items with ``soft``) in that frame. Other tools read this (``clipengine compare``: with the
+        baseline as ``against``, ``other_not_this`` are the combinations newly missing, ``this_not_other``
+        the newly covered), so its form is kept::
+
+            {"source": str | None, "rows": int,                       # the against frame
+             "coverage": [{"t", "valid", "covered_this", "covered_other", "common",
+                           "this_not_other", "other_not_this"}, ...],  # one per t, counts of combinations
+             "this_not_other": {"total": int, "combinations": [{"predicates": {feature: value, ...},
+                                                                "t", "count", "count_other"}, ...]},
+             "other_not_this": {...the same...}}
+
+        Each list: the largest count first (here for ``this_not_other``, there for ``other_not_this``),
+        then the lower t; at most ``limit`` entries of ``total``."""
         if self.against is None:
             return None
         per_t, here_only, there_only = [], [], []
@@ -454,9 +469,10 @@ def _probs_of(frame: pl.DataFrame, name: str) -> np.ndarray | None:
 
 
 def _resolve_features(frame: pl.DataFrame, names: Sequence[str] | None, odd: Odd | None, is_run: bool,
-                      error: str | None, max_levels: int) -> tuple[list[_Feature], dict[str, str]]:
+                      error: str | None, max_levels: int,
+                      optional: bool = False) -> tuple[list[_Feature], dict[str, str]]:
     skipped: dict[str, str] = {}
-    explicit = names is not None or odd is not None
+    explicit = (names is not None and not optional) or odd is not None
     if odd is not None:
         chosen = list(odd.features)
         if names is not None:
@@ -472,12 +488,18 @@ def _resolve_features(frame: pl.DataFrame, names: Sequence[str] | None, odd: Odd
     elif names is not None:
         chosen = list(dict.fromkeys(names))
         missing = [n for n in chosen if n not in frame.columns]
-        if missing:
+        if missing and optional:
+            skipped.update({n: "no such column" for n in missing})
+            chosen = [n for n in chosen if n in frame.columns]
+        elif missing:
             raise ClipengineError(f"feature column(s) {', '.join(repr(n) for n in missing)} not found; "
                                   f"available columns: {', '.join(frame.columns)}")
     else:
         chosen = _features_of(frame, is_run, error)
-    if error is not None and error in chosen:
+    if error is not None and error in chosen and optional and odd is None:
+        skipped[error] = "the error column"
+        chosen = [n for n in chosen if n != error]
+    elif error is not None and error in chosen:
         raise ClipengineError(f"the error column '{error}' cannot also be a feature")
     texts = {}
     for name in chosen:
@@ -512,33 +534,36 @@ def _resolve_features(frame: pl.DataFrame, names: Sequence[str] | None, odd: Odd
     return features, skipped
 
 
-def _code(features: list[_Feature], domains: list[list[str]], min_prob: float | None):
-    """``(codes (f, m) int16, labels (f, m) int16 | None, outside (f, m) bool)``: mode codes (labels
-    below ``min_prob`` unknown), codes of every label (when ``min_prob``), values outside the domain."""
+def _code(features: list[_Feature], domains: list[list[str]], min_prob: float | None, *, outside_kept: bool = True):
+    """``(codes (f, m) int16, labels (f, m) int16 | None, outside (f, m) bool | None)``: mode codes (labels
+    below ``min_prob`` unknown), codes of every label (when ``min_prob``), values outside the domain
+    (None without ``outside_kept``: only an ODD reports items out of it; elsewhere such a value is
+    unknown, as its code says)."""
     m = features[0].text.len() if features else 0
     codes = np.empty((len(features), m), np.int16)
     labels = np.empty((len(features), m), np.int16) if min_prob is not None else None
-    outside = np.zeros((len(features), m), bool)
+    outside = np.zeros((len(features), m), bool) if outside_kept else None
     # an Enum of the domain numbers the values in its order, a value outside it becomes null; the
     # columns are coded in parallel
     texts = pl.DataFrame([f.text.alias(f"c{j}") for j, f in enumerate(features)])
-    exprs = []
-    for j, domain in enumerate(domains):
-        coded = pl.col(f"c{j}").cast(pl.Enum(domain), strict=False)
-        exprs.append(coded.to_physical().cast(pl.Int16).fill_null(-1).alias(f"code{j}"))
-        exprs.append((coded.is_null() & pl.col(f"c{j}").is_not_null()).alias(f"off{j}"))
-    coded = texts.select(exprs)
+    coded = texts.select(pl.col(f"c{j}").cast(pl.Enum(domain), strict=False).to_physical().cast(pl.Int16)
+                         .fill_null(-1).alias(f"code{j}") for j, domain in enumerate(domains))
     for j, feature in enumerate(features):
-        code = coded[f"code{j}"].to_numpy()
-        off = coded[f"off{j}"].to_numpy()
+        code = coded.get_column(f"code{j}").to_numpy()
+        if outside is not None:
+            # outside the domain: coded -1 although the value is not null (found here rather than by a
+            # second expression in the query, which would cost as much as the coding)
+            outside[j] = code < 0
+            if feature.text.null_count():
+                outside[j] &= feature.text.is_not_null().to_numpy()
         if labels is not None:
             labels[j] = code
             if feature.prob is not None:
                 unsure = feature.prob < min_prob
                 code = np.where(unsure, np.int16(-1), code)
-                off = off & ~unsure
+                if outside is not None:
+                    outside[j] &= ~unsure
         codes[j] = code
-        outside[j] = off
     return codes, labels, outside
 
 
@@ -582,13 +607,22 @@ def measure_coverage(
     against: pl.DataFrame | None = None,
     against_source: str | None = None,
     is_run: bool = False,
+    features_optional: bool = False,
+    known_values: Mapping[str, Sequence[str]] | None = None,
 ) -> CoverageResult:
     """t-way coverage of ``frame``'s features (see the module docstring).
 
     ``features``: the columns (default: the ODD's features, else a run's labelled attributes, else
     every column but keys, errors and ``_prob`` / ``_margin``); ``odd``: a parsed ODD
     (:func:`clipengine.coverage.odd.load_odd`); ``against``: another frame with the same feature
-    columns; ``is_run``: ``frame`` is a run's metadata (for the default features).
+    columns; ``is_run``: ``frame`` is a run's metadata (for the default features);
+    ``features_optional``: ``features`` is a default list (a run's, :func:`coverage_run`) rather than
+    the user's — a name that is no column (here or in ``against``) or cannot be a feature is left out
+    with its reason in ``skipped_features``, and ``t`` is lowered to the number of features left
+    (``params["t_requested"]`` then keeps the asked one); ``known_values``: without an ODD, the values
+    some features can take, in order (a run's schema attributes: their classes,
+    :func:`clipengine.coverage.inputs.run_values`) — a value no item shows is missing, a value outside
+    the list unknown; the other features take the values they show.
 
     >>> import polars as pl
     >>> frame = pl.DataFrame({"weather": ["rain", "fog", "rain", "clear"], "time": ["day", "day", "night", "night"]})
@@ -603,6 +637,8 @@ def measure_coverage(
 
     if isinstance(frame, pl.LazyFrame):
         frame = frame.collect()
+    if isinstance(against, pl.LazyFrame):
+        against = against.collect()
     _check(config)
     if frame.height == 0:
         raise ClipengineError("the table has no rows")
@@ -611,11 +647,19 @@ def measure_coverage(
         error = DEFAULT_ERROR_COLUMN
     elif error is not None and error not in frame.columns:
         raise ClipengineError(f"error column '{error}' not found; available columns: {', '.join(frame.columns)}")
-    chosen, skipped = _resolve_features(frame, features, odd, is_run, error, config.max_levels)
+    optional = features_optional and features is not None and odd is None
+    chosen, skipped = _resolve_features(frame, features, odd, is_run, error, config.max_levels, optional)
+    if optional and against is not None:
+        for feature in [f for f in chosen if f.name not in against.columns]:
+            skipped[feature.name] = f"not in the --against table {against_source or ''}".rstrip()
+            chosen.remove(feature)
     if not chosen:
         detail = "; ".join(f"{k}: {v}" for k, v in skipped.items()) or "no feature columns"
         raise ClipengineError(f"no usable feature column ({detail})")
-    if config.t > len(chosen):
+    t_requested = config.t
+    if config.t > len(chosen) and optional:
+        config = replace(config, t=len(chosen))
+    elif config.t > len(chosen):
         raise ClipengineError(f"t = {config.t} needs at least {config.t} features; there are {len(chosen)} "
                               f"({', '.join(f.name for f in chosen)})")
     uses_probs = config.min_prob is not None or config.soft
@@ -627,8 +671,6 @@ def measure_coverage(
 
     other_features = None
     if against is not None:
-        if isinstance(against, pl.LazyFrame):
-            against = against.collect()
         missing = [f.name for f in chosen if f.name not in against.columns]
         if missing:
             raise ClipengineError(f"--against {against_source or 'frame'}: no column '{missing[0]}' (a feature here)")
@@ -647,6 +689,9 @@ def measure_coverage(
     else:
         domains = []
         for i, feature in enumerate(chosen):
+            if known_values and feature.name in known_values:
+                domains.append([str(v) for v in known_values[feature.name]])
+                continue
             domains.append(_domain(feature, other_features[i] if other_features else None))
             if len(domains[-1]) > config.max_levels:
                 raise ClipengineError(f"feature '{feature.name}': {len(domains[-1])} distinct values over both "
@@ -654,7 +699,7 @@ def measure_coverage(
     sizes = np.array([len(d) for d in domains], np.int64)
     _check_size(sizes.tolist(), config.t)
 
-    codes, label_codes, outside = _code(chosen, domains, config.min_prob)
+    codes, label_codes, outside = _code(chosen, domains, config.min_prob, outside_kept=odd is not None)
     m = frame.height
     errors = _errors_of(frame, error) if error is not None else None
     binary = errors is None or bool(np.all((errors == 0) | (errors == 1)))
@@ -664,7 +709,7 @@ def measure_coverage(
 
     other_codes = other_probs = None
     if other_features is not None:
-        other_codes, _, _ = _code(other_features, domains, config.min_prob)
+        other_codes, _, _ = _code(other_features, domains, config.min_prob, outside_kept=False)
         if config.soft:
             other_probs = np.stack([f.prob if f.prob is not None else np.ones(against.height, np.float32)
                                     for f in other_features])
@@ -686,6 +731,8 @@ def measure_coverage(
               "min_prob": float(config.min_prob) if config.min_prob is not None else None,
               "soft": bool(config.soft), "odd": odd.path if odd is not None else None,
               "error": error, "limit": int(config.limit), "table_rows": int(config.table_rows)}
+    if t_requested != config.t:
+        params["t_requested"] = int(t_requested)
     result = CoverageResult(n_rows=m, features=[f.name for f in chosen], values=domains, levels=levels,
                             params=params, skipped_features=skipped, certain_features=certain if uses_probs else [],
                             binary_errors=binary, error_column=error,
@@ -808,11 +855,35 @@ def _out_of_odd(result: CoverageResult, frame: pl.DataFrame, codes: np.ndarray, 
     examples = sorted(set(np.concatenate([g[:share] for g in groups]).tolist()) if groups else [])[:EXAMPLES]
     keys = [k for k in KEY_COLUMNS if k in frame.columns]
     for i in examples:
-        example: dict[str, Any] = {"row": i, **{key: frame[key][i] for key in keys}}
+        example: dict[str, Any] = {"row": i, **(frame.select(keys).row(i, named=True) if keys else {})}  # box: a list
         example["reasons"] = [f"{f.name} = {f.text[i]}" for j, f in enumerate(chosen) if outside[j, i]] + [
             "excluded: " + CoverageResult.describe(words(r))
             for r in range(rule_features.shape[0]) if matches(r, [i])[0]]
         result.out_of_odd_examples.append(json.loads(json.dumps(example, default=str)))
+
+
+# ---- the run's stage ---------------------------------------------------------------------------------
+
+
+def coverage_run(run_dir: str | Path, config: CoverageConfig, features: Sequence[str] | None) -> CoverageResult:
+    """The coverage stage of a run: its items (metadata ⋈ errors, :func:`clipengine.coverage.inputs.read_run_table`)
+    → :func:`measure_coverage` → ``coverage.json`` / ``coverage.parquet`` in ``run_dir``.
+
+    The features: the ODD's (``config.odd``), else ``features`` as a default list — a run passes the
+    slices stage's features, the schema's attributes then the dataset's own columns
+    (:func:`clipengine.artifacts.joined_features`); those that cannot be features (continuous
+    numbers, more than ``max_levels`` values, absent) are left out with their reason, and ``t`` is
+    lowered to the number left. Without an ODD an attribute's values are the schema's classes (a
+    class no item was given shows as missing), a dataset column's the values it holds."""
+    from clipengine.coverage.inputs import read_run_table, run_values
+    from clipengine.coverage.odd import load_odd
+
+    frame = read_run_table(run_dir)
+    odd = load_odd(config.odd) if config.odd is not None else None
+    result = measure_coverage(frame, config=config, features=None if odd is not None else features, odd=odd,
+                              is_run=True, features_optional=True, known_values=run_values(run_dir))
+    write_coverage(result, run_dir)
+    return result
 
 
 # ---- writing -------------------------------------------------------------------------------------------

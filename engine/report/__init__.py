@@ -1,9 +1,9 @@
 """The HTML report of a run: one self-contained page, fed only by the run directory.
 
 ``write_report(run_dir)`` reads ``manifest.json``, ``model.json``, ``items.parquet``,
-``metadata.parquet``, ``errors.parquet``, ``slices.json``, ``label_quality.csv``,
-``skipped.parquet``, ``summary.md`` and ``compare.json`` + ``compare_items.parquet`` (each optional but
-the item table) and writes
+``metadata.parquet``, ``errors.parquet``, ``slices.json``, ``coverage.json``, ``coverage.parquet``,
+``label_quality.csv``, ``skipped.parquet``, ``summary.md`` and ``compare.json`` + ``compare_items.parquet``
+(each optional but the item table) and writes
 ``report.html`` with its thumbnails in ``thumbs/`` (or inlined with ``single_file``).
 The page needs no network: styles, script and charts (SVG) are inline. Every string
 that comes from data is escaped by Jinja2's autoescape. The same run directory gives
@@ -38,6 +38,7 @@ def write_report(run_dir: str | Path, *, single_file: bool = False) -> Path:
 def render_report(run, *, out_dir: Path, single_file: bool = False):
     """(HTML text, the ThumbnailWriter that wrote its thumbnails) for a read run."""
     from clipengine.report import charts
+    from clipengine.report.coverage import coverage_section
     from clipengine.report.tables import attribute_tables, overall_rate, slice_rows
     from clipengine.report.thumbs import (
         EXAMPLES_PER_SIDE,
@@ -94,11 +95,12 @@ def render_report(run, *, out_dir: Path, single_file: bool = False):
 
     from clipengine.report.baseline import baseline_section
 
+    coverage = coverage_section(run, thumbs)
     context = {
         "baseline": baseline_section(run, thumbs),
         "title": _dataset_name(run.manifest) or run.run_dir.resolve().name,
         "run_name": run.run_dir.resolve().name,
-        "facts": _facts(run, overall, slices),
+        "facts": _facts(run, overall, slices) + _coverage_facts(coverage),
         "parameters": _parameters(run.manifest),
         "timings": _timings(run.manifest),
         "overall": overall,
@@ -112,6 +114,7 @@ def render_report(run, *, out_dir: Path, single_file: bool = False):
         "corrected": any(s.true_error_mean is not None or s.true_note for s in slices),
         "attributes": attributes,
         "attribute_charts": attribute_charts,
+        "coverage": coverage,
         "label_quality": _label_quality(run.label_quality, run.label_quality_columns),
         "reliability": _reliability(run.label_quality, run.label_quality_columns),
         "skipped": run.skipped,
@@ -143,6 +146,16 @@ def _environment():
     )
     environment.filters.update(pct=_pct, num=_num, sci=_sci, fixed=_fixed, position=_position, change=_change)
     return environment
+
+
+def _coverage_facts(coverage) -> list[tuple[str, str]]:
+    """The header's coverage figure: pairs (else the highest t) covered of valid."""
+    if coverage is None or not coverage.levels:
+        return []
+    level = next((entry for entry in coverage.levels if entry["t"] == 2), coverage.levels[-1])
+    if level["covered"] is None or level["valid"] is None:
+        return []
+    return [(f"Coverage (t = {level['t']})", f"{_num(level['covered'])} of {_num(level['valid'])}")]
 
 
 def _search_facts(summary: dict) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Charts as inline SVG made with matplotlib: error rates with 95 % intervals.
+"""Charts as inline SVG made with matplotlib: error rates with 95 % intervals, changes since a baseline,
+coverage heat maps.
 
 The SVG is deterministic (fixed hash salt, no date) and keeps text as text, so the
 page stays small and searchable. Data strings are drawn as plain text (math
@@ -92,8 +93,8 @@ def interval_chart(
     return _inline(buffer.getvalue())
 
 
-def _cut(label: str) -> str:
-    return label if len(label) <= LABEL_CHARS else label[: LABEL_CHARS - 1] + "…"
+def _cut(label: str, chars: int = LABEL_CHARS) -> str:
+    return label if len(label) <= chars else label[: chars - 1] + "…"
 
 
 def _inline(svg: str) -> str:
@@ -157,3 +158,108 @@ def change_chart(
         finally:
             plt.close(figure)
     return _inline(buffer.getvalue())
+
+
+# ---- coverage heat maps ---------------------------------------------------------------------------
+COVERED, THIN, MISSING, EXCLUDED = 0, 1, 2, 3  # a cell's state in heat_map
+MISSING_INK = "#b91c1c"
+THIN_INK = "#d97706"
+EXCLUDED_FILL = "#f3f4f6"
+HEAT_MAP_LABEL_CHARS = 22
+
+
+def heat_map(
+    row_labels: list[str],
+    column_labels: list[str],
+    counts,
+    states,
+    *,
+    row_title: str,
+    column_title: str,
+    salt: str = "",
+) -> str:
+    """Counts of the value combinations of two features as an ``<svg>`` string: one cell per
+    combination (rows: ``row_labels``, columns: ``column_labels``), its count written in it, shaded by
+    log(1 + count). ``counts`` (R, C) float; ``states`` (R, C) int: :data:`COVERED`, :data:`THIN`
+    (orange border), :data:`MISSING` (white, red border, a bold red count) or :data:`EXCLUDED` (grey,
+    hatched, "excl."). Each missing cell's group carries the id ``<salt>-missing-<row>-<column>``, each
+    thin one ``<salt>-thin-…``, so a page can find them."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    counts = np.asarray(counts, dtype=np.float64)
+    states = np.asarray(states)
+    n_rows, n_columns = counts.shape
+    shaded = np.log1p(np.where(states == EXCLUDED, 0.0, np.maximum(counts, 0.0)))
+    top = float(shaded.max()) if shaded.size and shaded.max() > 0 else 1.0
+    colours = matplotlib.colormaps["Blues"]
+    style = dict(_STYLE, **{"svg.hashsalt": f"clipengine-report-{salt}", "hatch.color": "#9ca3af",
+                            "hatch.linewidth": 0.6})
+    longest = max((len(_cut(label, HEAT_MAP_LABEL_CHARS)) for label in column_labels), default=1)
+    rotate = longest > 6 or n_columns > 8
+    width = min(7.2, 1.4 + 0.1 * max(len(_cut(r, HEAT_MAP_LABEL_CHARS)) for r in row_labels) + 0.55 * n_columns)
+    height = 0.9 + 0.3 * n_rows + (0.07 * longest if rotate else 0.2)
+    with plt.rc_context(style):
+        figure, axes = plt.subplots(figsize=(max(width, 2.6), height))
+        try:
+            for i in range(n_rows):
+                for j in range(n_columns):
+                    state = int(states[i, j])
+                    level = shaded[i, j] / top
+                    if state == EXCLUDED:
+                        cell = Rectangle((j, i), 1, 1, facecolor=EXCLUDED_FILL, edgecolor="white", hatch="///",
+                                         linewidth=1.0)
+                        text, ink, weight = "excl.", MUTED, "normal"
+                    elif state == MISSING:
+                        cell = Rectangle((j + 0.04, i + 0.04), 0.92, 0.92, facecolor="white", edgecolor=MISSING_INK,
+                                         linewidth=1.6)
+                        text, ink, weight = _compact(counts[i, j]), MISSING_INK, "bold"
+                    else:
+                        edge, line = (THIN_INK, 1.6) if state == THIN else ("white", 1.0)
+                        inset = 0.04 if state == THIN else 0.0
+                        cell = Rectangle((j + inset, i + inset), 1 - 2 * inset, 1 - 2 * inset,
+                                         facecolor=colours(0.08 + 0.8 * level), edgecolor=edge, linewidth=line)
+                        text, ink = _compact(counts[i, j]), ("white" if level > 0.6 else INK)
+                        weight = "bold" if state == THIN else "normal"
+                    if state in (MISSING, THIN):
+                        cell.set_gid(f"{salt}-{'missing' if state == MISSING else 'thin'}-{i}-{j}")
+                    axes.add_patch(cell)
+                    axes.text(j + 0.5, i + 0.5, text, ha="center", va="center", color=ink, fontsize=7.5,
+                              fontweight=weight)
+            axes.set_xlim(0, n_columns)
+            axes.set_ylim(n_rows, 0)
+            axes.set_xticks([j + 0.5 for j in range(n_columns)],
+                            [_cut(label, HEAT_MAP_LABEL_CHARS) for label in column_labels],
+                            rotation=40 if rotate else 0, ha="right" if rotate else "center")
+            axes.set_yticks([i + 0.5 for i in range(n_rows)], [_cut(label, HEAT_MAP_LABEL_CHARS) for label in row_labels])
+            axes.set_xlabel(_cut(column_title), color=MUTED)
+            axes.set_ylabel(_cut(row_title), color=MUTED)
+            axes.tick_params(length=0)
+            for spine in axes.spines.values():
+                spine.set_visible(False)
+            figure.tight_layout(pad=0.4)
+            buffer = io.StringIO()
+            figure.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
+        finally:
+            plt.close(figure)
+    # drawn at its own size (text as large as in the other charts), narrower where the page is
+    width_px = round(max(width, 2.6) * 96)
+    return _inline(buffer.getvalue()).replace('class="chart"', f'class="chart" style="max-width: {width_px}px"', 1)
+
+
+def _compact(value: float) -> str:
+    """A count in at most four characters: 7, 950, 1.2k, 35k, 1.2M; expected counts keep one decimal."""
+    if value != value:
+        return "–"
+    if abs(value - round(value)) > 1e-9 and abs(value) < 100:
+        return f"{value:.1f}"
+    value = round(value)
+    for unit, size in (("M", 1_000_000), ("k", 1_000)):
+        if abs(value) >= size:
+            scaled = value / size
+            return f"{scaled:.1f}{unit}" if scaled < 10 else f"{scaled:.0f}{unit}"
+    return str(int(value))

@@ -45,6 +45,8 @@ class RunData:
     notes: dict[str, str] = field(default_factory=dict)  # section -> why it is empty
     comparison: dict[str, Any] | None = None  # compare.json, when it describes the run's current files
     comparison_items: Any = None  # compare_items.parquet as a frame (or None)
+    coverage: dict[str, Any] | None = None  # coverage.json
+    coverage_pairs: Any = None  # pl.DataFrame: coverage.parquet's rows of feature pairs (t = 2)
 
 
 def read_run(run_dir: str | Path) -> RunData:
@@ -87,6 +89,7 @@ def read_run(run_dir: str | Path) -> RunData:
     summary_md = artifacts.read_summary(run_dir)
     skipped, reasons = _read_skipped(run_dir)
     comparison, comparison_items = _read_comparison(run_dir, notes)
+    coverage, coverage_pairs = _read_coverage(run_dir, notes)
     return RunData(
         run_dir=run_dir,
         manifest=manifest,
@@ -104,6 +107,8 @@ def read_run(run_dir: str | Path) -> RunData:
         notes=notes,
         comparison=comparison,
         comparison_items=comparison_items,
+        coverage=coverage,
+        coverage_pairs=coverage_pairs,
     )
 
 
@@ -122,6 +127,27 @@ def _read_comparison(run_dir: Path, notes: dict[str, str]):
                              f"changed; run `clipengine compare BASELINE {run_dir} --out {run_dir}` again")
         return None, None
     return document, items
+
+
+def _read_coverage(run_dir: Path, notes: dict[str, str]):
+    """(coverage.json, coverage.parquet's pair rows), each None with a note when absent or unreadable."""
+    try:
+        coverage = artifacts.read_coverage(run_dir)
+    except ClipengineError as error:
+        notes["coverage"] = str(error)
+        return None, None
+    if coverage is None:
+        notes["coverage"] = f"{artifacts.COVERAGE_JSON} not found"
+        return None, None
+    if not isinstance(coverage, dict):
+        notes["coverage"] = f"{artifacts.COVERAGE_JSON} holds no coverage (not written by clipengine)"
+        return None, None
+    try:
+        pairs = artifacts.read_coverage_table(run_dir, t=2)
+    except ClipengineError as error:
+        notes["coverage_table"] = str(error)
+        pairs = None
+    return coverage, pairs
 
 
 def _read_parquet(path: Path, notes: dict[str, str], section: str):

@@ -1,5 +1,5 @@
 """The whole semantic test as one resumable job: a dataset through encode → errors → annotate →
-eval → slices → summary → report, each stage recorded in ``RUN/manifest.json``.
+eval → slices → coverage → summary → report, each stage recorded in ``RUN/manifest.json``.
 
 This module only sequences stages (each usable alone, each in its own package) and records them:
 
@@ -10,8 +10,9 @@ This module only sequences stages (each usable alone, each in its own package) a
 | annotate | :func:`clipengine.annotate.stage.annotate_run` | metadata.parquet (+ metadata_naive.parquet with ground truth) | encode, schema hash, strategy, labels file (content) and --adapt |
 | eval | :func:`clipengine.annotate.evaluate.evaluate_run` | label_quality.csv / .md (ground truth, a labels file or both) | annotate, errors, labels file |
 | slices | :func:`clipengine.slices.find.slice_run` | slices.parquet, slices.json | annotate, errors, slice settings, features, the labels file's content |
+| coverage | :func:`clipengine.coverage.stage.coverage_run` | coverage.json, coverage.parquet | annotate, errors, coverage settings, the ODD file (content), features |
 | compare (with ``--baseline``) | :func:`clipengine.compare.stage.compare_runs` | compare.json, compare_items.parquet | slices, the baseline's compared files (content), compare settings |
-| summary | :func:`clipengine.run.summary.write_summary` | summary.md | slices, eval, compare |
+| summary | :func:`clipengine.run.summary.write_summary` | summary.md | slices, eval, coverage, compare |
 | report | :func:`clipengine.report.write_report` | report.html (+ thumbs/) | summary, compare |
 
 A stage runs when its fingerprint differs from the finished one in the manifest (or it never
@@ -36,8 +37,8 @@ from clipengine.config import RunConfig
 from clipengine.errors import ClipengineError
 from clipengine.run.manifest import Manifest, fingerprint, now_iso, package_versions
 
-STAGES = ("encode", "errors", "annotate", "eval", "slices", "summary", "report")
-COMPARE_STAGE = "compare"  # runs after slices when the job has a baseline run
+STAGES = ("encode", "errors", "annotate", "eval", "slices", "coverage", "summary", "report")
+COMPARE_STAGE = "compare"  # runs after coverage when the job has a baseline run
 
 
 @dataclass
@@ -160,8 +161,9 @@ class _Job:
         baseline_digest = self._check_baseline()
         schema_file = Path(self.schema_name)
         labels_file = self.config.annotate.labels
+        odd_file = self.config.coverage.odd
         given = [*self.dataset.input_files(), *([schema_file] if schema_file.is_file() else []),
-                 *([labels_file] if labels_file is not None else [])]
+                 *([labels_file] if labels_file is not None else []), *([odd_file] if odd_file is not None else [])]
         artifacts.check_inputs_kept(self.run_dir, given)
         self.result.read_only = read_only
         self.manifest = Manifest(self.run_dir, read_only=read_only)
@@ -175,6 +177,13 @@ class _Job:
             self.log.event("notice", message=notice)
         schema = load_schema(self.schema_name)
         labels_record = _check_labels(labels_file, items, schema)  # a bad labels file fails before any work
+        if self.config.coverage.odd is not None:  # a bad ODD file stops the run before any work
+            from clipengine.coverage.odd import load_odd
+
+            load_odd(self.config.coverage.odd)
+        inputs = self.dataset.input_files()
+        features = artifacts.joined_features(schema.attribute_names, self.dataset.error_features(),
+                                             source=str(inputs[0]) if inputs else f"dataset {self.config.dataset}")
         self.manifest.update(
             dataset={"name": self.config.dataset, "root": str(self.dataset.root) if self.dataset.root else None,
                      "settings": self.dataset.settings(), "items": items.height,
@@ -182,6 +191,7 @@ class _Job:
             inputs=describe_files(self.dataset.input_files()) + [{"listing": f"{items.height} items",
                                                                    "sha256": listing_hash}],
             schema={"name": schema.name, "hash": schema.hash, "source": schema.source},
+            features=features,  # the schema's attributes, then the dataset's own: what slices and coverage use
             config=_jsonable(dataclasses.asdict(replace(self.config, out=self.run_dir))),
             model_choice={"model": self.model.model, "weights": str(self.model.weights) if self.model.weights else None,
                           "pretrained": self.model.pretrained, "auto": self.config.auto_model, "notice": notice},
@@ -202,9 +212,6 @@ class _Job:
         evaluates = has_truth or labels_record is not None
         eval_fp = fingerprint("eval", annotate_fp, errors_fp, self.dataset.truth_mapping() if has_truth else None,
                               labels_fp) if evaluates else None
-        inputs = self.dataset.input_files()
-        features = artifacts.joined_features(schema.attribute_names, self.dataset.error_features(),
-                                             source=str(inputs[0]) if inputs else f"dataset {self.config.dataset}")
         slice_settings = {k: v for k, v in dataclasses.asdict(self.config.slices).items() if k != "progress"}
         slices_fp = fingerprint("slices", annotate_fp, errors_fp, slice_settings, features, artifacts.SLICES_FORMAT,
                                 labels_record["sha256"] if labels_record else None)
@@ -212,7 +219,9 @@ class _Job:
         if self.config.baseline is not None:
             compare_fp = fingerprint("compare", slices_fp, str(Path(self.config.baseline).resolve()), baseline_digest,
                                      dataclasses.asdict(self.config.compare))
-        summary_fp = fingerprint("summary", slices_fp, eval_fp, *([compare_fp] if compare_fp else []))
+        coverage_fp = fingerprint("coverage", annotate_fp, errors_fp, *_coverage_settings(self.config.coverage),
+                                  features)
+        summary_fp = fingerprint("summary", slices_fp, eval_fp, coverage_fp, *([compare_fp] if compare_fp else []))
         report_fp = fingerprint("report", summary_fp, *([compare_fp] if compare_fp else []))
 
         bar = progress_bar(len(STAGES) + (compare_fp is not None), "run", enabled=self.progress, unit="stage")
@@ -229,6 +238,7 @@ class _Job:
             else:
                 bar.update(1)
             self.stage("slices", slices_fp, lambda: self._slices(features), bar)
+            self.stage("coverage", coverage_fp, lambda: self._coverage(features), bar)
             if compare_fp is not None:
                 self.stage(COMPARE_STAGE, compare_fp, self._compare, bar)
             self.stage("summary", summary_fp, self._summary, bar)
@@ -347,6 +357,16 @@ class _Job:
             "baseline": str(self.config.baseline), **comparison.facts["findings"],
             "mismatches": len(comparison.mismatches)}
 
+    def _coverage(self, features: list[str]) -> tuple[list[str], dict]:
+        from clipengine.coverage.stage import coverage_run
+
+        result = coverage_run(self.run_dir, replace(self.config.coverage, progress=self.progress), features)
+        return [artifacts.COVERAGE_JSON, artifacts.COVERAGE_PARQUET], {
+            "rows": result.n_rows, "features": list(result.features),
+            "coverage": [{k: entry[k] for k in ("t", "covered", "valid")} for entry in result.coverage()],
+            "out_of_odd": int(result.out_of_odd), "skipped_features": dict(result.skipped_features),
+        }
+
     def _summary(self) -> tuple[list[str], dict]:
         from clipengine.run.summary import write_summary
 
@@ -372,6 +392,15 @@ def _check_labels(path: Path | None, items, schema) -> dict | None:
     label_set = read_labels(path, artifacts.key_columns(items), {a.name: a.class_names for a in schema.attributes})
     return {"file": str(path), "sha256": sha256_file(path), "rows": int(len(label_set.rows)),
             "attributes": label_set.attributes}
+
+
+def _coverage_settings(config) -> tuple[dict, str | None]:
+    """What of the coverage settings shapes its outputs: the settings (not ``progress``) and the
+    ODD file's content hash (a path alone would miss an edited file)."""
+    from clipengine.bindings.files import sha256_file
+
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "progress"}
+    return settings, sha256_file(config.odd) if config.odd is not None else None
 
 
 def _jsonable(value: Any) -> Any:

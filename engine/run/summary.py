@@ -1,7 +1,7 @@
 """``summary.md``: the run in one page of Markdown, read from the run directory's files.
 
-Top slices with their statistics, label quality (when ground truth exists), counts and the
-stage timings. It is one of the two run files with timings and dates (with ``manifest.json``).
+Top slices with their statistics, t-way coverage and the thinnest combinations, label quality
+(when ground truth exists), counts and the stage timings. It is one of the two run files with timings and dates (with ``manifest.json``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from clipengine.errors import ClipengineError
 from clipengine.markdown import escape
 
 TOP_SLICES = 10
+TOP_MISSING = 5  # missing / thin combinations named in the coverage paragraph
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -132,6 +133,54 @@ def _reliability_section(table) -> list[str]:
     return lines + ["", "Per-class precision and recall with intervals: `label_quality.md`.", ""]
 
 
+def _coverage_section(run_dir: Path) -> list[str]:
+    """A short paragraph from coverage.json: t-way coverage, the thinnest combinations in words with
+    their expected counts, items out of the ODD."""
+    try:
+        data = artifacts.read_coverage(run_dir)
+    except ClipengineError as error:
+        return ["## Coverage", "", f"No coverage ({escape(error)}).", ""]
+    if not isinstance(data, dict):
+        return []
+    params = data.get("params") if isinstance(data.get("params"), dict) else {}
+    features = list(data["features"]) if isinstance(data.get("features"), dict) else []
+    min_count = params.get("min_count", 1)
+    lines = ["## Coverage", ""]
+    text = (f"{data.get('rows', '–')} items over {len(features)} features ({', '.join(escape(f) for f in features)}); "
+            f"a combination of their values is covered with at least {escape(min_count)} item(s)")
+    levels = [e for e in data.get("coverage", []) if isinstance(e, dict)]
+    shares = [f"t = {escape(e.get('t'))}: {escape(e.get('covered'))} of {escape(e.get('valid'))} "
+              f"({_pct(e['covered'] / e['valid']) if isinstance(e.get('covered'), int) and e.get('valid') else '–'})"
+              for e in levels]
+    if shares:
+        text += ": " + "; ".join(shares)
+    lines.append(text + ".")
+    skipped = data.get("skipped_features") if isinstance(data.get("skipped_features"), dict) else {}
+    if skipped:
+        lines += ["", "Not covered: " + "; ".join(f"{escape(k)} ({escape(v)})" for k, v in skipped.items()) + "."]
+    missing = [m for m in data.get("missing", []) if isinstance(m, dict) and isinstance(m.get("predicates"), dict)]
+    total = data.get("missing_total", len(missing))
+    if missing:
+        named = [m for m in missing if not m.get("implied")][:TOP_MISSING]
+        lines += ["", f"{escape(total)} valid combination(s) have fewer than {escape(min_count)} item(s); the "
+                  "thinnest (items, and the number expected if the features were independent):", ""]
+        lines += [f"- {_words(m['predicates'])}: {escape(m.get('count', '–'))} item(s), "
+                  f"{_fmt(m.get('expected'), 1) if isinstance(m.get('expected'), (int, float)) else '–'} expected"
+                  for m in named]
+    elif levels:
+        lines += ["", f"Every valid combination has at least {escape(min_count)} item(s)."]
+    if isinstance(data.get("odd"), dict):
+        lines += ["", f"{escape(data.get('out_of_odd', 0))} item(s) outside the ODD"
+                  + (f" ({escape(params['odd'])})" if params.get("odd") else "") + "."]
+    return lines + ["", "Every combination: `coverage.parquet`; the heat maps: the report.", ""]
+
+
+def _words(predicates: dict) -> str:
+    return " AND ".join(f"{escape(name)} {'in' if isinstance(value, list) else '='} "
+                        + (f"({', '.join(escape(v) for v in value)})" if isinstance(value, list) else escape(value))
+                        for name, value in predicates.items())
+
+
 def _label_quality_section(run_dir: Path) -> list[str]:
     import polars as pl
 
@@ -219,6 +268,7 @@ def build_summary(run_dir: str | Path, manifest: dict) -> str:
     lines += [f"- **{k}**: {v}" for k, v in facts]
     lines += ["", "## Top slices", ""] + _slices_section(run_dir) + [""]
     lines += _baseline_section(run_dir)
+    lines += _coverage_section(run_dir)
     lines += _label_quality_section(run_dir)
     skipped = artifacts.read_skipped(run_dir)
     if skipped is not None and skipped.height:

@@ -157,9 +157,7 @@ def slice_intervals(size, error_sum, error_sq, *, binary: bool, confidence: floa
 
 def normal_quantile(confidence: float) -> float:
     """The two-sided normal critical value of ``confidence`` (1.96 for 0.95)."""
-    from scipy.special import ndtri
-
-    return float(ndtri(0.5 + confidence / 2))
+    return _normal_quantile(0.5 + confidence / 2)
 
 
 def wilson_interval_effective(mean: float, variance: float, confidence: float = DEFAULT_CONFIDENCE, *,

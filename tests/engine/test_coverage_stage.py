@@ -429,3 +429,168 @@ def test_cli_errors_are_one_line_with_exit_code_2(table, tmp_path, capsys):
             main(["coverage", str(table), *args])
         assert code.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def _run_dir_with_manifest(folder, features):
+    """A run directory as ``clipengine run`` leaves it for coverage: metadata, errors (a continuous and a
+    categorical dataset column) and the manifest's feature list."""
+    from clipengine.bindings.files import write_json
+
+    rng = np.random.default_rng(3)
+    n = 60
+    paths = [f"img{i:03d}.png" for i in range(n)]
+    weather = rng.choice(["fog", "rain", "clear"], n)
+    light = rng.choice(["day", "night"], n)
+    pl.DataFrame({"path": paths, "weather": weather, "weather_prob": rng.uniform(0.4, 1, n),
+                  "weather_margin": rng.uniform(0, 0.5, n), "light": light, "light_prob": rng.uniform(0.4, 1, n),
+                  "light_margin": rng.uniform(0, 0.5, n)}).write_parquet(folder / "metadata.parquet")
+    pl.DataFrame({"path": paths, "error": rng.integers(0, 2, n), "road": rng.choice(["wet", "dry"], n),
+                  "ink": rng.uniform(0, 1, n), "true_weather": weather}).write_parquet(folder / "errors.parquet")
+    if features is not None:
+        write_json(folder / "manifest.json", {"format": 1, "features": features})
+    return folder
+
+
+def test_a_run_directory_is_covered_over_the_features_its_manifest_records(tmp_path, capsys):
+    from clipengine.cli import main
+    from clipengine.coverage.inputs import run_features
+
+    run_dir = _run_dir_with_manifest(tmp_path, ["weather", "light", "road", "ink"])
+    assert run_features(run_dir) == ["weather", "light", "road", "ink"]
+    with pytest.raises(SystemExit) as code:
+        main(["coverage", str(run_dir), "--json"])
+    assert code.value.code == 0
+    out = json.loads(capsys.readouterr().out)
+    # the dataset's categorical column is covered, its continuous one left out with the reason
+    assert list(out["features"]) == ["weather", "light", "road"]
+    assert "continuous numbers" in out["skipped_features"]["ink"]
+    frame = read_run_table(run_dir)
+    assert out["coverage"][1]["covered"] == sum(len(set(zip(frame[a].to_list(), frame[b].to_list())))
+                                                for a, b in itertools.combinations(["weather", "light", "road"], 2))
+    # named features stay strict; without the manifest's record, the labelled attributes
+    with pytest.raises(SystemExit) as code:
+        main(["coverage", str(run_dir), "--features", "weather,ink", "--json"])
+    assert code.value.code == 2
+    (run_dir / "manifest.json").unlink()
+    assert run_features(run_dir) is None
+    with pytest.raises(SystemExit):
+        main(["coverage", str(run_dir), "--json"])
+    assert list(json.loads(capsys.readouterr().out)["features"]) == ["weather", "light"]
+
+
+def test_optional_features_lower_t_and_skip_what_against_lacks():
+    frame = pl.DataFrame({"a": ["x", "y", "x"], "b": ["u", "u", "v"], "c": [0.5, 0.25, 0.125]})
+    other = pl.DataFrame({"a": ["x", "x"], "c": [0.5, 0.5]})
+    result = measure_coverage(frame, config=config(t=3), features=["a", "b", "c", "gone"], features_optional=True,
+                              against=other, against_source="other.parquet")
+    assert result.features == ["a"] and result.params["t"] == 1 and result.params["t_requested"] == 3
+    assert result.skipped_features["gone"] == "no such column"
+    assert result.skipped_features["b"] == "not in the --against table other.parquet"
+    assert "continuous" in result.skipped_features["c"]
+    with pytest.raises(ClipengineError, match="t = 3 needs at least 3 features"):
+        measure_coverage(frame, config=config(t=3), features=["a", "b"])
+
+
+def test_cli_out_never_overwrites_an_input(tmp_path, capsys):
+    from clipengine.cli import main
+
+    (tmp_path / "odd").mkdir()
+    odd = tmp_path / "odd" / "coverage.json"  # an ODD file is YAML, and JSON is YAML
+    odd.write_text('{"features": {"weather": ["fog", "rain"], "time": ["day", "night"]}}')
+    source = tmp_path / "table.csv"
+    pl.DataFrame({"weather": ["fog", "rain"], "time": ["day", "night"]}).write_csv(source)
+    with pytest.raises(SystemExit) as code:
+        main(["coverage", str(source), "--odd", str(odd), "--out", str(odd.parent)])
+    assert code.value.code == 2 and "which this run would overwrite" in capsys.readouterr().err
+    assert odd.read_text().startswith('{"features"')
+    with pytest.raises(SystemExit) as code:
+        main(["coverage", str(source), "--odd", str(odd), "--out", str(tmp_path / "out")])
+    assert code.value.code == 0 and (tmp_path / "out" / COVERAGE_JSON).is_file()
+
+
+def test_out_of_odd_examples_name_their_items_by_path_and_box():
+    frame = pl.DataFrame({"path": ["a.png", "a.png", "b.png"], "box": [[0.0, 0.0, 4.0, 4.0], [1.0, 2.0, 3.0, 4.0], None],
+                          "weather": ["fog", "hail", "hail"], "time": ["day", "day", "night"]})
+    odd = parse_odd("features:\n  weather: [fog, rain]\n  time: [day, night]\n")
+    result = measure_coverage(frame, config=config(), odd=odd)
+    examples = json.loads(json.dumps(result.to_json()["out_of_odd_examples"]))
+    assert [(e["row"], e["path"], e["box"]) for e in examples] == [(1, "a.png", [1.0, 2.0, 3.0, 4.0]),
+                                                                    (2, "b.png", None)]
+
+
+def test_an_unsure_label_outside_the_odd_is_unknown_not_out_of_it():
+    frame = pl.DataFrame({"weather": ["fog", "hail", "hail", "rain"], "weather_prob": [0.9, 0.3, 0.9, 0.2],
+                          "time": ["day", "day", "night", "night"]})
+    odd = parse_odd("features:\n  weather: [fog, rain]\n  time: [day, night]\n")
+    result = measure_coverage(frame, config=config(min_prob=0.5), odd=odd)
+    assert result.out_of_odd == 1 and result.out_of_odd_rows.tolist() == [2]
+    assert result.unknown == {"weather": 3, "time": 0}
+    assert measure_coverage(frame, config=config(), odd=odd).out_of_odd == 2
+
+
+def test_a_runs_attributes_take_their_schema_classes_seen_or_not(tmp_path, capsys):
+    from clipengine import artifacts
+    from clipengine.cli import main
+    from clipengine.coverage.inputs import run_values
+
+    run_dir = _run_dir_with_manifest(tmp_path, ["weather", "light", "road"])
+    metadata = pl.read_parquet(run_dir / "metadata.parquet")
+    schema = {"format": 1, "attributes": [
+        {"name": "weather", "classes": [{"name": c, "prompts": []} for c in ("snow", "rain", "fog", "clear")]},
+        {"name": "light", "classes": [{"name": c, "prompts": []} for c in ("night", "day")]}]}
+    artifacts.write_metadata(run_dir / "metadata.parquet", metadata,
+                             {artifacts.META_SCHEMA_CONTENT: json.dumps(schema)})
+    assert run_values(run_dir) == {"weather": ["snow", "rain", "fog", "clear"], "light": ["night", "day"]}
+    with pytest.raises(SystemExit):
+        main(["coverage", str(run_dir), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    # the schema's order; a class no item was given is missing, a dataset column keeps what it holds
+    assert out["features"] == {"weather": ["snow", "rain", "fog", "clear"], "light": ["night", "day"],
+                               "road": sorted(set(metadata.join(pl.read_parquet(run_dir / "errors.parquet"),
+                                                                on="path")["road"].to_list()))}
+    singles = [m["predicates"] for m in out["missing"] if m["t"] == 1]
+    assert singles == [{"weather": "snow"}]
+    assert (out["coverage"][0]["covered"], out["coverage"][0]["valid"]) == (3 + 2 + 2, 4 + 2 + 2)
+    assert run_values(tmp_path / "nowhere") == {}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_against_matches_brute_force_set_differences(seed):
+    rng = np.random.default_rng(seed)
+    names = ["a", "b", "c", "d"]
+
+    def table(n, skew):
+        return pl.DataFrame({name: rng.choice([f"{name}{v}" for v in range(3)], n, p=skew) for name in names})
+
+    here, there = table(60, [0.6, 0.3, 0.1]), table(40, [0.2, 0.3, 0.5])
+    result = measure_coverage(here, config=config(t=3, min_count=2, limit=10_000), against=there)
+    against = result.to_json()["against"]
+    values = {name: sorted(set(here[name]) | set(there[name])) for name in names}
+    for t in (1, 2, 3):
+        counted = {}
+        for label, frame in (("here", here), ("there", there)):
+            rows = Counter()
+            for subset in itertools.combinations(names, t):
+                rows.update((subset, tuple(r)) for r in frame.select(subset).iter_rows())
+            counted[label] = {key for key, n in rows.items() if n >= 2}
+        every = {(subset, combo) for subset in itertools.combinations(names, t)
+                 for combo in itertools.product(*(values[n] for n in subset))}
+        entry = against["coverage"][t - 1]
+        assert entry["valid"] == len(every)
+        assert (entry["covered_this"], entry["covered_other"]) == (len(counted["here"]), len(counted["there"]))
+        assert entry["common"] == len(counted["here"] & counted["there"])
+
+        def listed(key):
+            return {(tuple(c["predicates"]), tuple(c["predicates"].values()))
+                    for c in against[key]["combinations"] if c["t"] == t}
+
+        assert listed("this_not_other") == counted["here"] - counted["there"]
+        assert listed("other_not_this") == counted["there"] - counted["here"]
+    for key, side in (("this_not_other", "count"), ("other_not_this", "count_other")):
+        listing = against[key]
+        assert listing["total"] == len(listing["combinations"])
+        assert [c[side] for c in listing["combinations"]] == sorted((c[side] for c in listing["combinations"]),
+                                                                   reverse=True)
+    capped = result.differences(3)
+    assert len(capped["other_not_this"]["combinations"]) == 3
+    assert capped["other_not_this"]["total"] == against["other_not_this"]["total"]

@@ -40,10 +40,10 @@ def nights(tmp_path_factory, tiny_clip, encoder):
     return tmp, data, first, second, config
 
 
-def test_the_compare_stage_runs_after_slices_and_writes_compare_json(nights):
+def test_the_compare_stage_runs_after_coverage_and_writes_compare_json(nights):
     _, _, first, second, _ = nights
     assert COMPARE_STAGE not in first.ran and COMPARE_STAGE not in first.manifest["stages"]
-    assert second.ran == [*STAGES[:STAGES.index("slices") + 1], COMPARE_STAGE, *STAGES[STAGES.index("slices") + 1:]]
+    assert second.ran == [*STAGES[:STAGES.index("coverage") + 1], COMPARE_STAGE, *STAGES[STAGES.index("coverage") + 1:]]
     document = json.loads((second.run_dir / "compare.json").read_text())
     assert document["old"]["run"] == str(first.run_dir) and document["new"]["run"] == str(second.run_dir)
     assert document["items"]["matched"] == 24 and document["mismatches"] == []

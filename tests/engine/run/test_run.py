@@ -1,7 +1,9 @@
 """The whole job: stages, manifest, resume after a stop or SIGKILL anywhere, incremental reruns, CLI."""
 
+import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from clipengine.config import DatasetConfig, EncodeConfig, RunConfig, SliceConfig
+from clipengine.config import CoverageConfig, DatasetConfig, EncodeConfig, RunConfig, SliceConfig
 from clipengine.errors import ClipengineError
 from clipengine.run.job import STAGES, Hooks, run_job
 
@@ -35,7 +37,8 @@ attributes:
 """
 N_IMAGES = 24
 DETERMINISTIC = ["items.parquet", "skipped.parquet", "errors.parquet", "metadata.parquet", "metadata_naive.parquet",
-                 "slices.parquet", "slices.json", "label_quality.csv", "label_quality.md"]
+                 "slices.parquet", "slices.json", "label_quality.csv", "label_quality.md", "coverage.json",
+                 "coverage.parquet"]
 
 
 def make_photo_folder(root: Path, n: int = N_IMAGES, *, start: int = 0) -> Path:
@@ -156,6 +159,65 @@ def test_second_run_does_no_work(reference, tiny_clip, tiny_encoder):
     after = {p.name: p.stat().st_mtime_ns for p in result.run_dir.iterdir() if p.is_file() and p.name not in bookkeeping}
     assert after == mtimes
     assert_same_results(before, snapshot(result.run_dir))
+
+
+def test_coverage_stage_covers_the_schema_attributes_and_the_dataset_features(reference):
+    result, _, _ = reference
+    run_dir = result.run_dir
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    # the slices' features: the schema's attributes, then the dataset's own column (errors.csv's road)
+    assert manifest["features"] == ["scene", "tone", "road"]
+    coverage = json.loads((run_dir / "coverage.json").read_text())
+    assert list(coverage["features"]) == ["scene", "tone", "road"] and coverage["rows"] == N_IMAGES
+    # the attributes' values are the schema's classes, in its order; the dataset column's those it holds
+    assert coverage["features"]["scene"] == ["urban", "rural"] and coverage["features"]["tone"] == ["bright", "dark"]
+    assert coverage["features"]["road"] == ["dry", "wet"]
+    assert [entry["t"] for entry in coverage["coverage"]] == [1, 2]
+    assert manifest["stages"]["coverage"]["coverage"] == [{k: e[k] for k in ("t", "covered", "valid")}
+                                                         for e in coverage["coverage"]]
+    joined = pl.read_parquet(run_dir / "metadata.parquet").join(pl.read_parquet(run_dir / "errors.parquet"), on="path")
+    pairs = pl.read_parquet(run_dir / "coverage.parquet").filter(pl.col("t") == 2)
+    for a, b in itertools.combinations(["scene", "tone", "road"], 2):
+        counted = joined.group_by(a, b).len()
+        expected = {(x, y): n for x, y, n in counted.iter_rows()}
+        got = pairs.filter((pl.col("feature_1") == a) & (pl.col("feature_2") == b))
+        assert {(x, y): n for x, y, n in got.select("value_1", "value_2", "count").iter_rows() if n} == expected
+        errors = joined.group_by(a, b).agg(pl.col("error").sum())
+        assert {(x, y): e for x, y, e in errors.iter_rows()} == {
+            (x, y): e for x, y, e, n in got.select("value_1", "value_2", "errors", "count").iter_rows() if n}
+
+
+def test_coverage_settings_and_the_odd_file_rerun_coverage_and_what_follows(reference, tiny_clip, tiny_encoder,
+                                                                             tmp_path):
+    result, _, data = reference
+    shutil.copytree(result.run_dir, tmp_path / "run")
+    config = make_config(tmp_path, tiny_clip, data=data)
+    deeper = run_job(replace(config, coverage=CoverageConfig(t=3, min_count=2)), encoder=tiny_encoder)
+    assert deeper.ran == ["coverage", "summary", "report"]
+    coverage = json.loads((tmp_path / "run" / "coverage.json").read_text())
+    assert [e["t"] for e in coverage["coverage"]] == [1, 2, 3] and coverage["params"]["min_count"] == 2
+
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("features:\n  scene: [urban, rural]\n  road: [dry]\nexclude:\n  - {scene: urban, road: dry}\n")
+    with_odd = replace(config, coverage=CoverageConfig(odd=odd))
+    assert run_job(with_odd, encoder=tiny_encoder).ran == ["coverage", "summary", "report"]
+    coverage = json.loads((tmp_path / "run" / "coverage.json").read_text())
+    assert coverage["features"] == {"scene": ["urban", "rural"], "road": ["dry"]}
+    joined = pl.read_parquet(tmp_path / "run" / "metadata.parquet").join(
+        pl.read_parquet(tmp_path / "run" / "errors.parquet"), on="path")
+    outside = joined.filter((pl.col("road") != "dry") | ((pl.col("scene") == "urban") & (pl.col("road") == "dry")))
+    assert coverage["out_of_odd"] == outside.height > 0
+    assert run_job(with_odd, encoder=tiny_encoder).ran == []
+    odd.write_text("features:\n  scene: [urban, rural]\n  road: [dry, wet]\n")  # the same path, new content
+    assert run_job(with_odd, encoder=tiny_encoder).ran == ["coverage", "summary", "report"]
+    assert json.loads((tmp_path / "run" / "coverage.json").read_text())["out_of_odd"] == 0
+
+    # a bad ODD file stops the run before any stage, with one line naming the key
+    odd.write_text("features:\n  scene: [urban, rural]\nexclude:\n  - {wether: fog}\n")
+    before = (tmp_path / "run" / "manifest.json").read_text()
+    with pytest.raises(ClipengineError, match=r"'exclude\[0\]\.wether'"):
+        run_job(with_odd, encoder=tiny_encoder)
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["stages"] == json.loads(before)["stages"]
 
 
 class Stop(Exception):
@@ -294,12 +356,23 @@ def test_fashion_mnist_run_end_to_end(tmp_path, tiny_clip, tiny_encoder):
     if not (envs.fashion_mnist_dir() / FILES["test_images"]).is_file():
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
     config = replace(make_config(tmp_path, tiny_clip, data=None), dataset="fashion-mnist", root=None, schema=None,
-                     data=DatasetConfig(limit=40), slices=SliceConfig(min_sup=3), report=False)
+                     data=DatasetConfig(limit=40), slices=SliceConfig(min_sup=3))
     result = run_job(config, encoder=tiny_encoder)
     assert result.manifest["schema"]["name"] == "fashion"
     lq = pl.read_csv(result.run_dir / "label_quality.csv")
     assert "garment" in lq["attribute"].to_list()  # truth: the real garment classes
     assert pl.read_parquet(result.run_dir / "items.parquet")["path"][0] == "test/000000"
+    # coverage over the schema's attributes (every garment class, given or not); ink left out with its reason
+    from clipengine.annotate.schemas import load_schema
+
+    coverage = json.loads((result.run_dir / "coverage.json").read_text())
+    schema = load_schema("fashion")
+    assert coverage["features"] == {a.name: list(a.class_names) for a in schema.attributes}
+    assert "continuous" in coverage["skipped_features"]["ink"]
+    page = (result.run_dir / "report.html").read_text(encoding="utf-8")
+    pairs = len(schema.attributes) * (len(schema.attributes) - 1) // 2
+    assert page.count('class="chart-figure heat-map"') == min(12, pairs) and 'id="coverage-levels"' in page
+    assert "## Coverage" in (result.run_dir / "summary.md").read_text()
 
 
 def test_bad_executor_and_dataset_errors(tmp_path, tiny_clip):
@@ -321,7 +394,7 @@ def test_cli_config_file_log_json_and_one_line_errors(tmp_path, tiny_clip):
     job.write_text(
         f"dataset: folder\nroot: {data}\nout: {tmp_path / 'run'}\nschema: {tmp_path / 'place.yaml'}\n"
         f"model: {tiny_clip.model_config.model}\nweights: {tiny_clip.model_config.weights}\n"
-        "backend: torch\nprecision: fp32\nmin-sup: 2\nno_report: true\n"
+        "backend: torch\nprecision: fp32\nmin-sup: 2\nno_report: true\nt: 1\nmin-count: 3\n"
     )
     code = subprocess.run([sys.executable, "-m", "clipengine", "run", "--config", str(job), "--log-json", "--quiet"],
                           capture_output=True, text=True, timeout=300)
@@ -330,6 +403,8 @@ def test_cli_config_file_log_json_and_one_line_errors(tmp_path, tiny_clip):
     assert events[-1]["event"] == "run" and events[-1]["status"] == "ok"
     assert {e["stage"] for e in events if e["event"] == "stage"} >= {"encode", "slices", "summary"}
     assert not (tmp_path / "run" / "report.html").exists()
+    coverage = json.loads((tmp_path / "run" / "coverage.json").read_text())
+    assert [e["t"] for e in coverage["coverage"]] == [1] and coverage["params"]["min_count"] == 3
 
     bad = subprocess.run([sys.executable, "-m", "clipengine", "run", "--config", str(job), "--ray-address", "auto"],
                          capture_output=True, text=True, timeout=300)
@@ -341,6 +416,7 @@ def test_cli_config_file_log_json_and_one_line_errors(tmp_path, tiny_clip):
     assert bad.returncode == 2 and "unknown option 'bogus'" in bad.stderr
     help_text = CliRunner().invoke(cli, ["run", "--help"])
     assert help_text.exit_code == 0 and "fashion-mnist" in help_text.output and "Example" in help_text.output
+    assert "--odd" in help_text.output and "--min-count" in help_text.output
 
 
 def test_default_model_falls_back_to_conse_offline_with_a_notice():
@@ -402,7 +478,7 @@ def test_labels_correct_the_slices_and_a_relabelled_item_reruns_them(reference, 
     labelled = replace(config, annotate=replace(config.annotate, labels=labels, adapt="none"))
     corrected = run_job(labelled, encoder=tiny_encoder)
     # the labels file feeds the annotate stage (labelled items keep their labels), eval and the slices
-    assert corrected.ran == ["annotate", "eval", "slices", "summary"]
+    assert corrected.ran == ["annotate", "eval", "slices", "coverage", "summary"]
     assert corrected.manifest["config"]["annotate"]["labels"] == str(labels)
     document = json.loads((corrected.run_dir / "slices.json").read_text())
     assert document["labels"]["labelled_items"] == len(rows) and document["labels"]["features"] == ["scene"]
@@ -413,4 +489,4 @@ def test_labels_correct_the_slices_and_a_relabelled_item_reruns_them(reference, 
     path, scene = rows[-1].rsplit(",", 1)
     flipped = f"{path},{'rural' if scene == 'urban' else 'urban'}"  # one item relabelled
     labels.write_text("path,true_scene\n" + "\n".join(rows[:-1] + [flipped]) + "\n")
-    assert run_job(labelled, encoder=tiny_encoder).ran == ["annotate", "eval", "slices", "summary"]
+    assert run_job(labelled, encoder=tiny_encoder).ran == ["annotate", "eval", "slices", "coverage", "summary"]

@@ -52,7 +52,7 @@ def labelled_run(tmp_path_factory, tiny_clip, encoder):
 def test_a_run_with_labels_adapts_evaluates_and_records(labelled_run):
     config, result, labels, truth = labelled_run
     run_dir = config.out
-    assert result.ran == ["annotate", "eval", "slices", "summary", "report"]
+    assert result.ran == ["annotate", "eval", "slices", "coverage", "summary", "report"]
     assert result.reused == ["encode", "errors"]
     manifest = json.loads((run_dir / artifacts.MANIFEST).read_text())
     assert manifest["labels"]["rows"] == 16 and len(manifest["labels"]["sha256"]) == 64

@@ -17,6 +17,20 @@ def test_wilson_interval_matches_scipy():
         assert high[0] == pytest.approx(ref.high, abs=1e-12)
 
 
+def test_normal_quantile_is_scipys_to_the_last_bit():
+    for confidence in (0.95, 0.9, 0.99, 0.5):
+        assert stats.normal_quantile(confidence) == float(sps.norm.ppf(0.5 + confidence / 2))
+
+
+def test_wilson_interval_of_the_default_confidence_needs_no_scipy():
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from clipengine.slices.stats import wilson_interval; "
+            "wilson_interval(np.array([3.0]), np.array([10.0])); print('scipy.stats' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
 def test_hypergeometric_p_is_fishers_one_sided_exact_test():
     n_rows, total = 1000, 120
     for successes, size in [(5, 30), (20, 80), (0, 50), (60, 200), (120, 400)]:
