@@ -5,7 +5,7 @@ The graph takes what the image pipeline produces and returns what the engine sto
     images: (N, S, S, 3) uint8 RGB  →  embeddings: (N, D) float32, rows L2-normalized
 
 It is three parts joined into one graph (``onnx.compose``): the input head (NHWC → NCHW, uint8 → float32,
-the model's mean/std; a runtime ships 4× fewer bytes to the device), the image tower exported by torch
+the model's mean/std; a runtime ships one byte per value to the device, not four), the image tower exported by torch
 (``pixels`` (N, 3, S, S) float32 → ``features`` (N, D) float32), and the output tail (the L2 norm and the
 division, float32). A class-token-pooled open_clip ViT is exported with its last block on the class token
 only (:mod:`clipengine.bindings.class_token`: same output, fewer FLOPs).

@@ -17,7 +17,7 @@ Scores are ``float32(x_i · q)`` with the dot in float64 (the correctly rounded 
 double rounding); the order is (score descending, row ascending), as :func:`clipengine.kernels.topk.topk_search`.
 The scan reads N × D bytes (a quarter of the float32 rows) and is memory bound: it dots four rows at a time
 (generic LLVM vector IR; on an AVX-512 VNNI CPU it becomes ``vpmovsxbw`` + ``vpdpwssd``) and prefetches
-4 KiB ahead (reading 512 MB on 2 cores here: ~75 ms without, ~47 ms with). All the queries of a pass share
+4 KiB ahead (the hardware prefetcher stops at page boundaries; ``bench/annotate.py`` times the scan). All the queries of a pass share
 the scan (each row is read once, then dotted with every query from L1). Numba threads: the caller's setting.
 
 On a GPU (``device="cuda"``/``"cuda:N"``) the codes, scales and residuals are copied to the device once and
@@ -178,7 +178,7 @@ def _quantize_queries(queries, q_max, max_norm):
 def _rerank(embeddings, candidates, query, k):
     """Exact float64 dots of the candidate rows (ascending), rounded to float32; the k best by (score desc, row asc)."""
     scores = np.empty(len(candidates), np.float32)
-    # no BLAS (its idle threads spin ~0.1 s); parallel only when there are many candidates
+    # no BLAS (its idle threads keep spinning after a call); parallel only when there are many candidates
     score = _exact_scores_parallel if len(candidates) > _PARALLEL_RERANK_ROWS else _exact_scores
     score(np.asarray(embeddings), candidates, query, scores)
     order = np.argsort(-scores, kind="stable")[:k]
