@@ -104,19 +104,25 @@ def _tower_module(towers: ModelTowers):
     return visual.eval()
 
 
+EXPORTERS = ("dynamo", "torchscript")
+
+
 def export_image_onnx(towers: ModelTowers, destination: str | os.PathLike, *, precision: str = "fp32",
-                      opset: int = OPSET) -> Path:
+                      opset: int = OPSET, exporter: str = "dynamo") -> Path:
     """Export the image graph of ``towers`` in ``precision`` ("fp32" or "fp16") to ``destination`` (one
     self-contained .onnx file, written atomically). The tower goes through torch's ``torch.export``-based
-    exporter, falling back to the TorchScript exporter where a model does not trace with it."""
+    exporter (``exporter="dynamo"``), falling back to the TorchScript exporter where a model does not trace
+    with it; ``exporter="torchscript"`` uses that one directly (much faster to run; the CPU probe's choice)."""
     import onnx
 
     if precision not in GRAPH_PRECISIONS:
         raise ValueError(f"the image graph is exported in {' or '.join(GRAPH_PRECISIONS)}, not {precision!r}")
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, not {exporter!r}")
     with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".export-") as work:
-        tower = _export_tower(towers, Path(work) / "tower.onnx", opset)
+        tower = _export_tower(towers, Path(work) / "tower.onnx", opset, exporter)
     if precision == "fp16":
         tower = convert_to_fp16(tower)
     graph = _assemble(tower, towers, opset)
@@ -126,7 +132,7 @@ def export_image_onnx(towers: ModelTowers, destination: str | os.PathLike, *, pr
     return destination
 
 
-def _export_tower(towers: ModelTowers, raw: Path, opset: int):
+def _export_tower(towers: ModelTowers, raw: Path, opset: int, exporter: str = "dynamo"):
     """torch → ONNX of the tower alone; returns the loaded model (weights inlined: one file < 2 GB)."""
     import onnx
     import torch
@@ -135,6 +141,8 @@ def _export_tower(towers: ModelTowers, raw: Path, opset: int):
     example = torch.zeros((2, 3, towers.image_size, towers.image_size), dtype=torch.float32)
     with torch.inference_mode(False), torch.no_grad(), contextlib.redirect_stdout(None):
         try:
+            if exporter != "dynamo":
+                raise NotImplementedError(exporter)
             batch = torch.export.Dim("batch", min=1, max=65536)
             torch.onnx.export(
                 module, (example,), str(raw), opset_version=opset, dynamo=True, external_data=True,
@@ -142,12 +150,34 @@ def _export_tower(towers: ModelTowers, raw: Path, opset: int):
                 verbose=False,
             )
         except Exception:
+            _export_torchscript(module, example, raw, opset)
+    return onnx.load(str(raw), load_external_data=True)
+
+
+def _export_torchscript(module, example, raw: Path, opset: int) -> None:
+    """torch's TorchScript exporter. It has no symbolic for the fused attention kernel that
+    ``nn.MultiheadAttention`` takes when no gradient can flow, so the trace runs with gradients on (the
+    parameters' ``requires_grad`` flags restored afterwards): attention is then exported as its ops."""
+    import warnings
+
+    import torch
+
+    parameters = list(module.parameters())
+    flags = [parameter.requires_grad for parameter in parameters]
+    try:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        with torch.enable_grad(), warnings.catch_warnings():
+            # the tracer's notes on Python-side shape checks: the graph has a dynamic batch axis only
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
                 module, (example,), str(raw), opset_version=max(opset, 17), dynamo=False,
                 input_names=[PIXELS_NAME], output_names=[FEATURES_NAME],
                 dynamic_axes={PIXELS_NAME: {0: "batch"}, FEATURES_NAME: {0: "batch"}},
             )
-    return onnx.load(str(raw), load_external_data=True)
+    finally:
+        for parameter, flag in zip(parameters, flags):
+            parameter.requires_grad_(flag)
 
 
 def convert_to_fp16(tower):
