@@ -110,6 +110,7 @@ def topk_quantized(
     *,
     queries_per_pass: int = QUERIES_PER_PASS,
     device: str = "cpu",
+    candidate_counts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k rows of ``embeddings`` (N, D) float with the largest inner product with each query, exactly.
 
@@ -117,6 +118,8 @@ def topk_quantized(
     Returns ``indices`` (Q, min(k, N)) int64 and ``scores`` (Q, min(k, N)) float32, best first (equal
     scores: lower index first). Only the candidate rows of ``embeddings`` are read (gathered).
     ``device``: "cpu" (Numba), "cuda" or "cuda:N" (the screening on that GPU, the index resident there).
+    ``candidate_counts``: an optional (Q,) int64 array that receives how many rows each query re-ranked
+    exactly (what the screening left; the rest of the N rows were never read).
     """
     from clipengine.kernels.cuda import parse_device
 
@@ -140,8 +143,11 @@ def topk_quantized(
     q_max = min(32767, (2**31 - 1) // (127 * max(1, dim)))  # |c · qc| ≤ 127 · q_max · D fits int32
     if q_max < 1:
         raise ValueError(f"D = {dim} is too wide for int32 screening")
+    counts = np.empty(n_queries, np.int64) if candidate_counts is None else candidate_counts
+    if counts.shape != (n_queries,):
+        raise ValueError(f"candidate_counts must have shape ({n_queries},), not {counts.shape}")
     if on_gpu:
-        _topk_quantized_cuda(quantized, embeddings, queries, k, q_max, device, indices, scores)
+        _topk_quantized_cuda(quantized, embeddings, queries, k, q_max, device, indices, scores, counts)
         return indices, scores
     scales, residuals = np.ascontiguousarray(quantized.scales), np.ascontiguousarray(quantized.residuals)
     for first in range(0, n_queries, queries_per_pass):
@@ -160,6 +166,7 @@ def topk_quantized(
             bound = np.sort(heaps[:, j, :], axis=None)[-k]  # the k-th largest lower bound
             candidates = np.empty(n, np.int64)
             count = _collect(approx[j], residuals, q_norm[j], slack[j], bound, candidates)
+            counts[first + j] = count
             indices[first + j], scores[first + j] = _rerank(embeddings, candidates[:count], query, k)
     return indices, scores
 
@@ -514,7 +521,7 @@ def _cuda_kernel():
     return cupy.RawKernel(CUDA_SOURCE, "screen_int8", options=("--fmad=false",))  # a_i and L_i as the CPU rounds them
 
 
-def _topk_quantized_cuda(quantized, embeddings, queries, k, q_max, device, indices, scores):
+def _topk_quantized_cuda(quantized, embeddings, queries, k, q_max, device, indices, scores, counts):
     """The GPU screening for every query (passes of :data:`CUDA_QUERIES`), then the exact re-rank on the host."""
     import cupy
 
@@ -544,4 +551,5 @@ def _topk_quantized_cuda(quantized, embeddings, queries, k, q_max, device, indic
             for j in range(count):
                 upper = approx[j].astype(cupy.float64) + residuals64 * q_norm[j] + slack[j]
                 candidates = cupy.flatnonzero(upper >= bounds[j]).get().astype(np.int64)
+                counts[first + j] = len(candidates)
                 indices[first + j], scores[first + j] = _rerank(embeddings, candidates, block[j], k)
