@@ -56,5 +56,6 @@ def test_encode_benchmark_runs_whole_processes_and_reports_limits(tmp_path):
     bounds = report["bounds"]
     assert 0 < bounds["model_fraction_of_peak"] and bounds["shared_cores_img_s"] <= bounds["min_model_decode_img_s"]
     assert report["machine"]["cores"] >= 1 and "amx" in report["machine"]
+    assert 0.9 < report["limits"]["int8_whole_model"]["cosine_to_fp32"] <= 1.0001
     assert [row["met"] in (True, False) for row in report["targets"]]
     assert "GEMM at the ViT's shapes" in done.stdout and report["machine"]["cpu"] in done.stdout
