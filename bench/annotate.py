@@ -8,9 +8,10 @@ pairwise cosine of a sample is printed. ``--isotropic`` gives the easier Gaussia
 
 Labelling: the class side of the ``celeba`` schema (random normalized prompt rows of the right shape: the
 text encoder is not timed), clipengine's ``label_segments`` (chunked GEMM + one Numba pass) against NumPy
-*tuned* (row blocks that stay in cache, the logit scale folded into the class matrix, ``reduceat`` for the
-per-class max, the softmax of every attribute at once) and NumPy *plain* (the whole (N, P) logit matrix, one
-attribute at a time); agreement checked.
+*tuned* (row blocks, the logit scale folded into the class matrix, ``reduceat`` for the per-class max, every
+binary attribute's softmax as one sigmoid of the logit difference) and NumPy *plain* (the whole (N, P) logit
+matrix, one attribute at a time); the ratio is taken against the faster of the two, the other beside it;
+agreement checked.
 
 Queries (``-k`` 20): one query at a time, clipengine's int8 screening + exact re-rank (``kernels.quantized``,
 index built once and timed apart) and its float32 pass (``kernels.topk``) against NumPy GEMV + ``argpartition``
@@ -39,7 +40,7 @@ DEFAULT_MEAN_COSINE = 0.5
 DEFAULT_CLUSTERS = 1000
 SPECTRUM_POWER = 1.0  # variance of the i-th principal direction ∝ (i + 1) ** -power
 BLOCK_ROWS = 65_536
-TUNED_BLOCK_ROWS = 8192  # the tuned reference's row block: (8192, P) logits stay in cache
+TUNED_BLOCK_ROWS = 32_768  # the tuned reference's row block: its (rows, P) logits stay small
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -243,7 +244,7 @@ def main() -> None:
     scale = 100.0
 
     print(f"\n| labelling {args.rows:,} rows, {args.schema} | classes × prompt rows | clipengine (first call) | "
-          "NumPy tuned | NumPy plain | × tuned | × plain | agree |")
+          "NumPy tuned | NumPy plain | × best NumPy | × plain | agree |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     report["labelling"] = []
     for strategy in [s.strip() for s in args.strategies.split(",") if s.strip()]:
@@ -263,8 +264,9 @@ def main() -> None:
         agree = all(np.array_equal(ours[0][decided], ref[0][decided]) and np.allclose(ours[1], ref[1], atol=1e-4)
                     for ref in (tuned, plain))
         n_classes = len(side.prompt_offsets) - 1
+        best_s = min(tuned_s, plain_s)
         print(f"| {strategy} | {n_classes} × {side.matrix.shape[0]} | {ours_s:.3f} s ({cold:.2f} s) | {tuned_s:.3f} s | "
-              f"{plain_s:.3f} s | {tuned_s / ours_s:.2f}× | {plain_s / ours_s:.2f}× | {'yes' if agree else 'NO'} |")
+              f"{plain_s:.3f} s | {best_s / ours_s:.2f}× | {plain_s / ours_s:.2f}× | {'yes' if agree else 'NO'} |")
         report["labelling"].append({"strategy": strategy, "clipengine_s": ours_s, "first_call_s": cold,
                                     "numpy_tuned_s": tuned_s, "numpy_plain_s": plain_s, "agree": agree})
         del ours, tuned, plain
@@ -332,8 +334,9 @@ def main() -> None:
                         "candidate_fraction": fraction.tolist(), "index_build_s": build_s, "same_top_k": bool(same)}
     targets = []
     if report["labelling"]:
-        worst_labelling = min(row["numpy_tuned_s"] / row["clipengine_s"] for row in report["labelling"])
-        targets.append(("labelling ≥ 2× tuned NumPy (worst strategy)", worst_labelling, worst_labelling >= 2))
+        worst_labelling = min(min(row["numpy_tuned_s"], row["numpy_plain_s"]) / row["clipengine_s"]
+                              for row in report["labelling"])
+        targets.append(("labelling ≥ 2× NumPy at its best (worst strategy)", worst_labelling, worst_labelling >= 2))
     best_query = ref_q / min(int8_q, fp32_q)
     targets.append((f"one exact top-{args.k} query ≥ 2× NumPy with argpartition", best_query, best_query >= 2))
     for name, value, met in targets:
