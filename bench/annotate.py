@@ -139,7 +139,7 @@ def reference_labels_tuned(embeddings, side, scale, block_rows: int = TUNED_BLOC
             logits = np.maximum.reduceat(logits, po[:-1], axis=1)  # (b, C)
         if binary:  # CelebA: two classes per attribute; softmax of a pair = sigmoid of the difference
             pairs = logits.reshape(len(logits), n_attributes, 2)
-            first = 1.0 / (1.0 + np.exp(pairs[:, :, 1] - pairs[:, :, 0]))
+            first = 0.5 + 0.5 * np.tanh(0.5 * (pairs[:, :, 0] - pairs[:, :, 1]))  # sigmoid, no overflow
             labels[start:start + len(logits)] = first < 0.5
             top = np.maximum(first, 1.0 - first)
             probs[start:start + len(logits)] = top
