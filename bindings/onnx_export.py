@@ -139,19 +139,28 @@ def _export_tower(towers: ModelTowers, raw: Path, opset: int, exporter: str = "d
 
     module = _tower_module(towers)
     example = torch.zeros((2, 3, towers.image_size, towers.image_size), dtype=torch.float32)
+    exporters = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
+    order = [exporter, *(name for name in EXPORTERS if name != exporter)]  # the other one where it fails
     with torch.inference_mode(False), torch.no_grad(), contextlib.redirect_stdout(None):
-        try:
-            if exporter != "dynamo":
-                raise NotImplementedError(exporter)
-            batch = torch.export.Dim("batch", min=1, max=65536)
-            torch.onnx.export(
-                module, (example,), str(raw), opset_version=opset, dynamo=True, external_data=True,
-                input_names=[PIXELS_NAME], output_names=[FEATURES_NAME], dynamic_shapes=({0: batch},),
-                verbose=False,
-            )
-        except Exception:
-            _export_torchscript(module, example, raw, opset)
+        for attempt, name in enumerate(order):
+            try:
+                exporters[name](module, example, raw, opset)
+                break
+            except Exception:
+                if attempt == len(order) - 1:
+                    raise
     return onnx.load(str(raw), load_external_data=True)
+
+
+def _export_dynamo(module, example, raw: Path, opset: int) -> None:
+    """torch's ``torch.export``-based exporter, batch dynamic."""
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    torch.onnx.export(
+        module, (example,), str(raw), opset_version=opset, dynamo=True, external_data=True,
+        input_names=[PIXELS_NAME], output_names=[FEATURES_NAME], dynamic_shapes=({0: batch},), verbose=False,
+    )
 
 
 def _export_torchscript(module, example, raw: Path, opset: int) -> None:
@@ -168,8 +177,10 @@ def _export_torchscript(module, example, raw: Path, opset: int) -> None:
         for parameter in parameters:
             parameter.requires_grad_(True)
         with torch.enable_grad(), warnings.catch_warnings():
-            # the tracer's notes on Python-side shape checks: the graph has a dynamic batch axis only
+            # the tracer's notes on Python-side shape checks (the graph has a dynamic batch axis only), and the
+            # exporter's own notice that it is the older of torch's two
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 module, (example,), str(raw), opset_version=max(opset, 17), dynamo=False,
                 input_names=[PIXELS_NAME], output_names=[FEATURES_NAME],

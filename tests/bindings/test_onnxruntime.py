@@ -70,10 +70,14 @@ def test_create_encoder_with_onnxruntime_records_it(tiny_clip):
     from clipengine.config import EncodeConfig
     from clipengine.encode.encoders import create_encoder
 
-    encoder = create_encoder(EncodeConfig(model=tiny_clip.model_config, device="cpu", backend="onnxruntime"))
+    encoder = create_encoder(EncodeConfig(model=tiny_clip.model_config, device="cpu", backend="onnxruntime",
+                                          precision="fp32"))
     record = encoder.model_record
     assert record["backend"] == "onnxruntime" and record["precision"] == "fp32"
     assert record["image_forward"] == "ONNX graph, last block on the class token"
+    # the precision left to auto: measured among the backend's own (fp32, int8), and recorded
+    chosen = create_encoder(EncodeConfig(model=tiny_clip.model_config, device="cpu", backend="onnxruntime")).model_record
+    assert chosen["precision"] in ("fp32", "int8") and chosen["auto_choice"]["chosen"] == f"onnxruntime {chosen['precision']}"
     with pytest.raises(Exception, match="fp32"):
         create_encoder(EncodeConfig(model=tiny_clip.model_config, device="cpu", backend="onnxruntime", precision="bf16"))
 

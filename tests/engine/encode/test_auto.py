@@ -41,7 +41,7 @@ def test_a_cpu_where_bf16_is_slower_keeps_fp32_and_int8_below_the_cosine_bar_is_
 def test_a_faster_path_that_keeps_the_rows_wins():
     choice = decide_cpu_path(NO_BF16)
     assert (choice.backend, choice.precision) == ("onnxruntime", "fp32")  # 14 / 12 ≥ the margin; int8 slower
-    assert "torch-bf16 not measured: no bf16 instructions" in choice.reason
+    assert "torch-bf16 set aside: no bf16 instructions" in choice.reason
     faster_int8 = {**NO_BF16, "onnxruntime-int8": {"img_s": 30.0, "cosine": 0.99995}}
     assert (decide_cpu_path(faster_int8).backend, decide_cpu_path(faster_int8).precision) == ("onnxruntime", "int8")
 
@@ -61,10 +61,21 @@ def test_probe_shape_copies_the_models_tower(tiny_clip):
 
     towers = load_model(resolve_model(tiny_clip.model_config))
     shape = ProbeShape.of_tower(towers.image_tower, towers.image_size, towers.embed_dim)
-    assert shape == ProbeShape(image_size=32, patch=8, width=64, heads=2, mlp_width=256, output_dim=32)
-    probe = probe_towers(shape)
-    assert len(probe.image_tower.transformer.resblocks) == 2 and probe.image_tower.conv1.kernel_size == (8, 8)
+    assert shape == ProbeShape(image_size=32, patch=8, width=64, heads=2, mlp_width=256, output_dim=32, layers=2)
+    probe = probe_towers(shape, 3)
+    assert len(probe.image_tower.transformer.resblocks) == 3 and probe.image_tower.conv1.kernel_size == (8, 8)
+    assert probe.key != probe_towers(shape, 1).key  # each depth has its own cached graph
     assert ProbeShape.of_tower(object(), 224, 512) is None
+
+
+def test_the_models_rate_is_predicted_at_its_depth():
+    from clipengine.bindings.cpu_probe import predicted_seconds
+
+    # 1 block: 0.3 s, 3 blocks: 0.5 s → 0.1 s per block, 0.2 s once per batch → 12 blocks: 1.4 s
+    assert predicted_seconds(0.3, 0.5, 1, 3, 12) == pytest.approx(1.4)
+    assert predicted_seconds(0.3, 0.5, 1, 3, 1) == pytest.approx(0.3)
+    # noise made the deeper probe faster: every second of it counts as blocks
+    assert predicted_seconds(0.5, 0.45, 1, 3, 12) == pytest.approx(1.8)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +84,7 @@ def measured(tiny_clip, tmp_path_factory):
     from clipengine.bindings.cpu_probe import ProbeShape, cached_measurements
 
     cache = tmp_path_factory.mktemp("probe-cache")
-    shape = ProbeShape(image_size=32, patch=8, width=64, heads=2, mlp_width=256, output_dim=32)
+    shape = ProbeShape(image_size=32, patch=8, width=64, heads=2, mlp_width=256, output_dim=32, layers=12)
     return shape, cache, cached_measurements(shape, num_threads=2, cache_dir=cache)
 
 
@@ -90,7 +101,9 @@ def test_the_probe_measures_every_path_this_cpu_has(measured):
         assert paths["torch-bf16"]["img_s"] > 0 and paths["torch-bf16"]["cosine"] > 0.999
     else:
         assert "no bf16 instructions" in paths["torch-bf16"]["skipped"]
-    assert record["cached"] is False and record["cpu"]["threads"] == 2 and record["probe"]["layers"] == 2
+    assert record["cached"] is False and record["cpu"]["threads"] == 2 and record["probe"]["depths"] == [1, 3]
+    for name in ("torch-fp32", "onnxruntime-fp32"):  # the 12-block prediction is no faster than the 3-block probe
+        assert paths[name]["img_s"] <= paths[name]["probe_img_s"]["3"]
     assert record["cpu"]["amx"] == ("amx_bf16" in bindings.cpu_flags())
 
 
@@ -132,3 +145,21 @@ def test_auto_encoder_records_its_choice(tiny_clip, tmp_path, monkeypatch):
     assert artifacts.RECORD_AUTO_CHOICE not in fixed
     with pytest.raises(ClipengineError, match="runs on cuda"):
         create_encoder(EncodeConfig(model=tiny_clip.model_config, backend="tensorrt"))
+
+
+def test_a_winner_that_changes_the_numbers_is_checked_on_the_whole_model(tiny_clip, tmp_path, monkeypatch):
+    """Rule 3: the probe's winner (bf16 here) is set aside when the whole model's rows fall below the bar; the
+    real check on the tiny model is cached."""
+    from clipengine.bindings import cpu_probe
+    from clipengine.encode import auto
+    from clipengine.encode.models import load_model, resolve_model
+
+    towers = load_model(resolve_model(tiny_clip.model_config))
+    monkeypatch.setattr(cpu_probe, "cached_measurements", lambda shape, **_: {"measured": AMX})
+    monkeypatch.setattr(cpu_probe, "model_cosine", lambda towers, path, **_: 0.9995 if path == "torch-bf16" else 1.0)
+    choice = auto.choose_cpu_path(towers, backend="torch", precision=None, num_threads=2, cache_dir=tmp_path)
+    assert (choice.backend, choice.precision) == ("torch", "fp32")
+    assert "torch-bf16 set aside: the whole model's cosine 0.99950 < 0.9999" in choice.reason
+    monkeypatch.undo()
+    cosine = cpu_probe.model_cosine(towers, "torch-bf16", num_threads=2, cache_dir=tmp_path)
+    assert 0.999 < cosine <= 1.0001 and list((tmp_path / "cpu-probe").glob("cosine-*.json"))
