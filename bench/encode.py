@@ -1,25 +1,36 @@
-"""Encode throughput: every available backend against an open_clip eager reference, same run.
+"""Encode: what a user pays for ``clipengine encode`` (whole process, cold and warm) against open_clip plain and tuned.
 
-    flock /tmp/clipengine-bench.lock python bench/encode.py [--images 256] [--batch-size 32] [--rounds 3] [--pairs 4] [--json]
+    flock /tmp/clipengine-bench.lock python bench/encode.py [--images 1024] [--rounds 2] [--json OUT.json]
 
-What is measured (random-init ViT-B-32 saved as safetensors, same weights everywhere, same
-threads, same batch size; each configuration in its own process):
+Data: ``--images`` JPEG files made from scikit-image's sample photos at varied sizes (500×400 .. 1000×800) and
+a random-init ViT-B-32 saved as safetensors (the same weights everywhere; nothing is downloaded).
 
-- model only: images/s of the model on already decoded (B, 224, 224, 3) uint8 batches (one warm-up
-  batch, then ``--model-batches`` timed batches); for open_clip: ``model.encode_image`` in fp32 on the
-  same pixels, normalized as its own preprocess does (ToTensor + Normalize).
-- end to end: JPEG files (sample photos of scikit-image, resized/cropped to 500×400..1000×800) →
-  ``embeddings.npy`` on disk. clipengine: ``encode_items`` with its defaults (decode threads, bounded
-  prefetch, shards). open_clip: the plain loop (PIL open + its own preprocess per image, batches,
-  ``encode_image``, ``np.save``).
-- peak memory: max resident set size of each configuration's process (``os.wait4`` rusage
-  ``ru_maxrss`` of that child), and the process's whole wall time including start-up.
-- agreement: cosine of each configuration's rows with the open_clip fp32 rows (model-only: same
-  pixels; end to end: same files, so it includes clipengine's JPEG decode shortcuts).
-- paired (``--pairs N``): the end-to-end ratio of the default configuration measured a second way,
-  in one process, as N back-to-back pairs (open_clip's loop, clipengine's default), alternating
-  which goes first; each pair's ratio comes from passes seconds apart, so the host's slow and fast
-  phases hit both sides alike. The median and range of the N ratios are reported.
+1. **Whole processes** (the headline), each timed from spawn to exit with its own peak RSS, interleaved in
+   ``--rounds`` rounds (the order alternates between rounds; medians reported):
+   - ``clipengine encode JPEGS --out OUT --model ViT-B-32 --weights W`` (its defaults: ``auto`` backend and
+     precision, decode threads), **cold**: an empty cache folder (``auto`` measures this CPU, any ONNX
+     export happens), and **warm**: the same command again with that cache, into a fresh output folder;
+   - open_clip **plain**: its own loop (``create_model_and_transforms``, PIL + its preprocess per image,
+     batches, ``encode_image`` under ``no_grad``, ``np.save``);
+   - open_clip **tuned**: its preprocess in a ``DataLoader`` with one worker per core, threads set, inference
+     mode, under bf16 autocast (``tuned-bf16``) and in fp32 (``tuned-fp32``: on CPUs where bf16 is slower);
+   every ratio is taken against the best peer configuration, with the plain loop's beside it.
+2. **Model only** (kernel-only column), one process, batches interleaved: clipengine's encoder as ``auto``
+   chose it (``encode_images`` on decoded uint8 batches) against open_clip ``encode_image`` in fp32 and under
+   bf16 autocast on the same pixels.
+3. **The machine's limits**: the GEMM rate at the ViT's shapes (QKV, attention output, MLP up and down, M =
+   batch × tokens) in fp32 and bf16 (oneDNN's linear, and ``torch.mm``; the peak is the best), the model's
+   FLOPs per image (counted from the architecture, the class-token-only last block included where it runs)
+   and so its achieved fraction of the peak of the precision it runs in; clipengine's decode pipeline alone
+   (img/s); and the end-to-end rate against min(model rate, decode rate) (decode beside the model) and
+   1 / (1/model + 1/decode) (both sharing every core).
+4. **Agreement**: lowest cosine between clipengine's rows and open_clip plain's rows of the same files; and
+   ONNX Runtime int8 of the whole model on the bench photos against open_clip fp32 (the bar ``auto`` holds
+   every precision to is cosine ≥ 0.9999; its probe checks it on a 2-block copy, this on the model).
+
+Every figure is printed under the machine's line (CPU model, AMX or not, cores, load, date). Targets (issue
+20, 1,024 JPEGs): ≥ 3× open_clip plain and ≥ 1.5× open_clip tuned on AMX CPUs; ≥ 1.5× plain without AMX;
+model-only ≥ 70 % of the measured GEMM peak of the precision chosen. Each is printed as met or not met.
 """
 
 from __future__ import annotations
@@ -36,22 +47,16 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_IMAGES = 256
-DEFAULT_BATCH = 32
-DEFAULT_MODEL_BATCHES = 3
-DEFAULT_ROUNDS = 3
-DEFAULT_PAIRS = 4
-CONFIGS = {  # name -> (backend, precision, device)
-    "torch-fp32": ("torch", "fp32", "cpu"),
-    "torch-bf16": ("torch", "bf16", "cpu"),
-    "torch-bf16-module": ("torch", "bf16", "cpu"),  # bf16 through open_clip's module forward, not fused
-    "onnxruntime-fp32": ("onnxruntime", "fp32", "cpu"),
-    "torch-cuda-fp16": ("torch", "fp16", "cuda"),
-    "tensorrt-fp16": ("tensorrt", "fp16", "cuda"),
-}
+DEFAULT_IMAGES = 1024
+DEFAULT_BATCH = 64
+DEFAULT_ROUNDS = 2
+DEFAULT_MODEL_BATCHES = 4
+PEERS = ("plain", "tuned-bf16", "tuned-fp32")
+MODEL = "ViT-B-32"
+GEMM_SECONDS = 0.4
 
 
-# ---- data -----------------------------------------------------------------------------------
+# ---- data (also used by bench/gpu.py) ------------------------------------------------------------
 def make_jpegs(folder: Path, count: int, seed: int = 0) -> list[str]:
     """``count`` JPEGs from scikit-image's sample photos at varied sizes (500×400 .. 1000×800)."""
     from PIL import Image
@@ -83,7 +88,7 @@ def make_weights(folder: Path) -> Path:
     from clipengine.encode.models import build_open_clip_model, save_checkpoint
 
     torch.manual_seed(0)
-    return save_checkpoint(build_open_clip_model(open_clip.get_model_config("ViT-B-32")), folder / "ViT-B-32-random.safetensors")
+    return save_checkpoint(build_open_clip_model(open_clip.get_model_config(MODEL)), folder / f"{MODEL}-random.safetensors")
 
 
 def decoded_set(paths: list[str], count: int) -> np.ndarray:
@@ -95,199 +100,216 @@ def decoded_set(paths: list[str], count: int) -> np.ndarray:
     return np.stack([load_image(paths[i % len(paths)], None, spec) for i in range(count)])
 
 
-# ---- one configuration per process ------------------------------------------------------------
-def run_reference(args) -> dict:
-    """open_clip eager fp32: model-only on the decoded set, then the plain JPEG → npy loop."""
-    import open_clip
+# ---- FLOPs and GEMM rates ----------------------------------------------------------------------
+def vit_shape(architecture: dict) -> dict:
+    """Image size, patch, width, layers, MLP width, output width of an open_clip ViT architecture dict."""
+    vision = architecture["vision_cfg"]
+    width = int(vision["width"])
+    return {"image_size": int(vision["image_size"]), "patch": int(vision["patch_size"]), "width": width,
+            "layers": int(vision["layers"]), "mlp_width": int(width * vision.get("mlp_ratio", 4.0)),
+            "output_dim": int(architecture["embed_dim"])}
+
+
+def vit_gflops(shape: dict, *, class_token_last_block: bool) -> float:
+    """Floating-point operations (2 per multiply-add) of one image through the ViT: patch embedding, the
+    blocks' matmuls (QKV, scores, weighted values, output projection, MLP), the projection."""
+    grid = (shape["image_size"] // shape["patch"]) ** 2
+    tokens = grid + 1
+    width, mlp = shape["width"], shape["mlp_width"]
+    patch = grid * 3 * shape["patch"] ** 2 * width
+
+    def block(queries: int) -> int:
+        return (tokens * width * 2 * width  # keys and values of every token
+                + queries * width * width  # queries
+                + 2 * queries * tokens * width  # scores, weighted values
+                + queries * width * width  # attention output projection
+                + 2 * queries * width * mlp)  # MLP up and down
+
+    blocks = (shape["layers"] - 1) * block(tokens) + block(1 if class_token_last_block else tokens)
+    return 2 * (patch + blocks + width * shape["output_dim"]) / 1e9
+
+
+def gemm_shapes(shape: dict, batch: int) -> dict[str, tuple[int, int, int]]:
+    """name → (M, K, N) of the ViT's GEMMs on a batch."""
+    rows = batch * ((shape["image_size"] // shape["patch"]) ** 2 + 1)
+    width, mlp = shape["width"], shape["mlp_width"]
+    return {"qkv": (rows, width, 3 * width), "attention out": (rows, width, width),
+            "mlp up": (rows, width, mlp), "mlp down": (rows, mlp, width)}
+
+
+def gemm_gflops(m: int, k: int, n: int, dtype_name: str, seconds: float = GEMM_SECONDS) -> dict[str, float]:
+    """GFLOP/s of (M, K) × (K, N) in ``dtype_name`` through oneDNN's linear (what the fused CPU forward calls)
+    and ``torch.mm``; medians of repeated calls after a warm-up."""
     import torch
 
-    model, preprocess = load_open_clip(args)
-    paths = Path(args.listing).read_text().split()
-    pixels = decoded_set(paths, args.batch_size * (args.model_batches + 1))
-    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
-    rows = []
-    with torch.no_grad():
-        for b in range(args.model_batches + 1):
-            batch = torch.from_numpy(pixels[b * args.batch_size:(b + 1) * args.batch_size]).permute(0, 3, 1, 2)
-            batch = (batch.float() / 255.0 - mean) / std
-            if b == 1:
-                started = time.perf_counter()
-            rows.append(model.encode_image(batch, normalize=True).numpy())
-        model_seconds = time.perf_counter() - started
-    np.save(Path(args.result).with_suffix(".model.npy"), np.concatenate(rows[1:]))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=generator).to(dtype)
+    weight = torch.randn(n, k, generator=generator).to(dtype)
+    weight_t = weight.t().contiguous()
+    calls = {"torch.mm": lambda: torch.mm(x, weight_t)}
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available():
+        calls["oneDNN linear"] = lambda: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    out = {}
+    with torch.inference_mode():
+        for name, call in calls.items():
+            call()
+            call()
+            times = []
+            started = time.perf_counter()
+            while len(times) < 3 or time.perf_counter() - started < seconds:
+                tick = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - tick)
+            out[name] = 2.0 * m * k * n / float(np.median(times)) / 1e9
+    return out
 
-    e2e_seconds = open_clip_e2e(model, preprocess, paths, args.batch_size, Path(args.out_dir))
-    return {"model_seconds": model_seconds, "model_images": args.batch_size * args.model_batches,
-            "e2e_seconds": e2e_seconds, "e2e_images": len(paths)}
 
-
-def load_open_clip(args):
-    """(open_clip ViT-B-32 fp32 eval model with the bench weights, its inference preprocess)."""
+# ---- one configuration per process --------------------------------------------------------------
+def run_peer(args) -> dict:
+    """open_clip as a user runs it: ``plain`` (its loop) or ``tuned-bf16`` / ``tuned-fp32`` (DataLoader with one
+    worker per core, threads set, inference mode, bf16 autocast or fp32). Writes ``embeddings.npy``."""
     import open_clip
-    import torch
-
-    torch.set_num_threads(args.threads)
-    model = open_clip.create_model("ViT-B-32")
-    open_clip.load_checkpoint(model, args.weights, weights_only=True)
-    return model.eval(), open_clip.transform.image_transform(224, is_train=False)
-
-
-def open_clip_e2e(model, preprocess, paths: list[str], batch_size: int, out_dir: Path) -> float:
-    """Seconds of open_clip's plain loop: PIL open + its preprocess per image, batches, ``encode_image``, ``np.save``."""
     import torch
     from PIL import Image
 
-    started = time.perf_counter()
+    paths = Path(args.listing).read_text().split()
+    model, _, preprocess = open_clip.create_model_and_transforms(MODEL, pretrained=str(args.weights))
+    model.eval()
     out = []
-    with torch.no_grad():
-        for start in range(0, len(paths), batch_size):
-            batch = torch.stack([preprocess(Image.open(p)) for p in paths[start:start + batch_size]])
-            out.append(model.encode_image(batch, normalize=True).numpy())
+    if args.peer == "plain":
+        with torch.no_grad():
+            for start in range(0, len(paths), args.batch_size):
+                batch = torch.stack([preprocess(Image.open(p)) for p in paths[start:start + args.batch_size]])
+                out.append(model.encode_image(batch, normalize=True).numpy())
+    else:
+        cores = len(os.sched_getaffinity(0))
+        torch.set_num_threads(cores)
+
+        class Files(torch.utils.data.Dataset):
+            def __len__(self):
+                return len(paths)
+
+            def __getitem__(self, index):
+                return preprocess(Image.open(paths[index]))
+
+        loader = torch.utils.data.DataLoader(Files(), batch_size=args.batch_size, num_workers=cores)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.peer == "tuned-bf16"):
+            for batch in loader:
+                out.append(model.encode_image(batch, normalize=True).float().numpy())
+    out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     np.save(out_dir / "embeddings.npy", np.concatenate(out))
-    return time.perf_counter() - started
+    return {"images": len(paths)}
 
 
-def run_clipengine(args) -> dict:
-    """A clipengine backend: model-only on the decoded set, then ``encode_items`` on the files."""
-    import polars as pl
-
-    from clipengine.config import EncodeConfig, ModelConfig
-    from clipengine.encode.encoders import create_encoder
-    from clipengine.encode.stage import encode_items
-
-    backend, precision, device = CONFIGS[args.config]
-    config = EncodeConfig(model=ModelConfig(model="ViT-B-32", weights=Path(args.weights)), backend=backend,
-                          precision=precision, device=device, batch_size=args.batch_size, workers=args.workers,
-                          progress=False)
-    started = time.perf_counter()
-    encoder = create_encoder(config)
-    if args.config == "torch-bf16-module":  # what the fused CPU forward gains, in the same run
-        record = dict(encoder.model_record)
-        encoder = type(encoder)(encoder.towers, device=device, precision=precision, fused=False)
-        encoder.model_record = {**record, "image_forward": encoder.image_forward}
-    setup_seconds = time.perf_counter() - started
-    paths = Path(args.listing).read_text().split()
-    pixels = decoded_set(paths, args.batch_size * (args.model_batches + 1))
-    rows = []
-    for b in range(args.model_batches + 1):
-        if b == 1:
-            started = time.perf_counter()
-        rows.append(encoder.encode_images(pixels[b * args.batch_size:(b + 1) * args.batch_size]))
-    model_seconds = time.perf_counter() - started
-    np.save(Path(args.result).with_suffix(".model.npy"), np.concatenate(rows[1:]))
-
-    started = time.perf_counter()
-    result = encode_items(pl.DataFrame({"path": paths}), args.out_dir, config, encoder=encoder)
-    e2e_seconds = time.perf_counter() - started
-    return {"model_seconds": model_seconds, "model_images": args.batch_size * args.model_batches,
-            "e2e_seconds": e2e_seconds, "e2e_images": result.encoded, "setup_seconds": setup_seconds,
-            "skipped": result.skipped}
-
-
-def run_paired(args) -> dict:
-    """The default configuration against open_clip's loop, end to end, as back-to-back pairs in this process."""
-    import polars as pl
+def run_limits(args) -> dict:
+    """Model-only rates (clipengine's auto encoder; open_clip fp32 and bf16 autocast; batches interleaved), the
+    GEMM rates at the ViT's shapes, the model's FLOPs, and clipengine's decode pipeline alone."""
+    import open_clip
+    import torch
 
     from clipengine.config import EncodeConfig, ModelConfig
     from clipengine.encode.encoders import create_encoder
-    from clipengine.encode.stage import encode_items
+    from clipengine.encode.geometry import ImageSpec
+    from clipengine.encode.pipeline import iter_batches
 
-    model, preprocess = load_open_clip(args)
-    config = EncodeConfig(model=ModelConfig(model="ViT-B-32", weights=Path(args.weights)),
-                          batch_size=args.batch_size, workers=args.workers, progress=False)
-    encoder = create_encoder(config)
+    cores = len(os.sched_getaffinity(0))
     paths = Path(args.listing).read_text().split()
-    frame = pl.DataFrame({"path": paths})
-    out_dir = Path(args.out_dir)
-
-    def clipengine_pass() -> float:
-        shutil.rmtree(out_dir / "clipengine", ignore_errors=True)  # nothing may be reused between passes
-        started = time.perf_counter()
-        encode_items(frame, out_dir / "clipengine", config, encoder=encoder)
-        return time.perf_counter() - started
-
-    def open_clip_pass() -> float:
-        return open_clip_e2e(model, preprocess, paths, args.batch_size, out_dir / "open_clip")
-
-    clipengine_pass()  # warm-up of both: thread pools, allocator, oneDNN primitives
-    open_clip_pass()
-    pairs = []
-    for index in range(args.pairs):
-        if index % 2:
-            ours, reference = clipengine_pass(), open_clip_pass()
-        else:
-            reference, ours = open_clip_pass(), clipengine_pass()
-        pairs.append({"open_clip_seconds": reference, "clipengine_seconds": ours})
+    encoder = create_encoder(EncodeConfig(model=ModelConfig(model=MODEL, weights=Path(args.weights)),
+                                          batch_size=args.batch_size, progress=False))
     record = encoder.model_record
-    return {"images": len(paths), "pairs": pairs, "backend": record["backend"], "precision": record["precision"],
-            "image_forward": record.get("image_forward")}
+    peer = open_clip.create_model(MODEL, pretrained=str(args.weights)).eval()
+    pixels = decoded_set(paths, args.batch_size * (args.model_batches + 1))
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
 
+    def normalized(batch: np.ndarray) -> torch.Tensor:
+        return (torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255.0 - mean) / std
 
-def run_export(args) -> dict:
-    from clipengine import envs
-    from clipengine.bindings.onnx_export import ensure_image_onnx
-    from clipengine.config import ModelConfig
-    from clipengine.encode.models import load_model, resolve_model
+    def peer_call(batch: np.ndarray, bf16: bool) -> np.ndarray:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return model_rows(peer.encode_image(normalized(batch), normalize=True))
 
-    towers = load_model(resolve_model(ModelConfig(model="ViT-B-32", weights=Path(args.weights))))
+    def model_rows(tensor):
+        return tensor.float().numpy()
+
+    torch.set_num_threads(cores)
+    calls = {"clipengine": encoder.encode_images, "open_clip fp32": lambda b: peer_call(b, False),
+             "open_clip bf16 autocast": lambda b: peer_call(b, True)}
+    seconds = {name: [] for name in calls}
+    rows = {name: [] for name in calls}
+    for index in range(args.model_batches + 1):
+        batch = pixels[index * args.batch_size:(index + 1) * args.batch_size]
+        for name, call in (calls.items() if index % 2 == 0 else reversed(list(calls.items()))):
+            started = time.perf_counter()
+            result = call(batch)
+            if index:  # the first batch warms every path up
+                seconds[name].append(time.perf_counter() - started)
+                rows[name].append(result)
+    model_only = {name: args.batch_size / float(np.median(values)) for name, values in seconds.items()}
+    reference = np.concatenate(rows["open_clip fp32"])
+    cosines = {name: float(np.min(np.sum(np.concatenate(r) * reference, axis=1))) for name, r in rows.items()}
+
+    shape = vit_shape(open_clip.get_model_config(MODEL))
+    forward = str(record.get("image_forward", ""))
+    class_token = "class token" in forward or forward == "fused CPU forward" or "last block on the class token" in forward
+    gemm = {precision: {name: gemm_gflops(*mkn, precision) for name, mkn in gemm_shapes(shape, args.batch_size).items()}
+            for precision in ("fp32", "bf16")}
+
+    int8 = {}
+    if args.int8_check:
+        from clipengine import envs
+        from clipengine.bindings.onnxruntime import OnnxRuntimeEncoder
+        from clipengine.encode.models import load_model, resolve_model
+
+        towers = load_model(resolve_model(ModelConfig(model=MODEL, weights=Path(args.weights))))
+        quantized = OnnxRuntimeEncoder(towers, precision="int8", num_threads=cores, cache_dir=envs.cache_dir())
+        batch = pixels[args.batch_size:2 * args.batch_size]
+        quantized.encode_images(batch)
+        started = time.perf_counter()
+        int8_rows = quantized.encode_images(batch)
+        int8 = {"img_s": len(batch) / (time.perf_counter() - started),
+                "cosine_to_fp32": float(np.min(np.sum(int8_rows * rows["open_clip fp32"][0], axis=1)))}
+
+    spec = ImageSpec(224)
     started = time.perf_counter()
-    path = ensure_image_onnx(towers, envs.cache_dir())
-    return {"export_seconds": time.perf_counter() - started, "onnx": str(path)}
+    decoded = sum(len(batch.indices) for batch in iter_batches(paths, None, spec, batch_size=args.batch_size))
+    decode_rate = decoded / (time.perf_counter() - started)
+    return {
+        "record": {key: record.get(key) for key in ("backend", "precision", "image_forward", "auto_choice")},
+        "model_only_img_s": model_only, "model_only_cosine_to_fp32": cosines,
+        "gflops_per_image": vit_gflops(shape, class_token_last_block=class_token),
+        "gflops_per_image_full": vit_gflops(shape, class_token_last_block=False),
+        "class_token_last_block": class_token, "gemm_gflops": gemm, "gemm_batch": args.batch_size,
+        "decode_img_s": decode_rate, "threads": cores, "int8_whole_model": int8,
+    }
 
 
-# ---- orchestration --------------------------------------------------------------------------
-def spawn(role: str, args, work: Path, config: str | None = None) -> dict:
-    """Run one configuration in a child process; add its wall time and peak RSS."""
-    name = config or role
-    result = work / f"{name}.json"
-    out_dir = work / f"out-{name}"
-    command = [sys.executable, __file__, "--role", role, "--result", str(result), "--out-dir", str(out_dir),
-               "--weights", str(args.weights), "--listing", str(args.listing), "--batch-size", str(args.batch_size),
-               "--model-batches", str(args.model_batches), "--threads", str(args.threads), "--pairs", str(args.pairs)]
-    if args.workers is not None:
-        command += ["--workers", str(args.workers)]
-    if config:
-        command += ["--config", config]
-    env = {**os.environ, "CLIPENGINE_NUM_THREADS": str(args.threads), "CLIPENGINE_CACHE_DIR": str(work / "cache")}
-    log = work / f"{name}.stderr"
+# ---- orchestration --------------------------------------------------------------------------------
+def spawn(command: list[str], env: dict, log: Path) -> dict:
+    """Run ``command`` to its end: wall seconds from spawn to exit, peak RSS (its own rusage), exit code."""
     started = time.perf_counter()
     with open(log, "w") as errors:
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=errors)
-        _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage: its peak RSS
+        _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
+    code = os.waitstatus_to_exitcode(status)
+    result = {"seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "exit": code}
+    if code:
         lines = log.read_text().strip().splitlines()
-        return {"name": name, "error": lines[-1] if lines else f"exit {process.returncode}"}
-    record = json.loads(result.read_text())
-    record.update(name=name, process_seconds=wall, peak_rss_mb=usage.ru_maxrss / 1024)
-    return record
+        result["error"] = lines[-1] if lines else f"exit {code}"
+    return result
 
 
-def available_configs() -> list[str]:
-    import importlib.util
-
-    cuda = Path("/dev/nvidiactl").exists()
-    names = ["torch-fp32", "torch-bf16", "torch-bf16-module"]
-    if importlib.util.find_spec("onnxruntime"):
-        names.append("onnxruntime-fp32")
-    if cuda:
-        names.append("torch-cuda-fp16")
-        if importlib.util.find_spec("tensorrt"):
-            names.append("tensorrt-fp16")
-    return names
-
-
-def default_config_name() -> str:
-    from clipengine import bindings
-
-    device = "cuda" if Path("/dev/nvidiactl").exists() else "cpu"
-    backend = bindings.select_backend(device)
-    precision = bindings.default_precision(backend, device)
-    prefix = "torch-cuda" if backend == "torch" and device == "cuda" else backend
-    return f"{prefix}-{precision}"
+def role_command(role: str, args, **extra) -> list[str]:
+    command = [sys.executable, __file__, "--role", role, "--weights", str(args.weights), "--listing", str(args.listing),
+               "--batch-size", str(args.batch_size), "--model-batches", str(args.model_batches)]
+    if not args.int8_check:
+        command.append("--no-int8-check")
+    for key, value in extra.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    return command
 
 
 def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
@@ -297,149 +319,232 @@ def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def orchestrate(args) -> dict:
-    threads = args.threads
+    import polars as pl
+
+    from clipengine.bench._machine import machine_record
+    from clipengine.encode.inputs import list_image_files
+
+    report: dict = {"machine": machine_record(), "images": args.images, "batch_size": args.batch_size,
+                    "model": f"{MODEL} (random init, safetensors)", "rounds": []}
     with tempfile.TemporaryDirectory(prefix="clipengine-bench-encode-") as tmp:
         work = Path(tmp)
-        started = time.perf_counter()
-        paths = make_jpegs(work / "jpegs", args.images)
+        make_jpegs(work / "jpegs", args.images)
+        paths = list_image_files(work / "jpegs")  # the order `clipengine encode` lists them in
         args.weights = make_weights(work)
         args.listing = work / "files.txt"
         args.listing.write_text("\n".join(paths))
-        prepare_seconds = time.perf_counter() - started
-        configs = args.configs.split(",") if args.configs else available_configs()
-        report = {
-            "images": args.images, "batch_size": args.batch_size, "threads": threads,
-            "model": "ViT-B-32 (random init, safetensors)", "default_config": default_config_name(),
-            "peak_memory": "max RSS of each configuration's own process (os.wait4 ru_maxrss)",
-            "prepare_seconds": prepare_seconds, "results": [],
-        }
-        if "onnxruntime-fp32" in configs:
-            export = spawn("export", args, work)
-            report["onnx_export_seconds"] = export.get("export_seconds")
-        # Rounds: the reference and every configuration once per round, and each ratio taken within
-        # its round, so that the VM's slow phases (steal time) hit both sides of a ratio alike.
-        rounds: list[dict[str, dict]] = []
-        for _ in range(args.rounds):
-            records = {"open_clip-eager-fp32": spawn("reference", args, work)}
-            if "error" in records["open_clip-eager-fp32"]:
-                report["results"].append({**records["open_clip-eager-fp32"], "name": "open_clip-eager-fp32"})
-                return report
-            ref_model = np.load(work / "reference.model.npy")
-            ref_e2e = np.load(work / "out-reference" / "embeddings.npy")
-            for config in configs:
-                record = spawn("clipengine", args, work, config)
-                if "error" not in record:
-                    record["model_cosine_min"] = cosine_min(np.load(work / f"{config}.model.npy"), ref_model)
-                    e2e = np.load(work / f"out-{config}" / "embeddings.npy")
-                    record["e2e_cosine_min"] = cosine_min(e2e, ref_e2e) if e2e.shape == ref_e2e.shape else None
-                    shutil.rmtree(work / f"out-{config}")  # the next round encodes from scratch again
-                records[config] = record
-            rounds.append(records)
-        report["rounds"] = rounds
-        if args.pairs:
-            report["paired"] = summarize_pairs(spawn("paired", args, work))
-        for name in rounds[0]:
-            per_round = [r[name] for r in rounds if "error" not in r[name]]
-            if not per_round:
-                report["results"].append(rounds[0][name])
-                continue
-            refs = [r["open_clip-eager-fp32"] for r in rounds if "error" not in r[name]]
-            model_rates = [x["model_images"] / x["model_seconds"] for x in per_round]
-            e2e_rates = [x["e2e_images"] / x["e2e_seconds"] for x in per_round]
-            record = {**per_round[0], "name": name,
-                      "model_img_s": float(np.median(model_rates)), "e2e_img_s": float(np.median(e2e_rates)),
-                      "model_ratio": float(np.median([rate / (ref["model_images"] / ref["model_seconds"])
-                                                      for rate, ref in zip(model_rates, refs)])),
-                      "e2e_ratio": float(np.median([rate / (ref["e2e_images"] / ref["e2e_seconds"])
-                                                    for rate, ref in zip(e2e_rates, refs)])),
-                      "e2e_ratio_range": [min(rate / (ref["e2e_images"] / ref["e2e_seconds"]) for rate, ref in zip(e2e_rates, refs)),
-                                          max(rate / (ref["e2e_images"] / ref["e2e_seconds"]) for rate, ref in zip(e2e_rates, refs))],
-                      "peak_rss_mb": max(x["peak_rss_mb"] for x in per_round),
-                      "process_seconds": float(np.median([x["process_seconds"] for x in per_round]))}
-            for key in ("model_cosine_min", "e2e_cosine_min"):
-                values = [x[key] for x in per_round if x.get(key) is not None]
-                if values:
-                    record[key] = min(values)
-            report["results"].append(record)
+        base_env = {**os.environ, "CLIPENGINE_OFFLINE": "1"}
+        base_env.pop("CLIPENGINE_NUM_THREADS", None)  # the defaults a user gets
+        peers = [p for p in args.peers.split(",") if p]
+        reference_rows = None
+        for number in range(args.rounds):
+            cache = work / f"cache-{number}"
+            record: dict = {}
+            order = ["cold", "warm", *peers]
+            if number % 2:  # alternate which side goes first
+                order = [*peers, "cold", "warm"]
+            for name in order:
+                out = work / f"out-{number}-{name}"
+                log = work / f"{number}-{name}.stderr"
+                if name in ("cold", "warm"):
+                    command = [sys.executable, "-m", "clipengine", "encode", str(work / "jpegs"), "--out", str(out),
+                               "--model", MODEL, "--weights", str(args.weights), "--batch-size", str(args.batch_size),
+                               "--quiet"]
+                    result = spawn(command, {**base_env, "CLIPENGINE_CACHE_DIR": str(cache)}, log)
+                    if "error" not in result:
+                        rows = np.load(out / "embeddings.npy")
+                        order_paths = pl.read_parquet(out / "items.parquet")["path"].to_list()
+                        if order_paths != paths:
+                            result["error"] = "clipengine listed the files in another order"
+                        result["rows"] = rows
+                        model_json = json.loads((out / "model.json").read_text())
+                        result["choice"] = f"{model_json.get('backend')} {model_json.get('precision')}"
+                        result["auto_choice"] = model_json.get("auto_choice", {}).get("reason")
+                else:
+                    result = spawn(role_command("peer", args, peer=name, out_dir=out), base_env, log)
+                    if "error" not in result:
+                        result["rows"] = np.load(out / "embeddings.npy")
+                shutil.rmtree(out, ignore_errors=True)
+                record[name] = result
+            if "plain" in record and "rows" in record["plain"]:
+                reference_rows = record["plain"]["rows"]
+            for result in record.values():
+                rows = result.pop("rows", None)
+                if rows is not None and reference_rows is not None and rows.shape == reference_rows.shape:
+                    result["cosine_to_plain"] = cosine_min(rows, reference_rows)
+            report["rounds"].append(record)
+            print(f"[round {number + 1}/{args.rounds}] " + ", ".join(
+                f"{name} {r['seconds']:.1f} s" if "error" not in r else f"{name} failed" for name, r in record.items()),
+                file=sys.stderr, flush=True)
+        limits = spawn(role_command("limits", args, result=work / "limits.json"),
+                       {**base_env, "CLIPENGINE_CACHE_DIR": str(work / "cache-0")}, work / "limits.stderr")
+        report["limits"] = json.loads((work / "limits.json").read_text()) if "error" not in limits else limits
+    summarize(report)
     return report
 
 
-def summarize_pairs(record: dict) -> dict:
-    """Add each pair's end-to-end ratio (open_clip seconds / clipengine seconds), their median and range."""
-    if "error" in record:
-        return record
-    ratios = [p["open_clip_seconds"] / p["clipengine_seconds"] for p in record["pairs"]]
-    return {**record, "ratios": ratios, "e2e_ratio": float(np.median(ratios)), "e2e_ratio_range": [min(ratios), max(ratios)]}
-
-
-def print_table(report: dict) -> None:
-    print(f"ViT-B-32 encode, {report['images']} JPEGs (500×400..1000×800), batch {report['batch_size']}, "
-          f"{report['threads']} threads; default here: {report['default_config']}; "
-          f"medians of {len(report.get('rounds', [])) or 1} rounds, each ratio within its round")
-    if report.get("onnx_export_seconds") is not None:
-        print(f"ONNX export (once, cached): {report['onnx_export_seconds']:.1f} s")
-    header = f"{'configuration':<22}{'model img/s':>12}{'×ref':>7}{'e2e img/s':>11}{'×ref':>7}{'process s':>11}{'peak MB':>9}{'cos model':>11}{'cos e2e':>9}"
-    print(header)
-    for r in report["results"]:
-        if "error" in r:
-            print(f"{r['name']:<22} failed: {r['error']}")
+def summarize(report: dict) -> None:
+    """Medians over the rounds, ratios against the best peer and the plain loop, the limits and the targets."""
+    images = report["images"]
+    names = [name for name in report["rounds"][0]]
+    whole = {}
+    for name in names:
+        runs = [r[name] for r in report["rounds"] if "error" not in r[name]]
+        if not runs:
+            whole[name] = {"error": report["rounds"][0][name].get("error")}
             continue
-        cos_m = f"{r['model_cosine_min']:.5f}" if "model_cosine_min" in r else "ref"
-        cos_e = f"{r['e2e_cosine_min']:.5f}" if r.get("e2e_cosine_min") is not None else "ref"
-        print(f"{r['name']:<22}{r['model_img_s']:>12.1f}{r['model_ratio']:>7.2f}{r['e2e_img_s']:>11.1f}{r['e2e_ratio']:>7.2f}"
-              f"{r['process_seconds']:>11.1f}{r['peak_rss_mb']:>9.0f}{cos_m:>11}{cos_e:>9}")
-    for r in report["results"]:
-        if "e2e_ratio_range" in r and r["name"] != "open_clip-eager-fp32":
-            low, high = r["e2e_ratio_range"]
-            print(f"{r['name']}: end-to-end ratio over the rounds {low:.2f}–{high:.2f}×")
-    paired = report.get("paired")
-    if paired and "error" in paired:
-        print(f"paired passes failed: {paired['error']}")
-    elif paired:
-        low, high = paired["e2e_ratio_range"]
-        print(f"paired, one process, {len(paired['ratios'])} back-to-back pairs of end-to-end passes "
-              f"(default {paired['backend']} {paired['precision']} against open_clip's loop): "
-              f"median {paired['e2e_ratio']:.2f}× (range {low:.2f}–{high:.2f}×)")
-    print(f"peak memory: {report['peak_memory']}")
+        seconds = float(np.median([r["seconds"] for r in runs]))
+        whole[name] = {"seconds": seconds, "img_s": images / seconds, "runs": [r["seconds"] for r in runs],
+                       "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
+        for key in ("cosine_to_plain", "choice", "auto_choice"):
+            values = [r[key] for r in runs if key in r]
+            if values:
+                whole[name][key] = min(values) if key == "cosine_to_plain" else values[-1]
+    report["whole"] = whole
+    peers = [name for name in whole if name not in ("cold", "warm") and "error" not in whole[name]]
+    if not peers:
+        return
+    best = min(peers, key=lambda name: whole[name]["seconds"])
+    report["best_peer"] = best
+    for side in ("cold", "warm"):
+        if "error" in whole.get(side, {"error": 1}):
+            continue
+        whole[side]["vs_best_peer"] = whole[best]["seconds"] / whole[side]["seconds"]
+        if "plain" in whole and "error" not in whole["plain"]:
+            whole[side]["vs_plain"] = whole["plain"]["seconds"] / whole[side]["seconds"]
+    limits = report.get("limits", {})
+    if "model_only_img_s" not in limits:
+        return
+    chosen = (limits["record"].get("precision") or "fp32")
+    peak_precision = "bf16" if chosen == "bf16" else "fp32"
+    peaks = {precision: max(max(rates.values()) for rates in per_shape.values())
+             for precision, per_shape in limits["gemm_gflops"].items()}
+    model_rate = limits["model_only_img_s"]["clipengine"]
+    achieved = model_rate * limits["gflops_per_image"]
+    decode = limits["decode_img_s"]
+    report["bounds"] = {
+        "chosen_precision": chosen, "peak_precision": peak_precision, "gemm_peak_gflops": peaks,
+        "model_achieved_gflops": achieved, "model_fraction_of_peak": achieved / peaks[peak_precision],
+        "min_model_decode_img_s": min(model_rate, decode),
+        "shared_cores_img_s": 1.0 / (1.0 / model_rate + 1.0 / decode),
+    }
+    if "error" not in whole.get("warm", {"error": 1}):
+        warm = whole["warm"]["img_s"]
+        report["bounds"]["warm_fraction_of_min"] = warm / report["bounds"]["min_model_decode_img_s"]
+        report["bounds"]["warm_fraction_of_shared"] = warm / report["bounds"]["shared_cores_img_s"]
+    report["targets"] = targets(report)
+
+
+def targets(report: dict) -> list[dict]:
+    whole, bounds, amx = report["whole"], report["bounds"], report["machine"]["amx"]
+    warm = whole.get("warm", {})
+    rows = []
+    if "vs_plain" in warm:
+        rows.append({"target": f"≥ {3 if amx else 1.5}× open_clip plain (warm, whole process)",
+                     "value": warm["vs_plain"], "met": warm["vs_plain"] >= (3 if amx else 1.5)})
+    if amx and "vs_best_peer" in warm:
+        rows.append({"target": f"≥ 1.5× open_clip at its best ({report['best_peer']}, whole process)",
+                     "value": warm["vs_best_peer"], "met": warm["vs_best_peer"] >= 1.5})
+    rows.append({"target": f"model only ≥ 70 % of the measured {bounds['peak_precision']} GEMM peak",
+                 "value": bounds["model_fraction_of_peak"], "met": bounds["model_fraction_of_peak"] >= 0.7})
+    return rows
+
+
+def print_report(report: dict) -> None:
+    from clipengine.bench._machine import machine_line
+
+    print(f"# bench/encode: {MODEL} (random init), {report['images']} JPEGs (500×400..1000×800), batch "
+          f"{report['batch_size']}, medians of {len(report['rounds'])} rounds")
+    print(f"# {machine_line(report['machine'])}")
+    whole = report.get("whole", {})
+    if "warm" in whole and "choice" in whole["warm"]:
+        print(f"# clipengine's auto choice here: {whole['warm']['choice']} — {whole['warm'].get('auto_choice')}")
+    print("\n| whole process (spawn → exit) | seconds | img/s | × best peer | × plain | peak RSS MB | cosine to plain |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    labels = {"cold": "clipengine encode, cold (empty cache)", "warm": "clipengine encode, warm",
+              "plain": "open_clip plain loop", "tuned-bf16": "open_clip tuned, bf16 autocast",
+              "tuned-fp32": "open_clip tuned, fp32"}
+    for name, row in whole.items():
+        if "error" in row:
+            print(f"| {labels.get(name, name)} | failed: {row['error']} | | | | | |")
+            continue
+        best = f"{row['vs_best_peer']:.2f}×" if "vs_best_peer" in row else ("best" if name == report.get("best_peer") else "")
+        plain = f"{row['vs_plain']:.2f}×" if "vs_plain" in row else ""
+        cosine = f"{row['cosine_to_plain']:.5f}" if name != "plain" and "cosine_to_plain" in row else ""
+        print(f"| {labels.get(name, name)} | {row['seconds']:.1f} | {row['img_s']:.1f} | {best} | {plain} | "
+              f"{row['peak_rss_mb']:.0f} | {cosine} |")
+    limits = report.get("limits", {})
+    if "model_only_img_s" in limits:
+        print(f"\n| model only (decoded batches of {report['batch_size']}, interleaved) | img/s | × open_clip fp32 | "
+              "cosine to open_clip fp32 |")
+        print("| --- | --- | --- | --- |")
+        reference = limits["model_only_img_s"]["open_clip fp32"]
+        record = limits["record"]
+        for name, rate in limits["model_only_img_s"].items():
+            label = f"clipengine ({record['backend']} {record['precision']}, {record['image_forward']})" if name == "clipengine" else name
+            print(f"| {label} | {rate:.1f} | {rate / reference:.2f}× | {limits['model_only_cosine_to_fp32'][name]:.5f} |")
+        bounds = report["bounds"]
+        print(f"\n| GEMM at the ViT's shapes (M = {limits['gemm_batch']} × tokens), GFLOP/s | fp32 | bf16 |")
+        print("| --- | --- | --- |")
+        for shape in limits["gemm_gflops"]["fp32"]:
+            cells = [" / ".join(f"{name} {rate:.0f}" for name, rate in limits["gemm_gflops"][p][shape].items())
+                     for p in ("fp32", "bf16")]
+            print(f"| {shape} | {cells[0]} | {cells[1]} |")
+        peaks = bounds["gemm_peak_gflops"]
+        print(f"| peak (best of the above) | {peaks['fp32']:.0f} | {peaks['bf16']:.0f} |")
+        print(f"\nmodel: {limits['gflops_per_image']:.2f} GFLOP per image as run (class-token-only last block: "
+              f"{'yes' if limits['class_token_last_block'] else 'no'}; full forward {limits['gflops_per_image_full']:.2f}); "
+              f"clipengine model only {bounds['model_achieved_gflops']:.0f} GFLOP/s = "
+              f"{100 * bounds['model_fraction_of_peak']:.0f} % of the {bounds['peak_precision']} GEMM peak")
+        print(f"decode alone (clipengine's pipeline, {limits['threads']} threads): {limits['decode_img_s']:.1f} img/s; "
+              f"model alone {limits['model_only_img_s']['clipengine']:.1f} img/s")
+        line = (f"end-to-end limit: min(model, decode) {bounds['min_model_decode_img_s']:.1f} img/s; both sharing "
+                f"the cores 1/(1/model + 1/decode) {bounds['shared_cores_img_s']:.1f} img/s")
+        if "warm_fraction_of_shared" in bounds:
+            line += (f"; clipengine warm whole process reaches {100 * bounds['warm_fraction_of_min']:.0f} % and "
+                     f"{100 * bounds['warm_fraction_of_shared']:.0f} % of them")
+        print(line)
+        if limits.get("int8_whole_model"):
+            int8 = limits["int8_whole_model"]
+            print(f"ONNX Runtime int8 (whole model) on the bench photos: cosine to open_clip fp32 "
+                  f"{int8['cosine_to_fp32']:.5f} (auto's bar: ≥ 0.9999), model only {int8['img_s']:.1f} img/s")
+    for row in report.get("targets", []):
+        print(f"target {row['target']}: {row['value']:.2f} — {'met' if row['met'] else 'NOT met'}")
 
 
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="JPEG files for end to end [256]")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="batch size everywhere [32]")
-    parser.add_argument("--model-batches", type=int, default=DEFAULT_MODEL_BATCHES, help="timed model-only batches [3]")
-    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
-                        help="rounds of (reference, every configuration); medians reported [3]")
-    parser.add_argument("--threads", type=int, default=None, help="compute threads [all cores]")
-    parser.add_argument("--workers", type=int, default=None, help="clipengine decode workers [its default]")
-    parser.add_argument("--pairs", type=int, default=DEFAULT_PAIRS,
-                        help="back-to-back end-to-end pairs (open_clip, default) in one process; 0: none [4]")
-    parser.add_argument("--configs", default=None, help=f"comma list of {', '.join(CONFIGS)} [all available]")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="JPEG files [1024]")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="batch size everywhere [64]")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="rounds of whole processes [2]")
+    parser.add_argument("--model-batches", type=int, default=DEFAULT_MODEL_BATCHES,
+                        help="timed model-only batches per configuration [4]")
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"open_clip configurations [{','.join(PEERS)}]")
+    parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    parser.add_argument("--no-int8-check", dest="int8_check", action="store_false",
+                        help="skip ONNX Runtime int8 of the whole model (an ONNX export, about a minute)")
     # worker mode (internal)
-    parser.add_argument("--role", choices=["reference", "clipengine", "export", "paired"], default=None,
-                        help=argparse.SUPPRESS)
-    for name in ("--config", "--result", "--out-dir", "--weights", "--listing"):
+    parser.add_argument("--role", choices=["peer", "limits"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--peer", choices=PEERS, default=None, help=argparse.SUPPRESS)
+    for name in ("--result", "--out-dir", "--weights", "--listing"):
         parser.add_argument(name, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.threads is None:
-        args.threads = len(os.sched_getaffinity(0))
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    if args.role:
-        runner = {"reference": run_reference, "clipengine": run_clipengine, "export": run_export, "paired": run_paired}[args.role]
-        record = runner(args)
-        Path(args.result).write_text(json.dumps(record))
+    if args.role == "peer":
+        run_peer(args)
+        return 0
+    if args.role == "limits":
+        Path(args.result).write_text(json.dumps(run_limits(args)))
         return 0
     report = orchestrate(args)
+    print_report(report)
     if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
-    return 0 if all("error" not in r for r in report["results"]) else 1
+        args.json.write_text(json.dumps(report, indent=1, default=str))
+    failed = [name for name, row in report.get("whole", {}).items() if "error" in row]
+    return 1 if failed or "error" in report.get("limits", {}) else 0
 
 
 if __name__ == "__main__":

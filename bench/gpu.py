@@ -13,7 +13,8 @@ Runs on one CUDA GPU in under 8 minutes and prints one table (GPU, driver, CPU, 
      normalized float tensors already on the GPU). Build/compile time once, beside it (cold).
    - JPEG → embedding: images/s from JPEG files to normalized rows in host memory (clipengine: the
      ``clipengine encode`` command in a fresh process, cold, and ``encode_items`` with the encoder made,
-     warm; open_clip: its own preprocess in a ``DataLoader`` with one worker per core, pinned memory,
+     warm, both with ``--decode auto``: JPEGs decoded by nvJPEG on the GPU, the note says what model.json
+     recorded; open_clip: its own preprocess in a ``DataLoader`` with one worker per core, pinned memory,
      fp16 autocast).
    - agreement: the lowest cosine between each backend's rows and open_clip fp32 rows of the same pixels.
 3. Labelling of 10M stored embeddings (512-d float32, in host memory) with ``label_segments`` on the GPU
@@ -246,11 +247,12 @@ def jpeg_to_embedding(name: str, config, paths: list[str], folder: Path, rows: l
             if done.returncode != 0:
                 raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "exit code")
             ours = np.load(out / "embeddings.npy")
+            decode = json.loads((out / "model.json").read_text()).get("decode", "")
             warm = warm_encode(config, backend, jpeg_dir, folder / f"warm-{name}-{backend}")
             rows.append({"check": "JPEG → embedding", "model": name, "backend": f"{backend} fp16 (clipengine encode)",
                          "img_s": len(paths) / warm, "vs_peer": (len(paths) / warm) / peer_rate,
                          "cold_s": cold, "cold_img_s": len(paths) / cold,
-                         "cosine": cosine_min(ours, reference)})
+                         "cosine": cosine_min(ours, reference), "note": f"decode {decode}"})
         except Exception as error:
             rows.append({"check": "JPEG → embedding", "model": name, "backend": f"{backend} fp16",
                          "result": f"failed: {type(error).__name__}: {error}"[:300], "ok": False})

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -89,12 +88,19 @@ def open_clip_dataloader(files: list[str], image_size: int, batch_size: int, wor
     return sum(batch.shape[0] for batch in loader)
 
 
-def clipengine_batches(files, image_size, batch_size, workers, *, exact=False) -> int:
+def clipengine_batches(files, image_size, batch_size, workers, *, exact=False, device=None) -> int:
+    """clipengine's CPU pipeline, or with ``device`` its device decoder (torchvision ``decode_jpeg`` there)."""
     from clipengine.encode.geometry import ImageSpec
+    from clipengine.encode.gpu_decode import iter_batches_torch
     from clipengine.encode.pipeline import iter_batches
 
     spec = ImageSpec(image_size, fast_jpeg=not exact, fast_resize=not exact)
-    return sum(len(b.indices) for b in iter_batches(files, None, spec, batch_size=batch_size, workers=workers))
+    if device is not None:
+        batches = iter_batches_torch(files, None, spec, device=device, batch_size=batch_size, workers=workers,
+                                     to_numpy=False)
+    else:
+        batches = iter_batches(files, None, spec, batch_size=batch_size, workers=workers)
+    return sum(len(b.indices) for b in batches)
 
 
 def main() -> None:
@@ -133,7 +139,11 @@ def main() -> None:
             ("clipengine exact, 2 threads", lambda: clipengine_batches(files, s, b, 2, exact=True)),
             ("clipengine default, 1 thread", lambda: clipengine_batches(files, s, b, 1)),
             ("clipengine default, 2 threads", lambda: clipengine_batches(files, s, b, 2)),
+            ("clipengine --decode device on the CPU, 2 threads", lambda: clipengine_batches(files, s, b, 2, device="cpu")),
         ]
+        if torch.cuda.is_available():
+            cases.append(("clipengine --decode device on cuda (nvJPEG)",
+                          lambda: clipengine_batches(files, s, b, 2, device="cuda")))
         # interleaved passes (case A, B, …, A, B, …), best per case: a shared machine's load drifts
         best = {name: float("inf") for name, _ in cases}
         for _ in range(r):
@@ -141,7 +151,10 @@ def main() -> None:
                 best[name] = min(best[name], time_best(run, 1))
         results = []
         baseline = n / best[cases[0][0]]
-        print(f"{n} JPEG files, S={s}, batch {b}, best of {r} interleaved passes, load average {os.getloadavg()[0]:.1f}")
+        from clipengine.bench._machine import machine_line
+
+        print(f"# {machine_line()}")
+        print(f"{n} JPEG files, S={s}, batch {b}, best of {r} interleaved passes")
         print(f"{'case':46s} {'img/s':>8s} {'× loop':>7s}")
         for name, _ in cases:
             rate = n / best[name]

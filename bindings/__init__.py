@@ -6,19 +6,18 @@ on first use, so that naming a backend never imports the others' heavy packages.
 | backend | devices | precisions | image tower | text tower |
 | --- | --- | --- | --- | --- |
 | ``torch`` | cpu, cuda | fp32, bf16, fp16 (cuda) | CPU: torch eager, inference mode (bf16: the fused forward of ``torch_vit_cpu``); CUDA: fp16/bf16 weights with fp32 LayerNorm, ``torch.compile``, CUDA graphs, SDPA attention | torch |
-| ``onnxruntime`` | cpu | fp32 | ONNX (exported once, cached) | torch fp32 |
+| ``onnxruntime`` | cpu | fp32, int8 (dynamic quantization) | ONNX (exported once, cached) | torch fp32 |
 | ``tensorrt`` | cuda | fp16 (LayerNorm/softmax/reductions fp32 in the graph), fp32 | strongly typed TensorRT plan built from the exported ONNX | torch on cuda |
 
 Every backend class takes ``(towers: ModelTowers, *, device, precision, num_threads, cache_dir)``.
-``auto`` is resolved by :func:`select_backend` and :func:`default_precision`, which look at the device
-name ("cpu", "cuda", "cuda:N"), installed packages and the CPU's flags; on CUDA they try to import
-``tensorrt`` once (a wheel whose libraries fail to load counts as absent).
 
-Defaults, measured here (2 cores with AMX, random-init ViT-B/32, batch 32, model only): torch bf16
-124 img/s (cosine to fp32 ≥ 0.99995), torch fp32 29 img/s, ONNX Runtime fp32 26 img/s. So: CPU with
-bf16 instructions (AMX / AVX512-BF16) → torch bf16; CPU without them → torch fp32 (ONNX Runtime was
-not faster and needs an export; choose it with ``--backend onnxruntime``); CUDA → TensorRT fp16 when
-``tensorrt`` imports, else torch fp16.
+Choosing for ``auto``: on CUDA, :func:`select_backend` and :func:`default_precision` decide from the device
+name ("cuda", "cuda:N") and the installed packages (TensorRT fp16 when ``tensorrt`` imports — a wheel whose
+libraries fail to load counts as absent — else torch fp16). On the CPU no rule of thumb holds (bf16 is
+several times faster than fp32 on CPUs with AMX and slower on CPUs with only AVX512-BF16), so the engine
+measures: :mod:`clipengine.bindings.cpu_probe` times each CPU path on a short copy of the model's tower, and
+the engine decides from that (``clipengine.encode.auto``). :func:`default_precision` on the CPU is fp32, the
+precision that needs no measurement to be right.
 """
 
 from __future__ import annotations
@@ -46,10 +45,10 @@ BACKEND_DEVICES: dict[str, tuple[str, ...]] = {
     "tensorrt": ("cuda",),
 }
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {
     "torch": ("fp32", "bf16", "fp16"),
-    "onnxruntime": ("fp32",),
+    "onnxruntime": ("fp32", "int8"),
     "tensorrt": ("fp16", "fp32"),
 }
 
@@ -91,27 +90,27 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_supports_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AMX tiles or AVX512-BF16)."""
+    """True when the CPU has bf16 instructions (AMX tiles or AVX512-BF16); whether they are faster than fp32
+    is another question (:mod:`clipengine.bindings.cpu_probe` measures it)."""
     return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
 def select_backend(device: str, precision: str | None = None) -> str:
-    """The fastest usable backend for ``device`` ("cpu", "cuda" or "cuda:N") and ``precision``
-    (None: the device's default): on CUDA, TensorRT when it imports (not for bf16), else torch."""
+    """The backend for ``device`` ("cpu", "cuda" or "cuda:N") and ``precision`` without measuring: on CUDA,
+    TensorRT when it imports (not for bf16), else torch; on the CPU torch (int8: onnxruntime), the one that
+    runs every model (``auto`` on the CPU measures instead: ``clipengine.encode.auto``)."""
     if parse_device(device)[0] == "cuda":
         if precision == "bf16":
             return "torch"
         return "tensorrt" if backend_imports("tensorrt") else "torch"
-    # measured (ViT-B/32, batch 32, 2 cores): torch bf16 124 img/s, torch fp32 29, ONNX Runtime fp32 26
-    return "torch"
+    return "onnxruntime" if precision == "int8" else "torch"
 
 
 def default_precision(backend: str, device: str) -> str:
-    """The fastest precision of ``backend`` on ``device`` that keeps cosine ≥ 0.9999 to fp32."""
+    """The precision of ``backend`` on ``device`` without measuring: fp16 on CUDA; fp32 on the CPU (exact,
+    and never the slow choice by much; ``auto`` on the CPU measures whether another one is faster)."""
     if parse_device(device)[0] == "cuda":
         return "fp16"
-    if backend == "torch" and cpu_supports_bf16():
-        return "bf16"
     return "fp32"
 
 

@@ -5,7 +5,7 @@ The graph takes what the image pipeline produces and returns what the engine sto
     images: (N, S, S, 3) uint8 RGB  →  embeddings: (N, D) float32, rows L2-normalized
 
 It is three parts joined into one graph (``onnx.compose``): the input head (NHWC → NCHW, uint8 → float32,
-the model's mean/std; a runtime ships 4× fewer bytes to the device), the image tower exported by torch
+the model's mean/std; a runtime ships one byte per value to the device, not four), the image tower exported by torch
 (``pixels`` (N, 3, S, S) float32 → ``features`` (N, D) float32), and the output tail (the L2 norm and the
 division, float32). A class-token-pooled open_clip ViT is exported with its last block on the class token
 only (:mod:`clipengine.bindings.class_token`: same output, fewer FLOPs).
@@ -104,19 +104,25 @@ def _tower_module(towers: ModelTowers):
     return visual.eval()
 
 
+EXPORTERS = ("dynamo", "torchscript")
+
+
 def export_image_onnx(towers: ModelTowers, destination: str | os.PathLike, *, precision: str = "fp32",
-                      opset: int = OPSET) -> Path:
+                      opset: int = OPSET, exporter: str = "dynamo") -> Path:
     """Export the image graph of ``towers`` in ``precision`` ("fp32" or "fp16") to ``destination`` (one
     self-contained .onnx file, written atomically). The tower goes through torch's ``torch.export``-based
-    exporter, falling back to the TorchScript exporter where a model does not trace with it."""
+    exporter (``exporter="dynamo"``), falling back to the TorchScript exporter where a model does not trace
+    with it; ``exporter="torchscript"`` uses that one directly (much faster to run; the CPU probe's choice)."""
     import onnx
 
     if precision not in GRAPH_PRECISIONS:
         raise ValueError(f"the image graph is exported in {' or '.join(GRAPH_PRECISIONS)}, not {precision!r}")
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, not {exporter!r}")
     with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".export-") as work:
-        tower = _export_tower(towers, Path(work) / "tower.onnx", opset)
+        tower = _export_tower(towers, Path(work) / "tower.onnx", opset, exporter)
     if precision == "fp16":
         tower = convert_to_fp16(tower)
     graph = _assemble(tower, towers, opset)
@@ -126,28 +132,63 @@ def export_image_onnx(towers: ModelTowers, destination: str | os.PathLike, *, pr
     return destination
 
 
-def _export_tower(towers: ModelTowers, raw: Path, opset: int):
+def _export_tower(towers: ModelTowers, raw: Path, opset: int, exporter: str = "dynamo"):
     """torch → ONNX of the tower alone; returns the loaded model (weights inlined: one file < 2 GB)."""
     import onnx
     import torch
 
     module = _tower_module(towers)
     example = torch.zeros((2, 3, towers.image_size, towers.image_size), dtype=torch.float32)
+    exporters = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
+    order = [exporter, *(name for name in EXPORTERS if name != exporter)]  # the other one where it fails
     with torch.inference_mode(False), torch.no_grad(), contextlib.redirect_stdout(None):
-        try:
-            batch = torch.export.Dim("batch", min=1, max=65536)
-            torch.onnx.export(
-                module, (example,), str(raw), opset_version=opset, dynamo=True, external_data=True,
-                input_names=[PIXELS_NAME], output_names=[FEATURES_NAME], dynamic_shapes=({0: batch},),
-                verbose=False,
-            )
-        except Exception:
+        for attempt, name in enumerate(order):
+            try:
+                exporters[name](module, example, raw, opset)
+                break
+            except Exception:
+                if attempt == len(order) - 1:
+                    raise
+    return onnx.load(str(raw), load_external_data=True)
+
+
+def _export_dynamo(module, example, raw: Path, opset: int) -> None:
+    """torch's ``torch.export``-based exporter, batch dynamic."""
+    import torch
+
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    torch.onnx.export(
+        module, (example,), str(raw), opset_version=opset, dynamo=True, external_data=True,
+        input_names=[PIXELS_NAME], output_names=[FEATURES_NAME], dynamic_shapes=({0: batch},), verbose=False,
+    )
+
+
+def _export_torchscript(module, example, raw: Path, opset: int) -> None:
+    """torch's TorchScript exporter. It has no symbolic for the fused attention kernel that
+    ``nn.MultiheadAttention`` takes when no gradient can flow, so the trace runs with gradients on (the
+    parameters' ``requires_grad`` flags restored afterwards): attention is then exported as its ops."""
+    import warnings
+
+    import torch
+
+    parameters = list(module.parameters())
+    flags = [parameter.requires_grad for parameter in parameters]
+    try:
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        with torch.enable_grad(), warnings.catch_warnings():
+            # the tracer's notes on Python-side shape checks (the graph has a dynamic batch axis only), and the
+            # exporter's own notice that it is the older of torch's two
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 module, (example,), str(raw), opset_version=max(opset, 17), dynamo=False,
                 input_names=[PIXELS_NAME], output_names=[FEATURES_NAME],
                 dynamic_axes={PIXELS_NAME: {0: "batch"}, FEATURES_NAME: {0: "batch"}},
             )
-    return onnx.load(str(raw), load_external_data=True)
+    finally:
+        for parameter, flag in zip(parameters, flags):
+            parameter.requires_grad_(flag)
 
 
 def convert_to_fp16(tower):

@@ -11,7 +11,9 @@ Build and run are separate (as NVIDIA's samples split ``build_engine.py`` / ``in
   content hash + shapes + TensorRT version + GPU name and compute capability.
 - :class:`TensorRTEncoder` deserializes the plan once on its device, allocates pinned host buffers and
   device buffers for the largest batch once, and per batch does: async host→device copy of the uint8
-  batch, ``execute_async_v3`` and async device→host copy of the rows, on one CUDA stream of that device.
+  batch (or a device-to-device copy when the batch is already a tensor on the GPU, e.g. decoded there),
+  ``execute_async_v3`` and async device→host copy of the rows, on one CUDA stream of that device. The
+  buffers and the execution context are one set, so calls are serialized by a lock.
 
 ``tensorrt`` is imported lazily (this module imports without it). CUDA memory, streams and pinned buffers
 come from torch (already a dependency), so no pycuda / cuda-python is needed. The text tower runs on torch
@@ -24,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -235,30 +238,46 @@ class TensorRTEncoder:
             self._dev_out = torch.empty((high, self.embed_dim), dtype=torch.float32, device=self.device)
             self._context.set_tensor_address(INPUT_NAME, self._dev_in.data_ptr())
             self._context.set_tensor_address(OUTPUT_NAME, self._dev_out.data_ptr())
+        self.tensor_device = str(self.device)
+        self._lock = threading.Lock()
         self._text = None
 
-    def encode_images(self, images: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) uint8 RGB → (N, D) float32, rows L2-normalized."""
+    def encode_images(self, images) -> np.ndarray:
+        """(N, S, S, 3) uint8 RGB → (N, D) float32, rows L2-normalized. ``images``: a NumPy array or a torch
+        uint8 tensor (on ``tensor_device``: copied device to device after the work queued before it)."""
         import torch
 
-        images = np.asarray(images)
         side = self.image_size
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (side, side, 3):
-            raise ValueError(f"expected (N, {side}, {side}, 3) uint8 images, got {images.shape} {images.dtype}")
+        on_device = isinstance(images, torch.Tensor)
+        if not on_device:
+            images = np.asarray(images)
+        shape, dtype = tuple(images.shape), images.dtype
+        if dtype not in (np.uint8, torch.uint8) or len(shape) != 4 or shape[1:] != (side, side, 3):
+            raise ValueError(f"expected (N, {side}, {side}, 3) uint8 images, got {shape} {dtype}")
         out = np.empty((len(images), self.embed_dim), np.float32)
+        with self._lock:
+            if on_device:  # the batch was written on the caller's stream: this stream waits for it
+                self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._encode_chunks(images, out, on_device)
+        return out
+
+    def _encode_chunks(self, images, out: np.ndarray, on_device: bool) -> None:
+        import torch
+
+        side = self.image_size
         for start in range(0, len(images), self.settings.max_batch):
             chunk = images[start:start + self.settings.max_batch]
             count = len(chunk)
-            self._host_in[:count].numpy()[...] = chunk
+            if not on_device:
+                self._host_in[:count].numpy()[...] = chunk
             with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-                self._dev_in[:count].copy_(self._host_in[:count], non_blocking=True)
+                self._dev_in[:count].copy_(chunk if on_device else self._host_in[:count], non_blocking=True)
                 self._context.set_input_shape(INPUT_NAME, (count, side, side, 3))
                 if not self._context.execute_async_v3(self._stream.cuda_stream):
                     raise RuntimeError("TensorRT execution failed")
                 self._host_out[:count].copy_(self._dev_out[:count], non_blocking=True)
             self._stream.synchronize()
             out[start:start + count] = self._host_out[:count].numpy()
-        return out
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """M strings → (M, D) float32, rows L2-normalized (torch fp32 text tower on the same GPU)."""

@@ -1,11 +1,16 @@
 """PyTorch backend: CPU (eager, inference mode) and CUDA (fp16/bf16 weights, compiled, CUDA graphs).
 
-uint8 NHWC batches go to the device as uint8 (4× fewer bytes than float) and are converted and
+uint8 NHWC batches go to the device as uint8 (a quarter of float32's bytes) and are converted and
 normalized there with the model's mean/std; the text tower runs in fp32 (prompts are few and annotate
-compares against them).
+compares against them). ``encode_images`` also takes the batch as a uint8 torch tensor already on the
+encoder's device (``tensor_device``; JPEGs decoded on the GPU stay there).
 
-CPU: the image tower runs in the requested precision (bf16: a pure cast, on CPUs with AMX ~4× faster than
-fp32). In bf16 a standard open_clip ViT or transformers CLIP vision tower runs through
+Threads: ``num_threads`` applies to this encoder's own calls only (set around each, then restored:
+the caller's torch setting is left as it was).
+
+CPU: the image tower runs in the requested precision (bf16: a pure cast, which bf16's fp32 range makes
+safe; whether it is faster than fp32 depends on the CPU, which is why ``auto`` measures). In bf16 a
+standard open_clip ViT or transformers CLIP vision tower runs through
 :mod:`clipengine.bindings.torch_vit_cpu` (same weights, fused oneDNN calls, the normalization folded into
 the patch matmul, the last block on the class token only). Elsewhere a class-token-pooled open_clip ViT runs
 as its module with the last block on the class token only (:mod:`clipengine.bindings.class_token`);
@@ -19,12 +24,15 @@ in inference. The whole batch step — uint8 → normalized pixels → tower →
 ``torch.compile``d function, captured as one CUDA graph per batch-size bucket (powers of two up to
 ``max_batch``; a short last batch is padded up to its bucket) and replayed; host buffers are pinned and
 allocated once. Each of the two falls back to the eager step when it fails on a model, and
-``image_forward`` records which ran and why.
+``image_forward`` records which ran and why. The step's buffers and graphs are shared state, so its
+callers are serialized by a lock: one batch at a time, from whichever thread (the encode stage calls it
+from the one thread that consumes the image pipeline).
 """
 
 from __future__ import annotations
 
 import copy
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -32,6 +40,7 @@ import torch
 
 from clipengine.bindings.base import ModelTowers
 from clipengine.bindings.class_token import ClassTokenVisionTower, unprunable_reason
+from clipengine.bindings.threads import torch_threads
 from clipengine.kernels.cuda import parse_device
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,7 +52,8 @@ MIN_CUDA_BUCKET = 16  # the smallest batch size a CUDA graph is captured for
 class TorchEncoder:
     """``Encoder`` on torch. ``encode_images``: (N, S, S, 3) uint8 → (N, D) float32, L2-normalized.
 
-    ``compile``, ``cuda_graphs`` and ``max_batch`` apply on CUDA only (see the module's docstring)."""
+    ``num_threads``: torch threads for this encoder's calls (None: the caller's setting). ``compile``,
+    ``cuda_graphs`` and ``max_batch`` apply on CUDA only (see the module's docstring)."""
 
     backend = "torch"
 
@@ -68,20 +78,26 @@ class TorchEncoder:
         self.image_size = int(towers.image_size)
         self.embed_dim = int(towers.embed_dim)
         self.towers = towers
+        self.num_threads = int(num_threads) if num_threads else None
         self._text = None
         if kind == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
-            self._cuda = CudaImageStep(towers, self.device, self.dtype, fused=fused, compile=compile,
-                                       cuda_graphs=cuda_graphs, max_batch=max_batch)
+            self.tensor_device = str(self.device)
+            with torch_threads(self.num_threads):
+                self._cuda = CudaImageStep(towers, self.device, self.dtype, fused=fused, compile=compile,
+                                           cuda_graphs=cuda_graphs, max_batch=max_batch)
             self.image_forward = self._cuda.describe()
             self.unfused_reason = "CUDA"
             return
         self._cuda = None
         self.device = torch.device("cpu")
-        if num_threads:
-            torch.set_num_threads(int(num_threads))
+        self.tensor_device = "cpu"
+        with torch_threads(self.num_threads):
+            self._prepare_cpu(towers, fused)
+
+    def _prepare_cpu(self, towers: ModelTowers, fused: bool) -> None:
         image = towers.image_tower
-        # bf16 has fp32's range, so a pure cast is safe and fastest (AMX)
+        # bf16 has fp32's range, so a pure cast is safe
         weight_dtype = self.dtype
         # why the image tower runs as its module (None: it runs fused)
         self.unfused_reason: str | None = "fused=False" if not fused else "only bf16 on the CPU is fused"
@@ -110,27 +126,29 @@ class TorchEncoder:
         self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(self.device)
         self._shift = (-mean / std).view(1, 3, 1, 1).to(self.device)
 
-    def preprocess(self, images: np.ndarray) -> torch.Tensor:
-        """(N, S, S, 3) uint8 → (N, 3, S, S) normalized CPU tensor in the model's dtype."""
+    def preprocess(self, images) -> torch.Tensor:
+        """(N, S, S, 3) uint8 (NumPy or a CPU tensor) → (N, 3, S, S) normalized CPU tensor in the model's dtype."""
         batch = _as_tensor(images).permute(0, 3, 1, 2).to(torch.float32)
         return torch.addcmul(self._shift, batch, self._scale).to(self.dtype)
 
-    def encode_images(self, images: np.ndarray) -> np.ndarray:
-        """(N, S, S, 3) uint8 RGB → (N, D) float32, rows L2-normalized."""
+    def encode_images(self, images) -> np.ndarray:
+        """(N, S, S, 3) uint8 RGB → (N, D) float32, rows L2-normalized. ``images``: a NumPy array, or a
+        torch tensor (on ``tensor_device`` it is used where it is; elsewhere it is copied there)."""
         images = _check_images(images, self.image_size)
         if len(images) == 0:
             return np.zeros((0, self.embed_dim), np.float32)
-        if self._cuda is not None:
-            out = self._cuda.encode(images)
-            self.image_forward = self._cuda.describe()
-            return out
-        with torch.inference_mode():
-            if self.unfused_reason is None:
-                features = self._image.encode_uint8(_as_tensor(images)).float()
-            else:
-                features = self._image(self.preprocess(images)).float()
-            features = torch.nn.functional.normalize(features, dim=-1)
-            return features.cpu().numpy()
+        with torch_threads(self.num_threads):
+            if self._cuda is not None:
+                out = self._cuda.encode(images)
+                self.image_forward = self._cuda.describe()
+                return out
+            with torch.inference_mode():
+                if self.unfused_reason is None:
+                    features = self._image.encode_uint8(_as_tensor(images)).float()
+                else:
+                    features = self._image(self.preprocess(images)).float()
+                features = torch.nn.functional.normalize(features, dim=-1)
+                return features.cpu().numpy()
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """M strings → (M, D) float32, rows L2-normalized (text tower in fp32)."""
@@ -141,7 +159,7 @@ class TorchEncoder:
             text = self.towers.text_tower
             self._text = (copy.deepcopy(text) if self.device.type != "cpu" else text).to(self.device).float().eval()
         out = []
-        with torch.inference_mode():
+        with torch_threads(self.num_threads), torch.inference_mode():
             for start in range(0, len(texts), TEXT_CHUNK):
                 tokens = self.towers.tokenize(texts[start:start + TEXT_CHUNK]).to(self.device)
                 features = self._text(tokens).float()
@@ -149,15 +167,23 @@ class TorchEncoder:
         return np.concatenate(out).astype(np.float32, copy=False)
 
 
-def _as_tensor(images: np.ndarray) -> torch.Tensor:
-    """The uint8 batch as a CPU tensor sharing its memory (copied only when not contiguous or read-only)."""
+def _as_tensor(images) -> torch.Tensor:
+    """The uint8 batch as a CPU tensor sharing its memory (copied only when not contiguous, read-only or
+    on another device)."""
+    if isinstance(images, torch.Tensor):
+        return images.cpu().contiguous()
     images = np.ascontiguousarray(images)
     if not images.flags.writeable:  # torch wants writable memory; decoded batches usually are
         images = images.copy()
     return torch.from_numpy(images)
 
 
-def _check_images(images: np.ndarray, size: int) -> np.ndarray:
+def _check_images(images, size: int):
+    """``images`` as a NumPy array or a torch tensor, checked to be (N, S, S, 3) uint8."""
+    if isinstance(images, torch.Tensor):
+        if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (size, size, 3):
+            raise ValueError(f"expected (N, {size}, {size}, 3) uint8 images, got {tuple(images.shape)} {images.dtype}")
+        return images
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
         raise ValueError(f"expected (N, {size}, {size}, 3) uint8 images, got {images.shape} {images.dtype}")
@@ -209,10 +235,12 @@ def bucket_for(count: int, buckets: Sequence[int]) -> int:
 
 
 class CudaImageStep:
-    """(N, S, S, 3) uint8 host batches → (N, D) float32 L2-normalized rows on one CUDA device.
+    """(N, S, S, 3) uint8 batches (host arrays or tensors on the device) → (N, D) float32 L2-normalized rows
+    on one CUDA device.
 
     The step function (uint8 on the device → rows) is compiled with ``torch.compile`` and captured as one
-    CUDA graph per bucket of :func:`batch_buckets`; host staging buffers are pinned once."""
+    CUDA graph per bucket of :func:`batch_buckets`; host staging buffers are pinned once. :meth:`encode`
+    holds a lock: the staging buffers, the graphs' static inputs and outputs are one set per step."""
 
     def __init__(self, towers: ModelTowers, device: torch.device, dtype: torch.dtype, *, fused: bool = True,
                  compile: bool = True, cuda_graphs: bool = True, max_batch: int = DEFAULT_CUDA_MAX_BATCH):
@@ -250,6 +278,7 @@ class CudaImageStep:
         self.use_graphs = bool(cuda_graphs)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
+        self.lock = threading.Lock()
 
     def step(self, images: torch.Tensor) -> torch.Tensor:
         """(B, S, S, 3) uint8 on the device → (B, D) float32, rows L2-normalized."""
@@ -267,16 +296,21 @@ class CudaImageStep:
             parts.append("CUDA graphs")
         return ", ".join(parts) + (f" (fallbacks: {'; '.join(self.fallbacks)})" if self.fallbacks else "")
 
-    def encode(self, images: np.ndarray) -> np.ndarray:
+    def encode(self, images) -> np.ndarray:
+        """``images`` (N, S, S, 3) uint8, a NumPy array (through the pinned staging buffer) or a torch tensor
+        (on this device: copied device to device, in stream order; elsewhere: copied here)."""
         out = np.empty((len(images), self.embed_dim), np.float32)
         high = self.buckets[-1]
-        with torch.cuda.device(self.device), torch.inference_mode():
+        with self.lock, torch.cuda.device(self.device), torch.inference_mode():
             stream = torch.cuda.current_stream(self.device)
             for start in range(0, len(images), high):
                 chunk = images[start:start + high]
                 count = len(chunk)
-                self.host_in[:count].numpy()[...] = chunk
-                self.device_in[:count].copy_(self.host_in[:count], non_blocking=True)
+                if isinstance(chunk, torch.Tensor):
+                    self.device_in[:count].copy_(chunk, non_blocking=True)
+                else:
+                    self.host_in[:count].numpy()[...] = chunk
+                    self.device_in[:count].copy_(self.host_in[:count], non_blocking=True)
                 rows = self._run(self.device_in[:bucket_for(count, self.buckets)])[:count]
                 self.host_out[:count].copy_(rows, non_blocking=True)
                 stream.synchronize()

@@ -3,22 +3,21 @@
 The same weights and the same arithmetic as the module's eager forward, restructured for the CPU:
 
 - the patch convolution (kernel = stride = patch) becomes one (N·G, 3·P·P) × (3·P·P, W) matmul:
-  oneDNN's bf16 convolution of that shape ran 4× slower than the equal GEMM;
+  oneDNN's bf16 convolution of that shape is much slower than the equal GEMM;
 - :meth:`FusedVisionTransformer.encode_uint8` takes the uint8 pixels themselves: the per-channel
   normalization is folded into the patch matmul's weights and bias, so the (N, 3, S, S) float
   normalize and cast passes disappear. The pixels enter centered (``x − 128``, exact in bf16), which
   keeps the folded bias small and its bf16 rounding below that of the unfolded path;
 - every linear layer calls oneDNN's ``mkldnn._linear_pointwise`` directly, with the MLP's GELU fused
-  into the matmul as a post-op (``F.linear`` goes through ``addmm``: 14–16 % slower here on AMX);
+  into the matmul as a post-op (``F.linear`` goes through ``addmm``, a slower path on AMX), and the
+  residual sums after the attention output and the MLP's down projection fused in as a binary post-op;
 - attention is ``F.scaled_dot_product_attention`` on the (N, H, L, Dh) views of the fused QKV output;
 - with class-token pooling, the last block runs its query, attention output and MLP on the class token
   only (every other token's output is discarded by the pool): ViT-B/32 does 6.5 % fewer FLOPs.
 
-Measured (2-core AMX VM, random-init ViT-B/32, batch 32, uint8 in → embeddings out, interleaved per
-batch, medians of 30–40): bf16 1.18× the module's forward (1.08–1.15× before the uint8 input and
-the class-token last block, which gave 1.025× and 1.09× of their own), cosine to the module's fp32
-output 0.99994–0.99995 like the module's bf16. fp32 (before those two) was within noise of the
-module (0.97–1.02×), so :class:`TorchEncoder` uses this path for bf16 only.
+In bf16 this path is faster than the module's own forward with the same agreement to fp32 as the
+module's bf16; in fp32 it is not faster than the module, so :class:`TorchEncoder` uses it for bf16 only
+(``bench/encode.py`` measures both forwards side by side: its ``torch-bf16-module`` configuration).
 
 Covered: open_clip's plain CLIP ViT, and a transformers ``CLIPModel``'s vision tower + projection
 (the engine's Hugging Face image tower holds it as ``tower.clip``). :func:`unsupported_reason` names
@@ -379,8 +378,10 @@ def _run_last_block_class_token(block: _Block, query_split, x: torch.Tensor, n: 
 
 def _finish_block(block: _Block, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
     """Attention output projection and residual, then the MLP and its residual, on (R, W) rows."""
-    update = _linear(attended, block.out_weight, block.out_bias)
-    x = x + (update * block.scale_attention if block.scale_attention is not None else update)
+    if block.scale_attention is None:  # the residual added inside the matmul (one pass, one rounding)
+        x = _linear_add(attended, block.out_weight, block.out_bias, x)
+    else:
+        x = x + _linear(attended, block.out_weight, block.out_bias) * block.scale_attention
 
     hidden = block.norm_mlp(x)
     if block.activation == "quick_gelu":
@@ -388,8 +389,9 @@ def _finish_block(block: _Block, x: torch.Tensor, attended: torch.Tensor) -> tor
         hidden = hidden * torch.sigmoid(_QUICK_GELU_SLOPE * hidden)
     else:
         hidden = _linear(hidden, block.fc_weight, block.fc_bias, block.activation)  # (R, M), GELU fused
-    update = _linear(hidden, block.proj_weight, block.proj_bias)
-    return x + (update * block.scale_mlp if block.scale_mlp is not None else update)
+    if block.scale_mlp is None:
+        return _linear_add(hidden, block.proj_weight, block.proj_bias, x)
+    return x + _linear(hidden, block.proj_weight, block.proj_bias) * block.scale_mlp
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none") -> torch.Tensor:
@@ -399,6 +401,12 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ac
     if activation == "gelu_tanh":
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + x · weightᵀ + bias`` (R, O) in one oneDNN call: the sum is the matmul's post-op, added to
+    its float32 accumulator (one rounding to the dtype instead of two, no separate pass over the rows)."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual.contiguous(), weight, bias, "add")
 
 
 def _pool(x: torch.Tensor, pool: str) -> torch.Tensor:

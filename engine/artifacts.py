@@ -8,7 +8,7 @@ A run directory (``clipengine run``'s ``RUN``, or the output folder of a single 
 | ``embeddings.npy`` | encode | (N, D) float32 or float16, rows L2-normalized; row i = items row i |
 | ``item_stats.npy`` | encode | (N, 2) int64: each row's file size and mtime (ns) when it was encoded |
 | ``skipped.parquet`` | encode | ``path`` [, ``box``], ``reason`` of the items that could not be decoded |
-| ``model.json`` | encode | the model record (architecture, weights + sha256, ``model_id``, backend, precision, ``image_forward``) |
+| ``model.json`` | encode | the model record (architecture, weights + sha256, ``model_id``, backend, precision, ``image_forward``, where images were decoded (``decode``), why ``auto`` chose the backend and precision (``auto_choice``)) |
 | ``errors.parquet`` | errors | ``path`` [, ``box``], ``error`` and the dataset's own feature and ``true_*`` columns |
 | ``metadata.parquet`` | annotate | ``path`` [, ``box``], then per attribute ``<attr>``, ``<attr>_prob``, ``<attr>_margin``; file metadata: model id, schema name/hash/content, strategies, logit scale |
 | ``metadata_naive.parquet`` | annotate | the same with the first prompt per class (label-quality comparison) |
@@ -98,6 +98,10 @@ SOURCE_HUMAN = "human"
 SOURCE_MODEL = "model"
 TRUTH_PREFIX = "true_"  # a dataset column holding the ground truth of attribute <attr>
 GIVEN_PREFIX = "given_"  # a dataset column named like a schema attribute is sliced on as given_<name>
+
+# ---- model.json keys the engine adds to a runtime's record ------------------------------------------------
+RECORD_DECODE = "decode"  # where the encode stage decoded the images, and why (a line)
+RECORD_AUTO_CHOICE = "auto_choice"  # how --backend/--precision auto chose on this CPU: the measurements, the rule
 
 # ---- Parquet key/value metadata ---------------------------------------------------------------
 META_EMBEDDINGS_SHA256 = "clipengine.embeddings_sha256"  # items.parquet

@@ -34,6 +34,10 @@ DEFAULT_PREFETCH_BATCHES = 4
 DEFAULT_SHARD_SIZE = 4096
 DEFAULT_SHARD_SECONDS = 60.0  # a shard is also written after this long, so a kill loses at most ~a minute
 DEFAULT_OUTPUT_DTYPE = "float32"
+# where JPEGs are decoded: "cpu" (PIL in threads), "device" (torchvision on the encoder's device: nvJPEG on
+# CUDA; other formats on the CPU), "auto" (the device when it is a GPU and --exact-decode is off)
+DECODE_CHOICES = ("auto", "cpu", "device")
+DEFAULT_DECODE = "auto"
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,7 @@ class EncodeConfig:
     Finished work is written every ``shard_size`` items or ``shard_seconds`` (whichever first);
     ``output_dtype`` (float32 | float16) is the dtype of ``embeddings.npy``; ``exact_decode`` turns off
     reduced-DCT JPEG decoding and the vectorized resize (then pixels are bit-identical to open_clip's
-    preprocess, slower).
+    preprocess, slower). ``decode``: where JPEGs are decoded (one of ``DECODE_CHOICES``).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -61,6 +65,7 @@ class EncodeConfig:
     shard_seconds: float = DEFAULT_SHARD_SECONDS
     output_dtype: str = DEFAULT_OUTPUT_DTYPE
     exact_decode: bool = False
+    decode: str = DEFAULT_DECODE
     progress: bool = True
 
 

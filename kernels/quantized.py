@@ -17,7 +17,7 @@ Scores are ``float32(x_i · q)`` with the dot in float64 (the correctly rounded 
 double rounding); the order is (score descending, row ascending), as :func:`clipengine.kernels.topk.topk_search`.
 The scan reads N × D bytes (a quarter of the float32 rows) and is memory bound: it dots four rows at a time
 (generic LLVM vector IR; on an AVX-512 VNNI CPU it becomes ``vpmovsxbw`` + ``vpdpwssd``) and prefetches
-4 KiB ahead (reading 512 MB on 2 cores here: ~75 ms without, ~47 ms with). All the queries of a pass share
+4 KiB ahead (the hardware prefetcher stops at page boundaries; ``bench/annotate.py`` times the scan). All the queries of a pass share
 the scan (each row is read once, then dotted with every query from L1). Numba threads: the caller's setting.
 
 On a GPU (``device="cuda"``/``"cuda:N"``) the codes, scales and residuals are copied to the device once and
@@ -110,6 +110,7 @@ def topk_quantized(
     *,
     queries_per_pass: int = QUERIES_PER_PASS,
     device: str = "cpu",
+    candidate_counts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k rows of ``embeddings`` (N, D) float with the largest inner product with each query, exactly.
 
@@ -117,6 +118,8 @@ def topk_quantized(
     Returns ``indices`` (Q, min(k, N)) int64 and ``scores`` (Q, min(k, N)) float32, best first (equal
     scores: lower index first). Only the candidate rows of ``embeddings`` are read (gathered).
     ``device``: "cpu" (Numba), "cuda" or "cuda:N" (the screening on that GPU, the index resident there).
+    ``candidate_counts``: an optional (Q,) int64 array that receives how many rows each query re-ranked
+    exactly (what the screening left; the rest of the N rows were never read).
     """
     from clipengine.kernels.cuda import parse_device
 
@@ -140,8 +143,11 @@ def topk_quantized(
     q_max = min(32767, (2**31 - 1) // (127 * max(1, dim)))  # |c · qc| ≤ 127 · q_max · D fits int32
     if q_max < 1:
         raise ValueError(f"D = {dim} is too wide for int32 screening")
+    counts = np.empty(n_queries, np.int64) if candidate_counts is None else candidate_counts
+    if counts.shape != (n_queries,):
+        raise ValueError(f"candidate_counts must have shape ({n_queries},), not {counts.shape}")
     if on_gpu:
-        _topk_quantized_cuda(quantized, embeddings, queries, k, q_max, device, indices, scores)
+        _topk_quantized_cuda(quantized, embeddings, queries, k, q_max, device, indices, scores, counts)
         return indices, scores
     scales, residuals = np.ascontiguousarray(quantized.scales), np.ascontiguousarray(quantized.residuals)
     for first in range(0, n_queries, queries_per_pass):
@@ -160,6 +166,7 @@ def topk_quantized(
             bound = np.sort(heaps[:, j, :], axis=None)[-k]  # the k-th largest lower bound
             candidates = np.empty(n, np.int64)
             count = _collect(approx[j], residuals, q_norm[j], slack[j], bound, candidates)
+            counts[first + j] = count
             indices[first + j], scores[first + j] = _rerank(embeddings, candidates[:count], query, k)
     return indices, scores
 
@@ -178,7 +185,7 @@ def _quantize_queries(queries, q_max, max_norm):
 def _rerank(embeddings, candidates, query, k):
     """Exact float64 dots of the candidate rows (ascending), rounded to float32; the k best by (score desc, row asc)."""
     scores = np.empty(len(candidates), np.float32)
-    # no BLAS (its idle threads spin ~0.1 s); parallel only when there are many candidates
+    # no BLAS (its idle threads keep spinning after a call); parallel only when there are many candidates
     score = _exact_scores_parallel if len(candidates) > _PARALLEL_RERANK_ROWS else _exact_scores
     score(np.asarray(embeddings), candidates, query, scores)
     order = np.argsort(-scores, kind="stable")[:k]
@@ -514,7 +521,7 @@ def _cuda_kernel():
     return cupy.RawKernel(CUDA_SOURCE, "screen_int8", options=("--fmad=false",))  # a_i and L_i as the CPU rounds them
 
 
-def _topk_quantized_cuda(quantized, embeddings, queries, k, q_max, device, indices, scores):
+def _topk_quantized_cuda(quantized, embeddings, queries, k, q_max, device, indices, scores, counts):
     """The GPU screening for every query (passes of :data:`CUDA_QUERIES`), then the exact re-rank on the host."""
     import cupy
 
@@ -544,4 +551,5 @@ def _topk_quantized_cuda(quantized, embeddings, queries, k, q_max, device, indic
             for j in range(count):
                 upper = approx[j].astype(cupy.float64) + residuals64 * q_norm[j] + slack[j]
                 candidates = cupy.flatnonzero(upper >= bounds[j]).get().astype(np.int64)
+                counts[first + j] = len(candidates)
                 indices[first + j], scores[first + j] = _rerank(embeddings, candidates, block[j], k)

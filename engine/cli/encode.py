@@ -33,9 +33,13 @@ from clipengine.cli.options import model_config, model_options, runtime_options
 @click.option("--follow-links", is_flag=True,
               help="Read symbolic links under INPUT that lead outside it (else they are left out, listed in "
                    "skipped.parquet).")
+@click.option("--decode", type=click.Choice(defaults.DECODE_CHOICES), default=defaults.DEFAULT_DECODE,
+              show_default=True,
+              help="Where JPEGs are decoded: cpu (PIL in threads); device (torchvision on the encoder's device, "
+                   "nvJPEG on a GPU; other formats on the CPU); auto (the device when it is a GPU).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def encode(source, out_dir, model, pretrained, weights, backend, device, precision, boxes, box_margin, batch_size,
-           workers, shard_size, output_dtype, exact_decode, follow_links, quiet):
+           workers, shard_size, output_dtype, exact_decode, follow_links, decode, quiet):
     """Encode images (or object crops) under INPUT into L2-normalized CLIP embeddings.
 
     INPUT is a folder (searched recursively for image files) or a text file of image paths.
@@ -53,7 +57,7 @@ def encode(source, out_dir, model, pretrained, weights, backend, device, precisi
     config = EncodeConfig(model=model_config(model, pretrained, weights), backend=backend, device=device,
                           precision=precision, batch_size=batch_size, workers=workers, box_margin=box_margin,
                           shard_size=shard_size, output_dtype=output_dtype, exact_decode=exact_decode,
-                          progress=not quiet)
+                          decode=decode, progress=not quiet)
     from clipengine import artifacts
 
     given = [p for p in (source, boxes) if p and Path(p).is_file()]

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 
 from clipengine import envs
-from clipengine.artifacts import read_model_record
+from clipengine.artifacts import RECORD_AUTO_CHOICE, read_model_record
 from clipengine.config import EncodeConfig, ModelConfig, RunConfig
-from clipengine.devices import resolve_device
+from clipengine.devices import is_cuda, resolve_device
 from clipengine.encode.models import resolve_model
 from clipengine.errors import ClipengineError
 
@@ -33,12 +33,28 @@ def create_encoder(config: EncodeConfig, *, towers=None):
         raise ClipengineError(f"--backend must be auto or one of {', '.join(bindings.BACKENDS)}, not {config.backend!r}")
     if config.precision is not None and config.precision not in bindings.PRECISIONS:
         raise ClipengineError(f"--precision must be one of {', '.join(bindings.PRECISIONS)}, not {config.precision!r}")
-    backend = bindings.select_backend(device, config.precision) if config.backend == "auto" else config.backend
-    precision = config.precision or bindings.default_precision(backend, device)
+    choice, spec = None, None
+    if is_cuda(device) or (config.backend != "auto" and config.precision is not None):
+        backend = bindings.select_backend(device, config.precision) if config.backend == "auto" else config.backend
+        precision = config.precision or bindings.default_precision(backend, device)
+    else:  # the CPU with something left to choose: measured on this CPU (clipengine.encode.auto)
+        from clipengine.encode.auto import choose_cpu_path
+
+        if config.backend != "auto":  # a backend that cannot run here says so before anything is measured
+            problem = bindings.check_backend(config.backend, device, bindings.default_precision(config.backend, device))
+            if problem:
+                raise ClipengineError(problem)
+        spec = resolve_model(config.model)
+        if towers is None:
+            towers = load_model(spec)
+        choice = choose_cpu_path(towers, backend=None if config.backend == "auto" else config.backend,
+                                 precision=config.precision, num_threads=envs.num_threads(), cache_dir=envs.cache_dir())
+        backend, precision = choice.backend, choice.precision
     problem = bindings.check_backend(backend, device, precision)
     if problem:
         raise ClipengineError(problem)
-    spec = resolve_model(config.model)
+    if spec is None:
+        spec = resolve_model(config.model)
     if towers is None:
         towers = load_model(spec)
     encoder = bindings.load_backend(backend)(
@@ -55,6 +71,8 @@ def create_encoder(config: EncodeConfig, *, towers=None):
     }
     if encoder.image_forward:  # which forward runs the image tower, and why
         encoder.model_record["image_forward"] = encoder.image_forward
+    if choice is not None:
+        encoder.model_record[RECORD_AUTO_CHOICE] = choice.record()
     return encoder
 
 

@@ -13,7 +13,7 @@ import os
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -28,11 +28,12 @@ from clipengine.errors import ClipengineError
 @dataclass(frozen=True)
 class Batch:
     """One decoded batch: ``indices`` (B,) int64 positions into the inputs (ascending),
-    ``images`` (B, S, S, 3) uint8 RGB, ``skipped`` [(index, reason)] of this batch's input range.
+    ``images`` (B, S, S, 3) uint8 RGB (a NumPy array; a torch tensor on the device where the device
+    decoded and the batch stays there), ``skipped`` [(index, reason)] of this batch's input range.
     B may be 0 when every item of the range was skipped."""
 
     indices: np.ndarray
-    images: np.ndarray
+    images: Any
     skipped: list[tuple[int, str]] = field(default_factory=list)
 
 

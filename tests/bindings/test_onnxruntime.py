@@ -70,10 +70,14 @@ def test_create_encoder_with_onnxruntime_records_it(tiny_clip):
     from clipengine.config import EncodeConfig
     from clipengine.encode.encoders import create_encoder
 
-    encoder = create_encoder(EncodeConfig(model=tiny_clip.model_config, device="cpu", backend="onnxruntime"))
+    encoder = create_encoder(EncodeConfig(model=tiny_clip.model_config, device="cpu", backend="onnxruntime",
+                                          precision="fp32"))
     record = encoder.model_record
     assert record["backend"] == "onnxruntime" and record["precision"] == "fp32"
     assert record["image_forward"] == "ONNX graph, last block on the class token"
+    # the precision left to auto: measured among the backend's own (fp32, int8), and recorded
+    chosen = create_encoder(EncodeConfig(model=tiny_clip.model_config, device="cpu", backend="onnxruntime")).model_record
+    assert chosen["precision"] in ("fp32", "int8") and chosen["auto_choice"]["chosen"] == f"onnxruntime {chosen['precision']}"
     with pytest.raises(Exception, match="fp32"):
         create_encoder(EncodeConfig(model=tiny_clip.model_config, device="cpu", backend="onnxruntime", precision="bf16"))
 
@@ -86,3 +90,28 @@ def test_vit_b32_onnx_matches_open_clip_eager(vit_b32_checkpoint, sample_photos,
     reference, _ = open_clip_reference(vit_b32_checkpoint, photos)
     encoder = OnnxRuntimeEncoder(_towers(vit_b32_checkpoint), cache_dir=tmp_path)
     assert cosine(encoder.encode_images(_decode(photos, 224)), reference).min() >= 0.99999
+
+
+def test_int8_graph_is_the_fp32_graph_quantized_and_close_to_it(tiny_clip, sample_photos):
+    """precision int8: ONNX Runtime's dynamic quantization of the cached fp32 graph (MatMuls become integer
+    ops, the uint8 input and the normalizing tail stay), made once, its rows close to fp32's."""
+    import onnx
+
+    from clipengine import envs
+    from clipengine.bindings.onnxruntime import OnnxRuntimeEncoder
+
+    towers = _towers(tiny_clip)
+    fp32 = OnnxRuntimeEncoder(towers, cache_dir=envs.cache_dir())
+    int8 = OnnxRuntimeEncoder(towers, precision="int8", cache_dir=envs.cache_dir())
+    assert int8.onnx_path.parent == fp32.onnx_path.parent and int8.onnx_path.name.startswith(fp32.onnx_path.stem + "-int8-")
+    assert "dynamic int8" in int8.image_forward
+    ops = {node.op_type for node in onnx.load(str(int8.onnx_path)).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} & ops or "DynamicQuantizeMatMul" in ops
+    pixels = _decode(sample_photos, towers.image_size)
+    rows = int8.encode_images(pixels)
+    assert rows.dtype == np.float32 and np.allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-5)
+    assert 0.99 < cosine(rows, fp32.encode_images(pixels)).min() < 1.0
+    again = OnnxRuntimeEncoder(towers, precision="int8", cache_dir=envs.cache_dir())
+    assert again.onnx_path == int8.onnx_path
+    with pytest.raises(ValueError, match="fp32 or int8"):
+        OnnxRuntimeEncoder(towers, precision="bf16", cache_dir=envs.cache_dir())

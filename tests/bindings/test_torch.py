@@ -145,3 +145,36 @@ def test_cuda_text_tower_leaves_the_callers_module_on_the_cpu(tiny_clip):
     encoder = TorchEncoder(towers, device="cuda:0", precision="fp16", compile=False, cuda_graphs=False)
     assert encoder.encode_texts(TEXTS).shape == (3, 32)
     assert next(towers.text_tower.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_threads_apply_to_the_encoders_calls_and_the_callers_setting_survives(tiny_clip, sample_photos, precision):
+    """num_threads is the count inside encode_images/encode_texts (seen from the tower's own first block),
+    and the caller's torch setting is the same after construction and after every call."""
+    import torch
+
+    from clipengine.bindings.torch import TorchEncoder
+    from clipengine.encode.models import load_model, resolve_model
+
+    towers = load_model(resolve_model(tiny_clip.model_config))
+    caller = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        encoder = TorchEncoder(towers, precision=precision, num_threads=2)
+        assert torch.get_num_threads() == 1
+        seen = []
+        block = towers.image_tower.transformer.resblocks[0]
+        text_block = towers.text_tower.model.transformer.resblocks[0]
+        hooks = [module.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+                 for module in (block, text_block)]
+        with torch.inference_mode():
+            encoder.encode_images(_decode(sample_photos[:2], 32))
+            encoder.encode_texts(TEXTS[:1])
+        for hook in hooks:
+            hook.remove()
+        assert torch.get_num_threads() == 1
+        if precision == "fp32":  # bf16 runs the fused forward (not the module's blocks)
+            assert seen[0] == 2
+        assert seen[-1] == 2 and len(seen) == (2 if precision == "fp32" else 1)
+    finally:
+        torch.set_num_threads(caller)

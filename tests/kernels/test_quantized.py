@@ -75,6 +75,23 @@ def test_every_row_a_candidate():
     assert_exact(emb, normalized(rng, (2, 8)), 5)
 
 
+def test_candidate_counts_say_how_many_rows_were_reranked():
+    """Identical rows leave every row a candidate; well separated rows leave few, never fewer than k."""
+    rng = np.random.default_rng(9)
+    same = np.tile(normalized(rng, (1, 16)), (300, 1))
+    counts = np.zeros(2, np.int64)
+    topk_quantized(quantize_rows(same), same, normalized(rng, (2, 16)), 5, candidate_counts=counts)
+    assert counts.tolist() == [300, 300]
+    spread = normalized(rng, (5000, 64))
+    queries = spread[:3] + np.float32(0.01) * normalized(rng, (3, 64))
+    counts = np.zeros(3, np.int64)
+    index, _ = topk_quantized(quantize_rows(spread), spread, queries, 10, candidate_counts=counts)
+    assert np.all(counts >= 10) and np.all(counts < 500)
+    # the count is what the screening keeps: every row whose upper bound reaches the k-th lower bound
+    with pytest.raises(ValueError, match="candidate_counts"):
+        topk_quantized(quantize_rows(spread), spread, queries, 10, candidate_counts=np.zeros(2, np.int64))
+
+
 def test_zero_rows_zero_query_and_unnormalized_rows():
     rng = np.random.default_rng(4)
     norms = np.exp(rng.uniform(-8, 8, size=(500, 1))).astype(np.float32)

@@ -77,12 +77,14 @@ def test_encode_cli_end_to_end(tiny_clip, photo_dir, tmp_path):
 
 
 @pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no bf16 instructions")
-def test_default_precision_on_a_bf16_cpu_runs_the_fused_forward(tiny_clip, photo_dir, tmp_path):
+def test_torch_bf16_on_a_bf16_cpu_runs_the_fused_forward(tiny_clip, photo_dir, tmp_path):
     out = tmp_path / "emb"
     _run_cli(["encode", str(photo_dir), "--out", str(out), "--model", str(tiny_clip.config_path),
-              "--weights", str(tiny_clip.weights_path), "--exact-decode", "--quiet"])
+              "--weights", str(tiny_clip.weights_path), "--backend", "torch", "--precision", "bf16",
+              "--exact-decode", "--quiet"])
     record = json.loads((out / "model.json").read_text())
     assert (record["backend"], record["precision"], record["image_forward"]) == ("torch", "bf16", "fused CPU forward")
+    assert "auto_choice" not in record  # nothing was left to choose
     paths = pl.read_parquet(out / "items.parquet")["path"].to_list()
     reference, _ = open_clip_reference(tiny_clip, paths)
     assert cosine(np.load(out / "embeddings.npy"), reference).min() >= 0.999

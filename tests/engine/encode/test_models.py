@@ -143,17 +143,20 @@ def test_conse_is_a_registered_family():
     assert resolve_model(ModelConfig(model="conse")).source == "conse"
 
 
-def test_auto_backend_and_precision_follow_the_cpu(monkeypatch):
+def test_unmeasured_defaults_never_follow_a_cpu_flag(monkeypatch):
+    """Without a measurement the CPU default is fp32 on torch, whatever the flags say (auto measures:
+    tests/engine/encode/test_auto.py)."""
     from clipengine import bindings
 
-    monkeypatch.setattr(bindings, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
-    assert bindings.select_backend("cpu") == "torch" and bindings.default_precision("torch", "cpu") == "bf16"
-    monkeypatch.setattr(bindings, "cpu_flags", lambda: frozenset({"avx2"}))
-    assert bindings.select_backend("cpu") == "torch"
-    assert bindings.default_precision("torch", "cpu") == "fp32"
+    for flags in ({"avx2", "amx_bf16"}, {"avx512_bf16"}, {"avx2"}):
+        monkeypatch.setattr(bindings, "cpu_flags", lambda flags=flags: frozenset(flags))
+        assert bindings.select_backend("cpu") == "torch" and bindings.default_precision("torch", "cpu") == "fp32"
+    assert bindings.select_backend("cpu", "int8") == "onnxruntime"
     assert bindings.default_precision("onnxruntime", "cpu") == "fp32"
     assert bindings.check_backend("tensorrt", "cpu", "fp16")
     assert bindings.check_backend("torch", "cpu", "fp32") is None
+    assert bindings.check_backend("onnxruntime", "cpu", "int8") is None
+    assert "int8" in bindings.check_backend("torch", "cpu", "int8")
     assert bindings.default_precision("tensorrt", "cuda") == "fp16"
 
 

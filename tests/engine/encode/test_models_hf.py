@@ -63,3 +63,14 @@ def test_hf_directory_matches_transformers_forward(hf_clip_dir):
     bf16 = TorchEncoder(load_model(spec), precision="bf16")
     assert bf16.image_forward == "fused CPU forward"
     assert (bf16.encode_images(images) * out.image_embeds.numpy()).sum(1).min() >= 0.999
+
+
+def test_the_cpu_probe_copies_a_hugging_face_tower(hf_clip_dir):
+    """auto's probe reads a transformers CLIP vision tower's shape as it reads open_clip's."""
+    from clipengine.bindings.cpu_probe import ProbeShape
+    from clipengine.config import ModelConfig
+    from clipengine.encode.models import load_model, resolve_model
+
+    towers = load_model(resolve_model(ModelConfig(model=str(hf_clip_dir))))
+    assert ProbeShape.of_tower(towers.image_tower, towers.image_size, towers.embed_dim) == ProbeShape(
+        image_size=32, patch=8, width=64, heads=2, mlp_width=128, output_dim=32, layers=2)

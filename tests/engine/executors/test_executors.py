@@ -151,6 +151,36 @@ def test_ray_executor_matches_local(ray_cluster, tiny_clip, items, local_run, tm
     _assert_same_outputs(tmp_path / "ray-run", local_dir)
 
 
+def test_ray_actors_finish_decoding_on_their_device_as_the_local_stage_does(ray_cluster, tiny_clip, items, tmp_path):
+    """--decode device: the decode tasks read the files (JPEG bytes travel), each actor decodes them on its
+    device (the CPU here, the same code as on a GPU); the outputs and model.json are the local stage's."""
+    import dataclasses
+
+    from clipengine.executors import create_executor
+
+    config = dataclasses.replace(_config(tiny_clip), decode="device")
+    local = create_executor("local")(items, tmp_path / "local", config)
+    result = create_executor("ray", items_per_shard=ITEMS_PER_SHARD, num_workers=1)(items, tmp_path / "ray", config)
+    _assert_same_outputs(tmp_path / "ray", tmp_path / "local")
+    assert (result.encoded, result.skipped) == (local.encoded, local.skipped) == (N_PHOTOS, 1)
+    record = json.loads((tmp_path / "ray" / "model.json").read_text())
+    assert record["decode"].startswith("device: JPEGs decoded by torchvision (libjpeg) and resized on cpu")
+
+
+def test_ray_refuses_a_gpu_index(tiny_clip, items, tmp_path):
+    """Ray gives each actor its own GPU: --device cuda:N cannot be honoured and says so before any work."""
+    import dataclasses
+
+    pytest.importorskip("ray")
+    from clipengine.errors import ClipengineError
+    from clipengine.executors import create_executor
+
+    config = dataclasses.replace(_config(tiny_clip), device="cuda:1")
+    with pytest.raises(ClipengineError, match="--device cuda:1 with --executor ray"):
+        create_executor("ray", num_workers=1)(items, tmp_path / "ray", config)
+    assert not (tmp_path / "ray" / "shards-ray").exists()
+
+
 def test_interrupted_job_resumes_and_a_killed_worker_loses_nothing(ray_cluster, tiny_clip, items, local_run,
                                                                      tmp_path):
     """A finished local run over the first 8 items; a Ray job over all items that fails in its third

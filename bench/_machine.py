@@ -1,0 +1,48 @@
+"""The machine a benchmark figure belongs to: CPU model, flags that matter (AMX or not), cores, load, date.
+
+Every table a benchmark prints starts with :func:`machine_line`; its JSON carries :func:`machine_record`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+
+
+def machine_record() -> dict:
+    """CPU model, AMX / AVX512-BF16 / AVX512-VNNI, cores this process may use, load average, date (UTC)."""
+    flags: set[str] = set()
+    cpu = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("model name") and cpu is None:
+                    cpu = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or platform.machine()
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        load = None
+    return {
+        "cpu": cpu,
+        "amx": "amx_bf16" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "avx512_vnni": "avx512_vnni" in flags,
+        "cores": len(os.sched_getaffinity(0)),
+        "load_average": load,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def machine_line(record: dict | None = None) -> str:
+    """One line: ``<CPU>, AMX|no AMX (AVX512-BF16: yes|no), N cores, load L, <date>``."""
+    record = record or machine_record()
+    amx = "AMX" if record["amx"] else "no AMX"
+    bf16 = "yes" if record["avx512_bf16"] else "no"
+    load = "" if record.get("load_average") is None else f", load average {record['load_average']}"
+    return f"{record['cpu']}, {amx} (AVX512-BF16: {bf16}), {record['cores']} cores{load}, {record['date']}"
