@@ -9,6 +9,9 @@ import datetime
 import os
 import platform
 
+# the flags a figure depends on: matrix units, bf16/int8 dot products, 512-bit vectors, popcount
+SHOWN_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx512_vpopcntdq", "avx2")
+
 
 def machine_record() -> dict:
     """CPU model, AMX / AVX512-BF16 / AVX512-VNNI, cores this process may use, load average, date (UTC)."""
@@ -33,16 +36,19 @@ def machine_record() -> dict:
         "amx": "amx_bf16" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
         "avx512_vnni": "avx512_vnni" in flags,
+        "flags": [flag for flag in SHOWN_FLAGS if flag in flags],
         "cores": len(os.sched_getaffinity(0)),
         "load_average": load,
+        "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 
 def machine_line(record: dict | None = None) -> str:
-    """One line: ``<CPU>, AMX|no AMX (AVX512-BF16: yes|no), N cores, load L, <date>``."""
+    """One line: ``<CPU>, AMX|no AMX (AVX512-BF16: yes|no; flags …), N cores, load L, <date>``."""
     record = record or machine_record()
     amx = "AMX" if record["amx"] else "no AMX"
     bf16 = "yes" if record["avx512_bf16"] else "no"
+    flags = " ".join(record.get("flags", [])) or "none of " + "/".join(SHOWN_FLAGS)
     load = "" if record.get("load_average") is None else f", load average {record['load_average']}"
-    return f"{record['cpu']}, {amx} (AVX512-BF16: {bf16}), {record['cores']} cores{load}, {record['date']}"
+    return f"{record['cpu']}, {amx} (AVX512-BF16: {bf16}; flags {flags}), {record['cores']} cores{load}, {record['date']}"

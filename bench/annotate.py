@@ -436,7 +436,7 @@ def bench_adaptation(args) -> None:
     from clipengine.annotate.labels import read_labels
     from clipengine.annotate.schemas import load_schema
     from clipengine.annotate.stage import TextTowerOnDemand, logit_scale_of
-    from clipengine.bench.fewshot import machine_line
+    from clipengine.bench._machine import machine_line
     from clipengine.kernels.fewshot import adapted_logits_reference, label_adapted, softmax_top2_reference
 
     threads = min(envs.num_threads(), numba.config.NUMBA_NUM_THREADS)

@@ -24,11 +24,9 @@ Run under the benchmark lock on a quiet machine: flock /tmp/clipengine-bench.loc
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -41,6 +39,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 import numpy as np  # noqa: E402
 
+from clipengine.bench._machine import machine_line  # noqa: E402
+
 REPO = HERE.parent
 VALUE_NAMES = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta")
 
@@ -48,20 +48,6 @@ VALUE_NAMES = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta")
 # ---- machine --------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    shown = [f for f in ("avx2", "avx512f", "avx512_vpopcntdq", "amx_tile") if f in flags]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{model}; flags {' '.join(shown) or 'none of avx2/avx512'}; {cores} cores; {when}"
 
 
 # ---- data (child) ----------------------------------------------------------------------------------
@@ -244,7 +230,7 @@ def main(argv=None) -> None:
         print(json.dumps(result))
         return
     levels = [int(x) for x in args.t.split(",")]
-    print(f"coverage benchmark — {machine()}")
+    print(f"coverage benchmark — {machine_line()}")
     with tempfile.TemporaryDirectory(prefix="clipengine-bench-coverage-") as tmp:
         folder = Path(tmp)
         made = worker("make", "--data", tmp, "--rows", str(args.rows), "--features", str(args.features),

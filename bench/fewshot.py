@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -34,20 +31,6 @@ BASELINES = ("nearest class mean", "logistic regression")
 TARGET_AUTO_16 = 0.55
 
 
-def machine_line() -> str:
-    """CPU model, whether it has AMX / AVX512-BF16, cores and the date: beside every figure."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and ":" in line:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    matrix = "AMX" if "amx_bf16" in flags else ("AVX512-BF16, no AMX" if "avx512_bf16" in flags else "no AMX")
-    return (f"{model} ({matrix}), {os.cpu_count()} cores, "
-            f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
 
 
 def ensure_run(run_dir: Path) -> Path:
@@ -151,6 +134,8 @@ def print_table(results: dict, shots, columns) -> None:
 
 
 def main(argv=None) -> int:
+    from clipengine.bench._machine import machine_line
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=Path("runs/fashion-mnist"),
                         help="the default Fashion-MNIST run (made when missing)")

@@ -30,10 +30,8 @@ img/s, ≥ 3× open_clip fp16 eager.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -59,19 +57,9 @@ GPU_TEST_SECONDS = 150
 def machine() -> dict:
     import torch
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
-        cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
-        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    record = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu, "amx": "amx_bf16" in flags, "cores": len(os.sched_getaffinity(0)),
-        "torch": torch.__version__, "python": platform.python_version(),
-    }
+    from clipengine.bench._machine import machine_record
+
+    record = {**machine_record(), "torch": torch.__version__}
     if torch.cuda.is_available():
         properties = torch.cuda.get_device_properties(0)
         record.update(gpu=properties.name, gpu_memory_gib=round(properties.total_memory / 2**30, 1),

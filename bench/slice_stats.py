@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -323,24 +321,12 @@ def _tick(what: str, done: int, total: int) -> None:
         print(f"  {what}: {done}/{total}", file=sys.stderr, flush=True)
 
 
-def machine() -> dict:
-    model, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown":
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return {"cpu": model, "amx": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
-            "cores": os.cpu_count(), "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def _print_tables(report: dict) -> None:
-    m = report["machine"]
-    print(f"# slice statistics — {m['date']}, {m['cpu']} (AMX {'yes' if m['amx'] else 'no'}), {m['cores']} cores\n")
+    from clipengine.bench._machine import machine_line
+
+    print(f"# slice statistics — {machine_line(report['machine'])}\n")
     if "null" in report:
         r = report["null"]
         print(f"## Null data: share of {r['datasets']} datasets ({r['rows']} rows) with any q ≤ 0.05\n")
@@ -429,7 +415,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write every number here")
     args = parser.parse_args(argv)
     parts = ("null", "power", "honesty", "noise", "fashion") if args.part == "all" else (args.part,)
-    report = {"machine": machine()}
+    from clipengine.bench._machine import machine_record
+
+    report = {"machine": machine_record()}
     started = time.perf_counter()
     if "null" in parts:
         report["null"] = part_null(args.datasets or 200, args.rows, args.seed)

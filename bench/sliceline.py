@@ -35,7 +35,6 @@ average before and after is printed next to the CPU model, its AMX/AVX512-BF16 f
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
 import json
 import math
@@ -49,6 +48,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from clipengine.bench._machine import machine_line
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data" / "sliceline"
@@ -68,22 +69,6 @@ ERROR = "wrong"
 # ---- machine ------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    """CPU model, AMX / AVX512-BF16 flags, cores, date, load: printed next to every figure."""
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    amx = "AMX " + ("yes" if {"amx_bf16", "amx_tile"} <= flags else "no")
-    bf16 = "AVX512-BF16 " + ("yes" if "avx512_bf16" in flags else "no")
-    cores = len(os.sched_getaffinity(0))
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{model} | {amx}, {bf16} | {cores} cores | {now} | load {os.getloadavg()[0]:.2f}"
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -370,7 +355,7 @@ def main(argv=None) -> None:
     for name in names:
         if name not in CASES:
             parser.error(f"unknown case {name!r}; cases: {', '.join(CASES)}")
-    print(f"machine: {machine()}", flush=True)
+    print(f"machine: {machine_line()}", flush=True)
     for name in names:
         with tempfile.TemporaryDirectory(prefix="clipengine-bench-") as tmp:
             folder = Path(args.keep) if args.keep else Path(tmp)
@@ -388,7 +373,7 @@ def main(argv=None) -> None:
                   f"columns), σ {case['min_sup']}, L {case['max_level']}, α {ALPHA}, k {K}, "
                   f"mean error {case['error_mean']:.4f}", flush=True)
             run_case(case, folder, args)
-    print(f"\nmachine after: {machine()}")
+    print(f"\nmachine after: {machine_line()}")
 
 
 def run_case(case: dict, folder: Path, args) -> None:
