@@ -95,20 +95,39 @@ def read_parquet_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 # ---- content hashes -------------------------------------------------------------------------
-_HASHES: dict[tuple[str, int, int], str] = {}
+_HASHES: dict[tuple, str] = {}
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """sha256 of a file's content (memoized per path, size and mtime within the process)."""
+def sha256_file(path: str | os.PathLike, *, memo_dir: str | os.PathLike | None = None) -> str:
+    """sha256 of a file's content, memoized per path, device, inode, size, mtime and ctime: within the
+    process, and across processes in ``memo_dir`` when given (one small file per key). Rewriting a file
+    changes its ctime, which no user can set, so a stale digest is never reused."""
     path = Path(path)
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
-        _HASHES[key] = digest.hexdigest()
+    key = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key in _HASHES:
+        return _HASHES[key]
+    memo = None
+    if memo_dir is not None:
+        memo = Path(memo_dir) / hashlib.sha256(repr(key).encode()).hexdigest()
+        try:
+            recorded = memo.read_text(encoding="ascii").strip()
+            if len(recorded) == 64 and all(c in "0123456789abcdef" for c in recorded):
+                _HASHES[key] = recorded
+                return recorded
+        except (OSError, UnicodeDecodeError):
+            pass
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    _HASHES[key] = digest.hexdigest()
+    if memo is not None:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            write_text(memo, _HASHES[key])
+        except OSError:  # a read-only cache only costs the hash next time
+            pass
     return _HASHES[key]
 
 

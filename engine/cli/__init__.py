@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "search": ("clipengine.cli.search:search", "Text-to-image retrieval over stored embeddings."),
     "slices": ("clipengine.cli.slices:slices", "Find the top-K weak slices of a table with SliceLine."),
     "coverage": ("clipengine.cli.coverage:coverage", "Which combinations of conditions a table covers, misses or holds thinly."),
-    "run": ("clipengine.cli.run:run", "The whole semantic test: encode, annotate, join errors, slice, report."),
+    "run": ("clipengine.cli.run:run", "The whole semantic test: encode, annotate, join errors, slice, coverage, report."),
     "compare": ("clipengine.cli.compare:compare", "Compare two runs: slices worse or better, new or gone; drift."),
     "report": ("clipengine.cli.report:report", "Write RUN/report.html for an existing run directory."),
     "bench": ("clipengine.cli.bench:bench", "Throughput benchmarks against the reference peers."),

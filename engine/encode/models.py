@@ -19,6 +19,7 @@ returning a ready ``Encoder``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -177,6 +178,14 @@ def resolve_model(config: ModelConfig, *, offline: bool | None = None) -> ModelS
     return _spec(model, architecture, preprocess, checkpoint, tag, model)
 
 
+def weights_sha256(path: str | Path) -> str:
+    """sha256 of a weights file, remembered in the cache (keyed by the file's identity and times), so a
+    rerun over the same multi-hundred-MB file does not read it again."""
+    from clipengine import envs
+
+    return sha256_file(path, memo_dir=envs.cache_dir() / "hashes")
+
+
 def _spec(name, architecture, preprocess, checkpoint, pretrained, model_arg) -> ModelSpec:
     preprocess = dict(preprocess)
     vision = architecture.get("vision_cfg", {})
@@ -189,7 +198,7 @@ def _spec(name, architecture, preprocess, checkpoint, pretrained, model_arg) -> 
         preprocess=preprocess,
         checkpoint=checkpoint,
         pretrained=pretrained,
-        weights_hash=sha256_file(checkpoint) if checkpoint else None,
+        weights_hash=weights_sha256(checkpoint) if checkpoint else None,
         model_arg=model_arg,
     )
 
@@ -243,7 +252,7 @@ def _resolve_directory(path: Path, weights: Path | None, model_arg: str) -> Mode
             architecture=hf_config,
             preprocess=preprocess,
             checkpoint=checkpoint,
-            weights_hash=sha256_file(checkpoint),
+            weights_hash=weights_sha256(checkpoint),
             model_arg=model_arg,
         )
     raise ClipengineError(f"--model {path}: a folder without open_clip_config.json or a Hugging Face config.json")
@@ -348,7 +357,7 @@ def spec_from_record(record: dict) -> ModelSpec:
             f"the weights this model record names ({record.get('weights')}) are gone; re-encode, or "
             + weights_help(record.get("name", "ViT-B-32"))
         )
-    digest = sha256_file(weights)
+    digest = weights_sha256(weights)
     if record.get("weights_sha256") and digest != record["weights_sha256"]:
         raise ClipengineError(f"{weights}: its content changed since the embeddings were made (sha256 differs)")
     preprocess = {k: tuple(v) if k in ("mean", "std") else v for k, v in record.get("preprocess", {}).items()}
@@ -456,8 +465,32 @@ def import_open_clip():
     return open_clip
 
 
-def build_open_clip_model(architecture: dict):
-    """A random-init fp32 open_clip model of ``architecture`` (an open_clip model_cfg dict)."""
+_TORCH_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                         "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                         "sparse_")
+
+
+@contextlib.contextmanager
+def _random_init_skipped():
+    """``torch.nn.init``'s functions leave tensors as they are inside the block: a model built only to
+    receive a checkpoint (``load_state_dict(strict=True)`` then replaces every parameter and persistent
+    buffer, or fails) need not draw random weights first, which is a large part of loading one.
+    Non-persistent buffers (attention masks) are computed without ``torch.nn.init`` and stay right."""
+    import torch.nn.init as init
+
+    saved = {name: getattr(init, name) for name in _TORCH_INIT_FUNCTIONS if hasattr(init, name)}
+    try:
+        for name in saved:
+            setattr(init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(init, name, function)
+
+
+def build_open_clip_model(architecture: dict, *, initialize: bool = True):
+    """An fp32 open_clip model of ``architecture`` (an open_clip model_cfg dict): random-init, or with
+    ``initialize=False`` with its parameters left as allocated, for a checkpoint to fill."""
     open_clip = import_open_clip()
 
     cfg = copy.deepcopy(architecture)
@@ -469,7 +502,10 @@ def build_open_clip_model(architecture: dict):
     if "hf_model_name" in cfg.get("text_cfg", {}):
         cfg["text_cfg"]["hf_model_pretrained"] = False
     cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
-    return cls(**cfg)
+    if initialize:
+        return cls(**cfg)
+    with _random_init_skipped():
+        return cls(**cfg)
 
 
 def load_model(spec: ModelSpec):
@@ -482,9 +518,9 @@ def load_model(spec: ModelSpec):
 
     from clipengine.bindings.base import ModelTowers
 
-    model = build_open_clip_model(spec.architecture)
     if spec.checkpoint is None:
         raise ClipengineError(f"--model {spec.model_arg}: no weights; " + weights_help(spec.name))
+    model = build_open_clip_model(spec.architecture, initialize=False)
     state = load_state_dict(spec.checkpoint)
     try:
         from open_clip.factory import convert_state_dict
@@ -513,7 +549,7 @@ def load_model(spec: ModelSpec):
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     context_length = spec.architecture.get("text_cfg", {}).get("context_length", 77)
-    tokenizer = _open_clip_tokenizer(spec.architecture, context_length)
+    tokenizer = _LazyTokenizer(spec.architecture, context_length)
     return ModelTowers(
         image_tower=model.visual,
         text_tower=_open_clip_text_tower(model),
@@ -526,6 +562,21 @@ def load_model(spec: ModelSpec):
         name=spec.name,
         logit_scale=float(model.logit_scale.detach().exp()),
     )
+
+
+class _LazyTokenizer:
+    """open_clip's tokenizer for ``architecture``, built at its first call: encoding images never
+    tokenizes, and building one reads its vocabulary."""
+
+    def __init__(self, architecture: dict, context_length: int):
+        self.architecture = architecture
+        self.context_length = context_length
+        self._tokenizer = None
+
+    def __call__(self, texts):
+        if self._tokenizer is None:
+            self._tokenizer = _open_clip_tokenizer(self.architecture, self.context_length)
+        return self._tokenizer(texts)
 
 
 def _open_clip_tokenizer(architecture: dict, context_length: int):

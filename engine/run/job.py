@@ -162,7 +162,8 @@ class _Job:
         schema_file = Path(self.schema_name)
         labels_file = self.config.annotate.labels
         odd_file = self.config.coverage.odd
-        given = [*self.dataset.input_files(), *([schema_file] if schema_file.is_file() else []),
+        inputs = self.dataset.input_files()
+        given = [*inputs, *([schema_file] if schema_file.is_file() else []),
                  *([labels_file] if labels_file is not None else []), *([odd_file] if odd_file is not None else [])]
         artifacts.check_inputs_kept(self.run_dir, given)
         self.result.read_only = read_only
@@ -181,14 +182,13 @@ class _Job:
             from clipengine.coverage.odd import load_odd
 
             load_odd(self.config.coverage.odd)
-        inputs = self.dataset.input_files()
         features = artifacts.joined_features(schema.attribute_names, self.dataset.error_features(),
                                              source=str(inputs[0]) if inputs else f"dataset {self.config.dataset}")
         self.manifest.update(
             dataset={"name": self.config.dataset, "root": str(self.dataset.root) if self.dataset.root else None,
                      "settings": self.dataset.settings(), "items": items.height,
                      "skipped_inputs": self.dataset.skipped},
-            inputs=describe_files(self.dataset.input_files()) + [{"listing": f"{items.height} items",
+            inputs=describe_files(inputs) + [{"listing": f"{items.height} items",
                                                                    "sha256": listing_hash}],
             schema={"name": schema.name, "hash": schema.hash, "source": schema.source},
             features=features,  # the schema's attributes, then the dataset's own: what slices and coverage use

@@ -1,3 +1,5 @@
+import hashlib
+
 import pytest
 
 from clipengine.config import ModelConfig
@@ -24,6 +26,56 @@ def test_model_id_follows_the_weights(tiny_clip, tmp_path):
 
     other = save_random_model(TINY_ARCHITECTURE, tmp_path, "tiny-clip", seed=1)
     assert resolve_model(other.model_config).model_id != resolve_model(tiny_clip.model_config).model_id
+
+
+def test_loading_fills_every_tensor_from_the_checkpoint_without_drawing_random_weights(tiny_clip):
+    """The model is built with torch.nn.init switched off (its tensors then all come from the file), and
+    torch.nn.init works again afterwards; the tokenizer is built at its first call."""
+    import torch
+    from safetensors.torch import load_file
+
+    from clipengine.encode.models import build_open_clip_model, load_model, resolve_model
+
+    drawn = []
+    original_normal = torch.nn.init.normal_
+
+    def counting_normal(tensor, *args, **kwargs):
+        drawn.append(tuple(tensor.shape))
+        return original_normal(tensor, *args, **kwargs)
+
+    torch.nn.init.normal_ = counting_normal
+    try:
+        towers = load_model(resolve_model(tiny_clip.model_config))
+        assert drawn == []  # no random draw while loading
+        build_open_clip_model(tiny_clip.architecture)
+        assert drawn  # a random-init build still draws
+    finally:
+        torch.nn.init.normal_ = original_normal
+    saved = load_file(str(tiny_clip.weights_path))
+    loaded = {f"visual.{k}": v for k, v in towers.image_tower.state_dict().items()}
+    assert loaded and all(torch.equal(v, saved[k]) for k, v in loaded.items())
+    assert towers.tokenize._tokenizer is None
+    tokens = towers.tokenize(["a photo of a cat"])
+    assert tokens.shape == (1, tiny_clip.architecture["text_cfg"]["context_length"]) and towers.tokenize._tokenizer
+
+
+def test_a_weights_hash_is_remembered_across_processes_until_the_file_changes(tmp_path, monkeypatch):
+    from clipengine.bindings import files
+
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"first")
+    memo = tmp_path / "memo"
+    first = files.sha256_file(weights, memo_dir=memo)
+    assert len(list(memo.iterdir())) == 1
+    files._HASHES.clear()  # a new process: only the memo folder remembers
+    read = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda p, *a, **k: (read.append(str(p)), real_open(p, *a, **k))[1])
+    assert files.sha256_file(weights, memo_dir=memo) == first and str(weights) not in read
+    monkeypatch.undo()
+    weights.write_bytes(b"other")  # rewritten in place: new content, mtime and ctime
+    files._HASHES.clear()
+    assert files.sha256_file(weights, memo_dir=memo) == hashlib.sha256(b"other").hexdigest()
 
 
 def test_plain_torch_state_dict_loads_like_safetensors(tiny_clip, tmp_path):

