@@ -39,8 +39,8 @@ def slices(table, error, features, k, alpha, min_sup, max_level, bins, binning, 
     --min-sup and --max-level are what keep the lattice small. Time: level 2 counts
     every pair of a row's f codes once (rows × f²), level 3 does so once more for
     each one-predicate slice the row is in (rows × f³): each level costs about a
-    factor f more. Memory: two bytes per row and feature for the codes plus about
-    40 bytes per evaluated candidate (kept for the q-values); each level's
+    factor f more. Memory: one byte per row and feature for the codes (two when
+    a feature has more than 256 values) plus about 40 bytes per evaluated candidate (kept for the q-values); each level's
     candidates are counted before it runs, and a level that would exceed
     --max-memory is refused with the --min-sup / --max-level that would fit.
 
