@@ -31,6 +31,8 @@ import numpy as np
 import polars as pl
 import pytest
 
+from tests.filesystem import remove_tree
+
 pytestmark = pytest.mark.slow
 
 CASES = int(os.environ.get("CLIPENGINE_FUZZ_CASES", "2000"))
@@ -113,22 +115,6 @@ def digest_tree(folder: Path) -> dict[str, str]:
             else:
                 out[key] = "special"
     return out
-
-
-def remove_tree(folder: Path) -> None:
-    """rm -r without recursion (the sandbox holds a folder chain deeper than Python's recursion limit)."""
-    pending = [(os.fsencode(folder), False)]
-    while pending:
-        path, emptied = pending.pop()
-        if emptied:
-            os.rmdir(path)
-            continue
-        pending.append((path, True))
-        for entry in os.scandir(path):
-            if entry.is_dir(follow_symlinks=False):
-                pending.append((entry.path, False))
-            else:
-                os.unlink(entry.path)
 
 
 # ---- generators -------------------------------------------------------------------------------

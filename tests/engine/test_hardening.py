@@ -15,6 +15,7 @@ from clipengine.config import DatasetConfig
 from clipengine.errors import ClipengineError
 
 from tests.engine.run.test_run import make_config, make_photo_folder
+from tests.filesystem import remove_tree
 
 
 def _clipengine(*args, timeout=300) -> subprocess.CompletedProcess:
@@ -329,25 +330,13 @@ def _deep_folder(root: Path, depth: int) -> Path:
 def deep_folder():
     """A folder with an image 1,200 levels down, outside pytest's temporary folders (whose clean-up,
     shutil.rmtree, recurses once per level), removed here without recursion."""
-    import os
     import tempfile
 
     top = Path(tempfile.mkdtemp(prefix="clipengine-deep-"))
     try:
         yield _deep_folder(top, 1200)
     finally:
-        pending = [(os.fspath(top), False)]
-        while pending:
-            path, emptied = pending.pop()
-            if emptied:
-                os.rmdir(path)
-                continue
-            pending.append((path, True))
-            for entry in os.scandir(path):
-                if entry.is_dir(follow_symlinks=False):
-                    pending.append((entry.path, False))
-                else:
-                    os.unlink(entry.path)
+        remove_tree(top)
 
 
 def test_a_non_utf8_name_and_a_deep_tree_become_skips_not_a_traceback(tmp_path, deep_folder, tiny_clip):
