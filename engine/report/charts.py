@@ -63,10 +63,7 @@ def interval_chart(
             positions = list(range(rows))[::-1]
             for i, y in enumerate(positions):
                 colour = ACCENT if (highlight is None or highlight[i]) else QUIET
-                if lows[i] is not None and highs[i] is not None:
-                    axes.plot([lows[i], highs[i]], [y, y], color=colour, linewidth=2.2, solid_capstyle="butt")
-                if rates[i] is not None:
-                    axes.plot([rates[i]], [y], marker="o", markersize=4.5, color=colour, linestyle="none")
+                _interval_mark(axes, rates[i], lows[i], highs[i], y, colour)
             if overall is not None:
                 axes.axvline(overall, color=OVERALL, linewidth=1, linestyle=(0, (4, 3)))
                 axes.annotate("overall", (overall, 1.0), xycoords=("data", "axes fraction"), xytext=(3, 2),
@@ -91,6 +88,14 @@ def interval_chart(
         finally:
             plt.close(figure)
     return _inline(buffer.getvalue())
+
+
+def _interval_mark(axes, rate, low, high, y: float, colour: str) -> None:
+    """One row of an interval chart: the interval as a bar, the rate as a dot (either may be None)."""
+    if low is not None and high is not None:
+        axes.plot([low, high], [y, y], color=colour, linewidth=2.2, solid_capstyle="butt")
+    if rate is not None:
+        axes.plot([rate], [y], marker="o", markersize=4.5, color=colour, linestyle="none")
 
 
 def _cut(label: str, chars: int = LABEL_CHARS) -> str:
@@ -133,12 +138,8 @@ def change_chart(
         try:
             positions = list(range(rows))[::-1]
             for i, y in enumerate(positions):
-                for (rate, low, high), offset, colour in ((old[i], 0.17, QUIET),
-                                                          (new[i], -0.17, WORSE if worse[i] else BETTER)):
-                    if low is not None and high is not None:
-                        axes.plot([low, high], [y + offset] * 2, color=colour, linewidth=2.2, solid_capstyle="butt")
-                    if rate is not None:
-                        axes.plot([rate], [y + offset], marker="o", markersize=4.5, color=colour, linestyle="none")
+                _interval_mark(axes, *old[i], y + 0.17, QUIET)
+                _interval_mark(axes, *new[i], y - 0.17, WORSE if worse[i] else BETTER)
             axes.plot([], [], color=QUIET, linewidth=2.2, label="baseline")
             axes.plot([], [], color=WORSE, linewidth=2.2, label="this run, worse")
             axes.plot([], [], color=BETTER, linewidth=2.2, label="this run, better")
