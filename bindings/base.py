@@ -6,7 +6,7 @@ models from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -33,7 +33,6 @@ class Encoder(Protocol):
         ...
 
 
-@dataclass
 class ModelTowers:
     """A loaded CLIP-like model as the runtimes need it (fp32, eval mode, on the CPU).
 
@@ -42,15 +41,50 @@ class ModelTowers:
     ``tokenize``: M strings → (M, L) int64 torch tensor. ``key`` identifies architecture + weights
     (a content hash): caches of exported graphs and engines are keyed on it. ``logit_scale``:
     the model's learned multiplier of cosine similarities before a softmax.
+
+    ``build_towers``: a function → (image_tower, text_tower) that builds the modules at the first use
+    of either (the towers are then not given). ``vision``: the image tower as data
+    (:class:`clipengine.bindings.open_clip_vit.OpenClipVision`), read straight from the checkpoint, for
+    runtimes that run it without its module (the fused CPU forward): encoding images in bf16 on the
+    CPU then never builds the model.
     """
 
-    image_tower: Any
-    text_tower: Any
-    tokenize: Callable[[Sequence[str]], Any]
-    image_size: int
-    embed_dim: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    key: str
-    name: str = ""
-    logit_scale: float = 100.0  # CLIP's learned temperature, exp(model.logit_scale)
+    def __init__(self, image_tower: Any = None, text_tower: Any = None, tokenize: Callable[[Sequence[str]], Any] | None = None,
+                 image_size: int = 224, embed_dim: int = 512, mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
+                 std: tuple[float, float, float] = (1.0, 1.0, 1.0), key: str = "", name: str = "",
+                 logit_scale: float = 100.0, *, build_towers: Callable[[], tuple[Any, Any]] | None = None,
+                 vision: Any = None):
+        self._image_tower = image_tower
+        self._text_tower = text_tower
+        self._build_towers = build_towers
+        self.tokenize = tokenize
+        self.image_size = image_size
+        self.embed_dim = embed_dim
+        self.mean = mean
+        self.std = std
+        self.key = key
+        self.name = name
+        self.logit_scale = logit_scale  # CLIP's learned temperature, exp(model.logit_scale)
+        self.vision = vision
+        self._build_lock = threading.Lock()
+
+    @property
+    def image_tower(self) -> Any:
+        self._build()
+        return self._image_tower
+
+    @property
+    def text_tower(self) -> Any:
+        self._build()
+        return self._text_tower
+
+    @property
+    def towers_built(self) -> bool:
+        """Whether the modules exist (always, unless ``build_towers`` is still to run)."""
+        return self._build_towers is None
+
+    def _build(self) -> None:
+        with self._build_lock:
+            if self._build_towers is not None:
+                self._image_tower, self._text_tower = self._build_towers()
+                self._build_towers = None

@@ -62,6 +62,16 @@ class ProbeShape:
     layers: int = 12
 
     @classmethod
+    def of_towers(cls, towers: Any) -> "ProbeShape | None":
+        """The shape of ``towers``' image tower (a ``ModelTowers``; from its ``vision`` tensors when it
+        has them, without building the module); None where :meth:`of_tower` gives None."""
+        vision = towers.vision
+        if vision is not None:
+            return cls(image_size=int(towers.image_size), patch=vision.patch, width=vision.width, heads=vision.heads,
+                       mlp_width=vision.mlp_width, output_dim=int(towers.embed_dim), layers=vision.layers)
+        return cls.of_tower(towers.image_tower, towers.image_size, towers.embed_dim)
+
+    @classmethod
     def of_tower(cls, visual: Any, image_size: int, output_dim: int) -> "ProbeShape | None":
         """The shape of an open_clip ``VisionTransformer`` or of a tower holding a transformers ``CLIPModel``
         (as ``tower.clip``); None for anything else."""

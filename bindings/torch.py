@@ -12,7 +12,9 @@ CPU: the image tower runs in the requested precision (bf16: a pure cast, which b
 safe; whether it is faster than fp32 depends on the CPU, which is why ``auto`` measures). In bf16 a
 standard open_clip ViT or transformers CLIP vision tower runs through
 :mod:`clipengine.bindings.torch_vit_cpu` (same weights, fused oneDNN calls, the normalization folded into
-the patch matmul, the last block on the class token only). Elsewhere a class-token-pooled open_clip ViT runs
+the patch matmul, the last block on the class token only); when the towers carry the image tower as data
+(``ModelTowers.vision``, read from the checkpoint) it runs from those tensors and the model is never built.
+Elsewhere a class-token-pooled open_clip ViT runs
 as its module with the last block on the class token only (:mod:`clipengine.bindings.class_token`);
 ``fused=False`` keeps the module's own forward throughout (``image_forward`` says which ran).
 
@@ -96,23 +98,29 @@ class TorchEncoder:
             self._prepare_cpu(towers, fused)
 
     def _prepare_cpu(self, towers: ModelTowers, fused: bool) -> None:
-        image = towers.image_tower
         # bf16 has fp32's range, so a pure cast is safe
         weight_dtype = self.dtype
         # why the image tower runs as its module (None: it runs fused)
         self.unfused_reason: str | None = "fused=False" if not fused else "only bf16 on the CPU is fused"
-        if fused and self.dtype == torch.bfloat16:
+        if fused and self.dtype == torch.bfloat16:  # takes its own bf16 copies of the image weights only
             from clipengine.bindings.torch_vit_cpu import (
                 FusedVisionTransformer,
+                fused_linear_available,
                 unsupported_reason,
             )
 
-            self.unfused_reason = unsupported_reason(image)
-        if self.unfused_reason is None:  # takes its own bf16 copies of the image weights only
-            self._image = FusedVisionTransformer(image, self.dtype)
-            self._image.fold_normalization(towers.mean, towers.std)  # it takes the uint8 pixels itself
-            self.image_forward = "fused CPU forward"
-        else:
+            if towers.vision is not None and fused_linear_available():  # from the checkpoint: no module built
+                self._image = FusedVisionTransformer.from_open_clip(towers.vision, self.dtype)
+                self.unfused_reason = None
+            else:
+                self.unfused_reason = unsupported_reason(towers.image_tower)
+                if self.unfused_reason is None:
+                    self._image = FusedVisionTransformer(towers.image_tower, self.dtype)
+            if self.unfused_reason is None:
+                self._image.fold_normalization(towers.mean, towers.std)  # it takes the uint8 pixels itself
+                self.image_forward = "fused CPU forward"
+        if self.unfused_reason is not None:
+            image = towers.image_tower
             if weight_dtype != torch.float32:
                 image = copy.deepcopy(image).to(dtype=weight_dtype)
             self._image = image.eval()

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from clipengine.bindings.open_clip_vit import OpenClipVision
+
 _NORM_CLASSES = ("LayerNorm", "LayerNormFp32")  # torch's and open_clip's LayerNorm (one name), open_clip's fp32 one
 _QUICK_GELU_SLOPE = 1.702  # QuickGELU (OpenAI's CLIP): x · sigmoid(1.702 x)
 
@@ -74,7 +76,35 @@ def structure_unsupported_reason(visual: Any) -> str | None:
         reason = _block_unsupported_reason(block)
         if reason:
             return f"block {index}: {reason}"
+    norms = [module for module in _open_clip_norms(visual) if not isinstance(module, torch.nn.Identity)]
+    if len({(type(module).__name__, float(module.eps)) for module in norms}) > 1:
+        return "norm layers differ in kind or eps"
+    if len({_activation(block.mlp.gelu) for block in visual.transformer.resblocks}) > 1:
+        return "blocks differ in activation"
     return None
+
+
+def _open_clip_norms(visual) -> list:
+    blocks = visual.transformer.resblocks
+    return [visual.ln_pre, visual.ln_post, *(block.ln_1 for block in blocks), *(block.ln_2 for block in blocks)]
+
+
+def open_clip_vision_of(visual) -> OpenClipVision:
+    """The :class:`OpenClipVision` of a loaded open_clip ``VisionTransformer`` (check
+    :func:`structure_unsupported_reason` first): its structure from the modules, its own tensors."""
+    norm = next(module for module in _open_clip_norms(visual) if not isinstance(module, torch.nn.Identity))
+    blocks = visual.transformer.resblocks
+    size = visual.image_size
+    return OpenClipVision(
+        tensors={name: tensor.detach() for name, tensor in visual.state_dict().items()},
+        heads=blocks[0].attn.num_heads if len(blocks) else 1,
+        activation=_activation(blocks[0].mlp.gelu) if len(blocks) else "gelu",
+        pool=visual.pool_type,
+        final_norm_after_pool=bool(getattr(visual, "final_ln_after_pool", False)),
+        norm_eps=float(norm.eps),
+        norm_in_fp32=type(norm).__name__ == "LayerNormFp32",
+        image_size=int(size[0] if isinstance(size, (tuple, list)) else size),
+    )
 
 
 def _block_unsupported_reason(block) -> str | None:
@@ -160,11 +190,14 @@ class _Norm:
     def of(cls, module, dtype) -> "_Norm | None":
         if isinstance(module, torch.nn.Identity):
             return None
-        in_fp32 = type(module).__name__ == "LayerNormFp32"
+        return cls.of_tensors(module.weight, module.bias, float(module.eps), type(module).__name__ == "LayerNormFp32",
+                              dtype)
+
+    @classmethod
+    def of_tensors(cls, weight, bias, eps: float, in_fp32: bool, dtype) -> "_Norm":
         weight_dtype = torch.float32 if in_fp32 else dtype
-        weight = None if module.weight is None else module.weight.detach().to(weight_dtype)
-        bias = None if module.bias is None else module.bias.detach().to(weight_dtype)
-        return cls(weight, bias, float(module.eps), in_fp32)
+        return cls(None if weight is None else weight.detach().to(weight_dtype),
+                   None if bias is None else bias.detach().to(weight_dtype), float(eps), in_fp32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_fp32:
@@ -209,19 +242,34 @@ class FusedVisionTransformer:
         self.dtype = dtype
         hf = hf_vision(visual)
         if hf is None:
-            self._take_open_clip(visual)
+            self._take_open_clip(open_clip_vision_of(visual))
         else:
             self._take_hf(*hf)
+        self._split_last_block()
+
+    @classmethod
+    def from_open_clip(cls, vision: OpenClipVision, dtype: torch.dtype = torch.bfloat16) -> "FusedVisionTransformer":
+        """The tower ``vision`` describes (read from a checkpoint: no module built), in ``dtype``."""
+        if not fused_linear_available():
+            raise ValueError("cannot fuse this image tower: this torch build has no oneDNN fused linear")
+        fused = cls.__new__(cls)
+        fused.dtype = dtype
+        fused._take_open_clip(vision)
+        fused._split_last_block()
+        return fused
+
+    def _split_last_block(self) -> None:
         # only the class token leaves the last block when the pool takes it (a LayerNorm between is per token)
         self.last_block_query = self.blocks[-1].split_query() if self.pool == "tok" and self.blocks else None
 
     def _cast(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None if tensor is None else tensor.detach().to(self.dtype).contiguous()
 
-    def _take_patches(self, conv, class_embedding, positional_embedding) -> None:
-        self.patch = tuple(conv.kernel_size)
-        self.width = conv.out_channels
-        self._patch_weight_fp32 = conv.weight.detach().reshape(conv.out_channels, -1).float()  # (W, 3·P·P), (c, y, x)
+    def _take_patches(self, conv_weight, class_embedding, positional_embedding) -> None:
+        """``conv_weight``: (W, 3, P, P), the patch convolution's (stride P, no bias)."""
+        self.patch = tuple(conv_weight.shape[-2:])
+        self.width = conv_weight.shape[0]
+        self._patch_weight_fp32 = conv_weight.detach().reshape(self.width, -1).float()  # (W, 3·P·P), (c, y, x)
         self.patch_weight = self._cast(self._patch_weight_fp32)
         self.folded_patch_weight = self.folded_patch_bias = None
         self.class_embedding = self._cast(class_embedding)  # (W,)
@@ -240,40 +288,47 @@ class FusedVisionTransformer:
         self.folded_patch_weight = self._cast(weight * column_scale)
         self.folded_patch_bias = self._cast(weight @ column_shift)
 
-    def _take_open_clip(self, visual) -> None:
-        self._take_patches(visual.conv1, visual.class_embedding, visual.positional_embedding)
-        self.norm_pre = _Norm.of(visual.ln_pre, self.dtype)
-        self.norm_post = _Norm.of(visual.ln_post, self.dtype)
-        self.pool = visual.pool_type
-        self.final_norm_after_pool = bool(getattr(visual, "final_ln_after_pool", False))
-        self.proj = self._cast(visual.proj)  # (W, D) or None
+    def _take_open_clip(self, vision: OpenClipVision) -> None:
+        tensors = vision.tensors
 
-        def gamma(scale):
-            return None if isinstance(scale, torch.nn.Identity) else self._cast(scale.gamma)
+        def norm(prefix: str) -> "_Norm | None":
+            if prefix + ".weight" not in tensors:
+                return None
+            return _Norm.of_tensors(tensors[prefix + ".weight"], tensors.get(prefix + ".bias"), vision.norm_eps,
+                                    vision.norm_in_fp32, self.dtype)
 
-        self.blocks = [
-            _Block(
-                norm_attention=_Norm.of(block.ln_1, self.dtype),
-                qkv_weight=self._cast(block.attn.in_proj_weight),
-                qkv_bias=self._cast(block.attn.in_proj_bias),
-                out_weight=self._cast(block.attn.out_proj.weight),
-                out_bias=self._cast(block.attn.out_proj.bias),
-                scale_attention=gamma(block.ls_1),
-                norm_mlp=_Norm.of(block.ln_2, self.dtype),
-                fc_weight=self._cast(block.mlp.c_fc.weight),
-                fc_bias=self._cast(block.mlp.c_fc.bias),
-                proj_weight=self._cast(block.mlp.c_proj.weight),
-                proj_bias=self._cast(block.mlp.c_proj.bias),
-                scale_mlp=gamma(block.ls_2),
-                activation=_activation(block.mlp.gelu),
-                heads=block.attn.num_heads,
-            )
-            for block in visual.transformer.resblocks
-        ]
+        def tensor(name: str) -> torch.Tensor | None:
+            return self._cast(tensors.get(name))
+
+        self._take_patches(tensors["conv1.weight"], tensors["class_embedding"], tensors["positional_embedding"])
+        self.norm_pre = norm("ln_pre")
+        self.norm_post = norm("ln_post")
+        self.pool = vision.pool
+        self.final_norm_after_pool = vision.final_norm_after_pool
+        self.proj = tensor("proj")  # (W, D) or None
+        self.blocks = []
+        for index in range(vision.layers):
+            block = f"transformer.resblocks.{index}."
+            self.blocks.append(_Block(
+                norm_attention=norm(block + "ln_1"),
+                qkv_weight=tensor(block + "attn.in_proj_weight"),
+                qkv_bias=tensor(block + "attn.in_proj_bias"),
+                out_weight=tensor(block + "attn.out_proj.weight"),
+                out_bias=tensor(block + "attn.out_proj.bias"),
+                scale_attention=tensor(block + "ls_1.gamma"),
+                norm_mlp=norm(block + "ln_2"),
+                fc_weight=tensor(block + "mlp.c_fc.weight"),
+                fc_bias=tensor(block + "mlp.c_fc.bias"),
+                proj_weight=tensor(block + "mlp.c_proj.weight"),
+                proj_bias=tensor(block + "mlp.c_proj.bias"),
+                scale_mlp=tensor(block + "ls_2.gamma"),
+                activation=vision.activation,
+                heads=vision.heads,
+            ))
 
     def _take_hf(self, vision, projection) -> None:
         embeddings = vision.embeddings
-        self._take_patches(embeddings.patch_embedding, embeddings.class_embedding, embeddings.position_embedding.weight)
+        self._take_patches(embeddings.patch_embedding.weight, embeddings.class_embedding, embeddings.position_embedding.weight)
         self.norm_pre = _Norm.of(vision.pre_layrnorm, self.dtype)
         self.norm_post = _Norm.of(vision.post_layernorm, self.dtype)
         self.pool = "tok"

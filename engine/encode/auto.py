@@ -92,7 +92,7 @@ def choose_cpu_path(towers, *, backend: str | None, precision: str | None, num_t
     choose), from the cached probe measurements (measured now where there are none)."""
     from clipengine.bindings.cpu_probe import ProbeShape, cached_measurements, model_cosine
 
-    shape = ProbeShape.of_tower(towers.image_tower, towers.image_size, towers.embed_dim)
+    shape = ProbeShape.of_towers(towers)
     if shape is None:
         chosen_backend = backend or ("onnxruntime" if precision == "int8" else "torch")
         return CpuChoice(chosen_backend, precision or EXACT_PRECISION,

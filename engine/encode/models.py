@@ -146,9 +146,9 @@ def resolve_model(config: ModelConfig, *, offline: bool | None = None) -> ModelS
             raise ClipengineError(f"--model {model} is an architecture without weights; " + weights_help())
         return _spec(name, architecture, preprocess, weights, None, model)
 
-    open_clip = import_open_clip()
-
-    architecture = open_clip.get_model_config(model)
+    architecture = _packaged_architecture(model)
+    if architecture is None:
+        architecture = import_open_clip().get_model_config(model)
     if architecture is None:
         raise ClipengineError(
             f"--model {model}: not an open_clip architecture, a .json architecture file, a model directory, "
@@ -157,6 +157,7 @@ def resolve_model(config: ModelConfig, *, offline: bool | None = None) -> ModelS
     preprocess = dict(_DEFAULT_PREPROCESS)
     if weights is not None:
         return _spec(model, architecture, preprocess, weights, None, model)
+    open_clip = import_open_clip()
     tag = config.pretrained or DEFAULT_PRETRAINED.get(model)
     if tag is None:
         tags = open_clip.list_pretrained_tags_by_model(model)
@@ -176,6 +177,31 @@ def resolve_model(config: ModelConfig, *, offline: bool | None = None) -> ModelS
         architecture["quick_gelu"] = True
     checkpoint = _download_pretrained(model, tag, tag_cfg, offline)
     return _spec(model, architecture, preprocess, checkpoint, tag, model)
+
+
+def _packaged_architecture(model: str) -> dict | None:
+    """The architecture open_clip ships as ``model_configs/<model>.json``, read without importing open_clip
+    (seconds of imports that encoding from a local checkpoint does not need); None when there is no such
+    file (open_clip then answers: hf-hub names, configs registered at run time)."""
+    import importlib.util
+
+    if not model or any(mark in model for mark in ("/", "\\", ":")) or model.startswith("."):
+        return None
+    try:
+        found = importlib.util.find_spec("open_clip")
+    except (ImportError, ValueError):
+        return None
+    if found is None or not found.submodule_search_locations:
+        return None
+    for folder in found.submodule_search_locations:
+        path = Path(folder) / "model_configs" / f"{model}.json"
+        try:
+            architecture = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(architecture, dict) and all(key in architecture for key in ("embed_dim", "vision_cfg", "text_cfg")):
+            return architecture
+    return None
 
 
 def weights_sha256(path: str | Path) -> str:
@@ -374,8 +400,9 @@ def spec_from_record(record: dict) -> ModelSpec:
 
 
 # ---- loading --------------------------------------------------------------------------------
-def load_state_dict(path: Path) -> dict:
-    """Tensors of a checkpoint, without running anything the file contains.
+def load_state_dict(path: Path, prefixes: tuple[str, ...] | None = None) -> dict:
+    """Tensors of a checkpoint, without running anything the file contains; with ``prefixes``, at least
+    the tensors whose names start with one of them (a safetensors file reads only those).
 
     ``.safetensors`` → safetensors; a TorchScript archive (``code/``, ``constants.pkl``: OpenAI's
     original ``.pt`` files) is refused before anything is read, because loading one runs its
@@ -389,7 +416,7 @@ def load_state_dict(path: Path) -> dict:
         from safetensors.torch import load_file
 
         try:
-            state = load_file(str(path), device="cpu")
+            state = load_file(str(path), device="cpu") if prefixes is None else _load_safetensors(path, prefixes)
         except Exception as error:
             raise ClipengineError(f"{path}: not a readable safetensors file ({error})") from None
     else:
@@ -424,6 +451,17 @@ def load_state_dict(path: Path) -> dict:
     if next(iter(state)).startswith("module."):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _load_safetensors(path: Path, prefixes: tuple[str, ...]) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as file:
+        names = list(file.keys())
+        if names and names[0].startswith("module."):  # a wrapped model's names: the prefixes follow it
+            prefixes = tuple("module." + prefix for prefix in prefixes)
+        wanted = [name for name in names if name.startswith(prefixes)] or names
+        return {name: file.get_tensor(name) for name in wanted}
 
 
 def archive_code_entry(path: Path) -> str | None:
@@ -509,17 +547,56 @@ def build_open_clip_model(architecture: dict, *, initialize: bool = True):
 
 
 def load_model(spec: ModelSpec):
-    """Build the model of ``spec`` and load its weights → ``ModelTowers`` (fp32, eval, CPU)."""
+    """Build the model of ``spec`` and load its weights → ``ModelTowers`` (fp32, eval, CPU).
+
+    An open_clip plain ViT whose checkpoint holds exactly the architecture's image tensors comes back
+    with its image tower as data (``ModelTowers.vision``) and its modules built at their first use: the
+    fused CPU forward runs from the tensors, so encoding images never imports open_clip nor builds the
+    model. Everything else is built now."""
     if spec.source == "hf":
         return _load_hf(spec)
     if spec.source != "open_clip":
         raise ClipengineError(f"model family {spec.source!r} is not an open_clip model")
-    import torch
-
     from clipengine.bindings.base import ModelTowers
+    from clipengine.bindings.open_clip_vit import VISUAL_PREFIX, vision_from_checkpoint
 
     if spec.checkpoint is None:
         raise ClipengineError(f"--model {spec.model_arg}: no weights; " + weights_help(spec.name))
+    image_state = load_state_dict(spec.checkpoint, prefixes=(VISUAL_PREFIX, "logit_scale"))
+    vision, _ = vision_from_checkpoint(spec.architecture, image_state)
+    logit_scale = image_state.get("logit_scale")
+    if vision is None or logit_scale is None or logit_scale.numel() != 1:
+        model = _build_open_clip(spec)
+        image_tower, text_tower = model.visual, _open_clip_text_tower(model)
+        vision, build_towers = None, None
+        logit_scale = model.logit_scale
+    else:
+        image_tower = text_tower = None
+
+        def build_towers():
+            model = _build_open_clip(spec)
+            return model.visual, _open_clip_text_tower(model)
+    context_length = spec.architecture.get("text_cfg", {}).get("context_length", 77)
+    return ModelTowers(
+        image_tower=image_tower,
+        text_tower=text_tower,
+        tokenize=_LazyTokenizer(spec.architecture, context_length),
+        image_size=spec.image_size,
+        embed_dim=int(spec.architecture["embed_dim"]),
+        mean=tuple(float(x) for x in spec.preprocess["mean"]),
+        std=tuple(float(x) for x in spec.preprocess["std"]),
+        key=spec.model_id,
+        name=spec.name,
+        logit_scale=float(logit_scale.detach().float().exp().reshape(())),
+        build_towers=build_towers,
+        vision=vision,
+    )
+
+
+def _build_open_clip(spec: ModelSpec):
+    """The open_clip model of ``spec`` with its checkpoint loaded (fp32, eval, no gradients)."""
+    import torch
+
     model = build_open_clip_model(spec.architecture, initialize=False)
     state = load_state_dict(spec.checkpoint)
     try:
@@ -548,20 +625,7 @@ def load_model(spec: ModelSpec):
     model = model.float().eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    context_length = spec.architecture.get("text_cfg", {}).get("context_length", 77)
-    tokenizer = _LazyTokenizer(spec.architecture, context_length)
-    return ModelTowers(
-        image_tower=model.visual,
-        text_tower=_open_clip_text_tower(model),
-        tokenize=tokenizer,
-        image_size=spec.image_size,
-        embed_dim=int(spec.architecture["embed_dim"]),
-        mean=tuple(float(x) for x in spec.preprocess["mean"]),
-        std=tuple(float(x) for x in spec.preprocess["std"]),
-        key=spec.model_id,
-        name=spec.name,
-        logit_scale=float(model.logit_scale.detach().exp()),
-    )
+    return model
 
 
 class _LazyTokenizer:

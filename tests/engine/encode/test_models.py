@@ -46,7 +46,9 @@ def test_loading_fills_every_tensor_from_the_checkpoint_without_drawing_random_w
     torch.nn.init.normal_ = counting_normal
     try:
         towers = load_model(resolve_model(tiny_clip.model_config))
-        assert drawn == []  # no random draw while loading
+        assert not towers.towers_built  # its image tower is read from the file; the modules come at first use
+        towers.image_tower  # noqa: B018 — builds them
+        assert towers.towers_built and drawn == []  # no random draw while loading
         build_open_clip_model(tiny_clip.architecture)
         assert drawn  # a random-init build still draws
     finally:
@@ -57,6 +59,76 @@ def test_loading_fills_every_tensor_from_the_checkpoint_without_drawing_random_w
     assert towers.tokenize._tokenizer is None
     tokens = towers.tokenize(["a photo of a cat"])
     assert tokens.shape == (1, tiny_clip.architecture["text_cfg"]["context_length"]) and towers.tokenize._tokenizer
+
+
+def test_the_image_tower_read_from_the_checkpoint_encodes_as_the_built_model(tiny_clip, sample_photos):
+    """bf16 on the CPU runs the fused forward from the checkpoint's tensors without building the model; its
+    rows are those of the fused forward of the built tower; text, fp32 and the logit scale build it."""
+    import numpy as np
+
+    from clipengine.bindings.torch import TorchEncoder
+    from clipengine.encode.decode import load_image
+    from clipengine.encode.geometry import ImageSpec
+    from clipengine.encode.models import load_model, resolve_model
+
+    spec = resolve_model(tiny_clip.model_config)
+    pixels = np.stack([load_image(path, None, ImageSpec(image_size=32)) for path in sample_photos])
+    lazy = load_model(spec)
+    assert lazy.vision is not None
+    direct = TorchEncoder(lazy, precision="bf16")
+    assert direct.image_forward == "fused CPU forward" and not lazy.towers_built
+    rows = direct.encode_images(pixels)
+    assert not lazy.towers_built
+    built = load_model(spec)
+    built.image_tower  # noqa: B018 — the modules now exist
+    built.vision = None  # the encoder then fuses the built module's tower
+    from_module = TorchEncoder(built, precision="bf16")
+    assert from_module.image_forward == "fused CPU forward"
+    np.testing.assert_array_equal(rows, from_module.encode_images(pixels))
+    reference = tiny_clip.build_reference()
+    assert lazy.logit_scale == float(reference.logit_scale.exp())
+    texts = direct.encode_texts(["a photo of a cat"])  # the text tower is built now
+    assert lazy.towers_built and texts.shape == (1, 32)
+
+
+def test_packaged_architectures_are_read_as_open_clip_gives_them(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    import open_clip
+
+    from clipengine.encode import models
+
+    folder = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "model_configs"
+    names = sorted(path.stem for path in folder.glob("*.json"))
+    assert "ViT-B-32" in names
+    for name in names:
+        assert models._packaged_architecture(name) == open_clip.get_model_config(name), name
+    for name in ("NoSuchNet-7", "../ViT-B-32", "hf-hub:org/model", ""):
+        assert models._packaged_architecture(name) is None
+
+
+def test_encoding_from_a_local_checkpoint_never_imports_open_clip(vit_b32_checkpoint, sample_photos, tmp_path):
+    """``--model ViT-B-32 --weights FILE`` in bf16 on the CPU: the architecture comes from open_clip's packaged
+    JSON and the image tower from the file; open_clip (seconds of imports) stays out of the process."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy as np\n"
+        "from clipengine.config import EncodeConfig, ModelConfig\n"
+        "from clipengine.encode.encoders import create_encoder\n"
+        f"config = EncodeConfig(model=ModelConfig(model='ViT-B-32', weights={str(vit_b32_checkpoint.weights_path)!r}),\n"
+        "                       backend='torch', precision='bf16')\n"
+        "encoder = create_encoder(config)\n"
+        "rows = encoder.encode_images(np.zeros((2, 224, 224, 3), np.uint8))\n"
+        "print(rows.shape, encoder.image_forward, sorted(m for m in sys.modules if m.split('.')[0] in ('open_clip', 'transformers')))\n"
+    )
+    env = {**os.environ, "CLIPENGINE_OFFLINE": "1", "CLIPENGINE_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(2, 512) fused CPU forward []", done.stdout
 
 
 def test_a_weights_hash_is_remembered_across_processes_until_the_file_changes(tmp_path, monkeypatch):
