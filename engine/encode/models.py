@@ -157,18 +157,17 @@ def resolve_model(config: ModelConfig, *, offline: bool | None = None) -> ModelS
     preprocess = dict(_DEFAULT_PREPROCESS)
     if weights is not None:
         return _spec(model, architecture, preprocess, weights, None, model)
-    open_clip = import_open_clip()
     tag = config.pretrained or DEFAULT_PRETRAINED.get(model)
     if tag is None:
-        tags = open_clip.list_pretrained_tags_by_model(model)
+        tags = import_open_clip().list_pretrained_tags_by_model(model)
         tag = tags[0] if tags else None
     if tag is None:
         raise ClipengineError(f"--model {model}: no pretrained tag is known; " + weights_help(model))
     if Path(tag).is_file():
         return _spec(model, architecture, preprocess, Path(tag), None, model)
-    tag_cfg = open_clip.get_pretrained_cfg(model, tag)
+    tag_cfg = _pretrained_cfg(model, tag)
     if not tag_cfg:
-        known = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+        known = ", ".join(import_open_clip().list_pretrained_tags_by_model(model)) or "none"
         raise ClipengineError(f"--pretrained {tag}: not a tag of {model} (known: {known})")
     for key in ("mean", "std", "interpolation", "resize_mode"):
         if tag_cfg.get(key) is not None:
@@ -296,9 +295,42 @@ def _find_checkpoint(folder: Path) -> Path | None:
     return found[0] if found else None
 
 
-def _download_pretrained(model: str, tag: str, tag_cfg: dict, offline: bool) -> Path:
-    open_clip = import_open_clip()
+def _pretrained_cfg(model: str, tag: str) -> dict:
+    """open_clip's description of a pretrained tag (where its file lives, its preprocess), {} for an unknown
+    tag. Remembered in the cache per open_clip release, so that a later run over downloaded weights does
+    not import open_clip (seconds) only to read it."""
+    import importlib.metadata
 
+    from clipengine import envs
+    from clipengine.bindings.files import write_json
+
+    try:
+        release = importlib.metadata.version("open_clip_torch")
+    except importlib.metadata.PackageNotFoundError:
+        release = "unknown"
+    blob = json.dumps([model, tag, release]).encode()
+    remembered = envs.cache_dir() / "pretrained" / f"{hashlib.sha256(blob).hexdigest()[:24]}.json"
+    try:
+        entry = json.loads(remembered.read_text(encoding="utf-8"))
+        if entry.get("key") == [model, tag, release] and isinstance(entry.get("cfg"), dict):
+            return entry["cfg"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    tag_cfg = import_open_clip().get_pretrained_cfg(model, tag) or {}
+    if tag_cfg:
+        cfg = {key: list(value) if isinstance(value, tuple) else value for key, value in tag_cfg.items()}
+        try:
+            json.dumps(cfg)
+        except TypeError:  # a value JSON cannot hold: ask open_clip every time
+            return tag_cfg
+        try:
+            write_json(remembered, {"key": [model, tag, release], "cfg": cfg})
+        except OSError:  # a read-only cache only costs the import next time
+            pass
+    return tag_cfg
+
+
+def _download_pretrained(model: str, tag: str, tag_cfg: dict, offline: bool) -> Path:
     if offline:
         checkpoint = _cached_pretrained(tag_cfg)
         if checkpoint is None:
@@ -317,7 +349,7 @@ def _download_pretrained(model: str, tag: str, tag_cfg: dict, offline: bool) -> 
             "the cache); " + weights_help(model)
         )
     try:
-        checkpoint = open_clip.download_pretrained(tag_cfg)
+        checkpoint = import_open_clip().download_pretrained(tag_cfg)
     except Exception as error:  # network, offline mode, missing cache: all the same to the user
         reason = "offline and not in the cache" if offline else f"download failed: {type(error).__name__}"
         raise ClipengineError(f"no weights for --model {model} --pretrained {tag} ({reason}); " + weights_help(model)) from None

@@ -108,10 +108,9 @@ def test_packaged_architectures_are_read_as_open_clip_gives_them(monkeypatch):
         assert models._packaged_architecture(name) is None
 
 
-def test_encoding_from_a_local_checkpoint_never_imports_open_clip(vit_b32_checkpoint, sample_photos, tmp_path):
-    """``--model ViT-B-32 --weights FILE`` in bf16 on the CPU: the architecture comes from open_clip's packaged
-    JSON and the image tower from the file; open_clip (seconds of imports) stays out of the process."""
-    import os
+def _encode_in_a_fresh_process(model_config: str, env: dict) -> str:
+    """stdout of a process that makes a bf16 CPU encoder of ``model_config`` (a ModelConfig's Python source)
+    and encodes two images: the rows' shape, the image forward, the open_clip/transformers modules imported."""
     import subprocess
     import sys
 
@@ -119,16 +118,44 @@ def test_encoding_from_a_local_checkpoint_never_imports_open_clip(vit_b32_checkp
         "import sys, numpy as np\n"
         "from clipengine.config import EncodeConfig, ModelConfig\n"
         "from clipengine.encode.encoders import create_encoder\n"
-        f"config = EncodeConfig(model=ModelConfig(model='ViT-B-32', weights={str(vit_b32_checkpoint.weights_path)!r}),\n"
-        "                       backend='torch', precision='bf16')\n"
-        "encoder = create_encoder(config)\n"
+        f"encoder = create_encoder(EncodeConfig(model={model_config}, backend='torch', precision='bf16'))\n"
         "rows = encoder.encode_images(np.zeros((2, 224, 224, 3), np.uint8))\n"
         "print(rows.shape, encoder.image_forward, sorted(m for m in sys.modules if m.split('.')[0] in ('open_clip', 'transformers')))\n"
     )
-    env = {**os.environ, "CLIPENGINE_OFFLINE": "1", "CLIPENGINE_CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "(2, 512) fused CPU forward []", done.stdout
+    return done.stdout.strip()
+
+
+def test_encoding_from_a_local_checkpoint_never_imports_open_clip(vit_b32_checkpoint, tmp_path):
+    """``--model ViT-B-32 --weights FILE`` in bf16 on the CPU: the architecture comes from open_clip's packaged
+    JSON and the image tower from the file; open_clip (seconds of imports) stays out of the process."""
+    import os
+
+    env = {**os.environ, "CLIPENGINE_OFFLINE": "1", "CLIPENGINE_CACHE_DIR": str(tmp_path / "cache")}
+    model = f"ModelConfig(model='ViT-B-32', weights={str(vit_b32_checkpoint.weights_path)!r})"
+    assert _encode_in_a_fresh_process(model, env) == "(2, 512) fused CPU forward []"
+
+
+def test_downloaded_pretrained_weights_need_open_clip_only_the_first_time(vit_b32_checkpoint, tmp_path):
+    """``--model ViT-B-32 --pretrained TAG`` over weights already in the Hugging Face cache: the first run asks
+    open_clip where the tag's file lives and remembers it; later runs never import open_clip."""
+    import os
+
+    from clipengine.encode.models import DEFAULT_PRETRAINED
+
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--laion--CLIP-ViT-B-32-laion2B-s34B-b79K" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "open_clip_model.safetensors").symlink_to(vit_b32_checkpoint.weights_path)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "CLIPENGINE_OFFLINE": "1", "CLIPENGINE_CACHE_DIR": str(tmp_path / "cache"),
+           "HF_HUB_CACHE": str(hub)}
+    model = f"ModelConfig(model='ViT-B-32', pretrained={DEFAULT_PRETRAINED['ViT-B-32']!r})"
+    first = _encode_in_a_fresh_process(model, env)
+    assert first.startswith("(2, 512) fused CPU forward [") and "'open_clip'" in first
+    assert _encode_in_a_fresh_process(model, env) == "(2, 512) fused CPU forward []"
 
 
 def test_a_weights_hash_is_remembered_across_processes_until_the_file_changes(tmp_path, monkeypatch):
