@@ -9,12 +9,12 @@ Threads: ``num_threads`` applies to this encoder's own calls only (set around ea
 the caller's torch setting is left as it was).
 
 CPU: the image tower runs in the requested precision (bf16: a pure cast, which bf16's fp32 range makes
-safe; whether it is faster than fp32 depends on the CPU, which is why ``auto`` measures). In bf16 a
+safe; whether it is faster than fp32 depends on the CPU, which is why ``auto`` measures). In bf16 and fp32 a
 standard open_clip ViT or transformers CLIP vision tower runs through
 :mod:`clipengine.bindings.torch_vit_cpu` (same weights, fused oneDNN calls, the normalization folded into
 the patch matmul, the last block on the class token only); when the towers carry the image tower as data
-(``ModelTowers.vision``, read from the checkpoint) it runs from those tensors and the model is never built.
-Elsewhere a class-token-pooled open_clip ViT runs
+(``ModelTowers.vision``, read from the checkpoint) it runs from those tensors and the model is never built,
+which is most of what a process pays before its first batch. Elsewhere a class-token-pooled open_clip ViT runs
 as its module with the last block on the class token only (:mod:`clipengine.bindings.class_token`);
 ``fused=False`` keeps the module's own forward throughout (``image_forward`` says which ran).
 
@@ -101,8 +101,8 @@ class TorchEncoder:
         # bf16 has fp32's range, so a pure cast is safe
         weight_dtype = self.dtype
         # why the image tower runs as its module (None: it runs fused)
-        self.unfused_reason: str | None = "fused=False" if not fused else "only bf16 on the CPU is fused"
-        if fused and self.dtype == torch.bfloat16:  # takes its own bf16 copies of the image weights only
+        self.unfused_reason: str | None = "fused=False" if not fused else "fp16 on the CPU is not fused"
+        if fused and self.dtype in (torch.bfloat16, torch.float32):  # takes its own copies of the image weights only
             from clipengine.bindings.torch_vit_cpu import (
                 FusedVisionTransformer,
                 fused_linear_available,

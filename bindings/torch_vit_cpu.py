@@ -16,8 +16,11 @@ The same weights and the same arithmetic as the module's eager forward, restruct
   only (every other token's output is discarded by the pool): ViT-B/32 does 6.5 % fewer FLOPs.
 
 In bf16 this path is faster than the module's own forward with the same agreement to fp32 as the
-module's bf16; in fp32 it is not faster than the module, so :class:`TorchEncoder` uses it for bf16 only
-(``bench/encode.py`` measures both forwards side by side: its ``torch-bf16-module`` configuration).
+module's bf16; in fp32 it keeps pace with the module's forward (with its last block on the class token)
+and agrees with it to float32 rounding. It also runs from a checkpoint's tensors alone
+(:meth:`FusedVisionTransformer.from_open_clip` on an :class:`~clipengine.bindings.open_clip_vit.OpenClipVision`),
+without the module, so :class:`TorchEncoder` uses it in both precisions (``bench/encode.py`` measures
+both forwards side by side: its ``torch-bf16-module`` configuration).
 
 Covered: open_clip's plain CLIP ViT, and a transformers ``CLIPModel``'s vision tower + projection
 (the engine's Hugging Face image tower holds it as ``tower.clip``). :func:`unsupported_reason` names

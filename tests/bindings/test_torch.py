@@ -147,12 +147,15 @@ def test_cuda_text_tower_leaves_the_callers_module_on_the_cpu(tiny_clip):
     assert next(towers.text_tower.parameters()).device.type == "cpu"
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_threads_apply_to_the_encoders_calls_and_the_callers_setting_survives(tiny_clip, sample_photos, precision):
-    """num_threads is the count inside encode_images/encode_texts (seen from the tower's own first block),
-    and the caller's torch setting is the same after construction and after every call."""
+@pytest.mark.parametrize("precision, fused", [("fp32", False), ("fp32", True), ("bf16", True)])
+def test_threads_apply_to_the_encoders_calls_and_the_callers_setting_survives(tiny_clip, sample_photos, precision,
+                                                                              fused, monkeypatch):
+    """num_threads is the count inside encode_images/encode_texts (seen from the image tower's first block,
+    the module's or the fused forward's, and from the text tower's), and the caller's torch setting is the
+    same after construction and after every call."""
     import torch
 
+    from clipengine.bindings import torch_vit_cpu
     from clipengine.bindings.torch import TorchEncoder
     from clipengine.encode.models import load_model, resolve_model
 
@@ -160,9 +163,16 @@ def test_threads_apply_to_the_encoders_calls_and_the_callers_setting_survives(ti
     caller = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        encoder = TorchEncoder(towers, precision=precision, num_threads=2)
+        encoder = TorchEncoder(towers, precision=precision, num_threads=2, fused=fused)
         assert torch.get_num_threads() == 1
         seen = []
+        fused_block = torch_vit_cpu._run_block
+
+        def counting_block(*args):
+            seen.append(torch.get_num_threads())
+            return fused_block(*args)
+
+        monkeypatch.setattr(torch_vit_cpu, "_run_block", counting_block)
         block = towers.image_tower.transformer.resblocks[0]
         text_block = towers.text_tower.model.transformer.resblocks[0]
         hooks = [module.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
@@ -173,8 +183,6 @@ def test_threads_apply_to_the_encoders_calls_and_the_callers_setting_survives(ti
         for hook in hooks:
             hook.remove()
         assert torch.get_num_threads() == 1
-        if precision == "fp32":  # bf16 runs the fused forward (not the module's blocks)
-            assert seen[0] == 2
-        assert seen[-1] == 2 and len(seen) == (2 if precision == "fp32" else 1)
+        assert seen == [2, 2], seen  # one image block (the other is the class-token last block), one text block
     finally:
         torch.set_num_threads(caller)

@@ -128,7 +128,7 @@ def test_names_a_foreign_tower_and_an_unknown_activation():
     assert unsupported_reason(visual) == "block 1: activation SiLU"
 
 
-def test_torch_encoder_fuses_bf16_on_cpu_only(tiny_clip, sample_photos):
+def test_torch_encoder_fuses_bf16_and_fp32_on_the_cpu(tiny_clip, sample_photos):
     from clipengine.bindings.torch import TorchEncoder
     from clipengine.encode.models import load_model, resolve_model
 
@@ -136,11 +136,13 @@ def test_torch_encoder_fuses_bf16_on_cpu_only(tiny_clip, sample_photos):
     fused = TorchEncoder(towers, precision="bf16")
     module = TorchEncoder(towers, precision="bf16", fused=False)
     fp32 = TorchEncoder(towers, precision="fp32")
+    fp32_module = TorchEncoder(towers, precision="fp32", fused=False)
     assert fused.unfused_reason is None and fused.image_forward == "fused CPU forward"
-    assert module.unfused_reason == "fused=False" and fp32.unfused_reason == "only bf16 on the CPU is fused"
-    assert module.image_forward == "module (fused=False)"
-    assert fp32.image_forward == "module, last block on the class token (only bf16 on the CPU is fused)"
+    assert fp32.unfused_reason is None and fp32.image_forward == "fused CPU forward"
+    assert module.unfused_reason == "fused=False" and module.image_forward == "module (fused=False)"
+    assert TorchEncoder(towers, precision="fp16").unfused_reason == "fp16 on the CPU is not fused"
     pixels = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
-    reference = fp32.encode_images(pixels)
+    reference = fp32_module.encode_images(pixels)
+    np.testing.assert_allclose(fp32.encode_images(pixels), reference, atol=2e-6)
     assert cosine(fused.encode_images(pixels), reference).min() >= 0.999
     assert cosine(fused.encode_images(pixels), module.encode_images(pixels)).min() >= 0.999

@@ -61,7 +61,7 @@ def test_encode_cli_end_to_end(tiny_clip, photo_dir, tmp_path):
     assert paths == sorted(paths, key=lambda p: os.path.relpath(p, photo_dir)) and len(paths) == 5
     assert skipped["path"].to_list() == [str(photo_dir / "broken.jpg")] and skipped["reason"][0]
     assert record["backend"] == "torch" and record["precision"] == "fp32" and record["embed_dim"] == 32
-    assert record["image_forward"] == "module, last block on the class token (only bf16 on the CPU is fused)"
+    assert record["image_forward"] == "fused CPU forward"
     assert not (out / "shards").exists()
     # the same rows as open_clip's own preprocess + eager forward on the same weights
     reference, _ = open_clip_reference(tiny_clip, paths)
