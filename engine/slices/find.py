@@ -520,6 +520,9 @@ STATS_BYTES_PER_EVALUATED = 16
 
 def _search(coded: list[CodedFeature], used: list[str], errors: np.ndarray, skipped, params, progress,
             max_memory: int | None = None) -> SliceResult:
+    from clipengine.bindings.numba_start import prepare_numba
+
+    prepare_numba()  # before the first kernel loads: Numba's start-up without scipy.linalg
     from clipengine.envs import num_threads
     from clipengine.kernels.lattice import count_lattice
     from clipengine.kernels.sliceline import SliceLineMemoryError, local_code_dtype, slice_line_local

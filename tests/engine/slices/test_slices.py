@@ -272,19 +272,21 @@ def test_cli_refusal_exits_2_and_max_memory_is_parsed(tmp_path):
 
 def test_slices_command_imports_no_scipy_stats_and_no_torch(tmp_path):
     """A warm `clipengine slices` pays for what it uses: scipy.stats and scipy.special (their imports
-    are several times the search on Adult-sized tables) and torch are not imported for 0/1 errors."""
+    are several times the search on Adult-sized tables) and torch are not imported for 0/1 errors, nor
+    scipy.linalg for Numba's BLAS check (:mod:`clipengine.bindings.numba_start`)."""
     import subprocess
     import sys
 
     pedestrians(m=300).write_csv(tmp_path / "t.csv")
     probe = ("import sys, runpy; sys.argv = ['clipengine', 'slices', sys.argv[1], '--error', 'error', '--quiet'];"
              "import atexit; atexit.register(lambda: print('MODULES', 'scipy.stats' in sys.modules,"
-             " 'scipy.special' in sys.modules, 'torch' in sys.modules, 'numba' in sys.modules, file=sys.stderr));"
+             " 'scipy.special' in sys.modules, 'torch' in sys.modules, 'numba' in sys.modules,"
+             " 'scipy.linalg' in sys.modules, file=sys.stderr));"
              "runpy.run_module('clipengine', run_name='__main__')")
     run = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "t.csv")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "rows, mean error" in run.stdout
-    assert "MODULES False False False True" in run.stderr  # 0/1 errors: no scipy distribution needed
+    assert "MODULES False False False True False" in run.stderr  # 0/1 errors: no scipy distribution needed
 
 
 @pytest.mark.parametrize("dtype", [pl.Int64, pl.Int16, pl.UInt8, pl.UInt32])
