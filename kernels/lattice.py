@@ -22,6 +22,7 @@ Layout:
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -159,4 +160,11 @@ def count_lattice(codes: np.ndarray, domains: np.ndarray, *, min_sup: int, max_l
         raise ValueError("allowed must hold one flag per level of every feature")
     if nf == 0 or max_level == 0:
         return np.zeros(max(max_level, 0), np.int64)
-    return _count(codes, offsets, allowed, int(max(min_sup, 1)), int(max_level))
+    # a seed of an early feature has more later features to walk: most of the work is in the first
+    # seeds, so they are handed to the threads one at a time, not in one contiguous block per thread
+    previous_chunk = numba.get_parallel_chunksize()
+    numba.set_parallel_chunksize(1)
+    try:
+        return _count(codes, offsets, allowed, int(max(min_sup, 1)), int(max_level))
+    finally:
+        numba.set_parallel_chunksize(previous_chunk)

@@ -30,3 +30,17 @@ def test_every_listed_command_has_help_with_an_example():
         result = runner.invoke(cli, [name, "--help"])
         assert result.exit_code == 0, (name, result.output)
         assert "Example" in result.output or "example" in result.output, name
+
+
+def test_only_the_process_command_line_skips_collecting_at_exit():
+    """`clipengine ...` (main() on the process's own argv) freezes the objects alive at its exit, so the
+    interpreter's teardown does not walk Numba's object graph; main(argv) called by a program does not."""
+    probe = ("import atexit, gc, sys\n"
+             "atexit.register(lambda: print('FROZEN', gc.get_freeze_count() > 0))\n"
+             "from clipengine.cli import main\n"
+             "sys.argv = ['clipengine', '--help']\n"
+             "main({})\n")
+    for argv, frozen in (("None", True), ("['--help']", False)):
+        run = subprocess.run([sys.executable, "-c", probe.format(argv)], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert "Commands" in run.stdout and f"FROZEN {frozen}" in run.stdout

@@ -434,9 +434,16 @@ def _offsets(col_feature: np.ndarray) -> np.ndarray:
     return np.concatenate(([0], np.cumsum(np.bincount(col_feature)))).astype(np.int64)
 
 
-def _slice_sums(codes, col_feature, columns, errors, test):
+def _sum_of_squares(values: np.ndarray, binary: bool) -> float:
+    """Σ values²: with 0/1 values that is Σ values, exactly; otherwise a dot product. Skipping the dot
+    product where it is not needed matters: BLAS hands a long vector to its thread pool, and right
+    after the search's parallel kernels that hand-off can wait a scheduler tick per call."""
+    return float(values.sum()) if binary else float(np.dot(values, values))
+
+
+def _slice_sums(codes, col_feature, columns, errors, test, binary):
     """Whole-table ``(size, error_sum, sq, max_error)`` and held-out ``(size, error_sum, sq)`` of each
-    slice; ``codes`` (f, m) feature-major level codes."""
+    slice; ``codes`` (f, m) feature-major level codes; ``binary``: every error is 0 or 1."""
     from clipengine.kernels.sliceline import slice_mask_local
 
     k = columns.shape[0]
@@ -446,10 +453,10 @@ def _slice_sums(codes, col_feature, columns, errors, test):
     for i in range(k):
         mask = slice_mask_local(codes, offsets, columns[i])
         e = errors[mask]
-        whole[i] = (e.size, e.sum(), np.dot(e, e), e.max() if e.size else 0.0)
+        whole[i] = (e.size, e.sum(), _sum_of_squares(e, binary), e.max() if e.size else 0.0)
         if test is not None:
             e = errors[mask & test]
-            held_out[i] = (e.size, e.sum(), np.dot(e, e))
+            held_out[i] = (e.size, e.sum(), _sum_of_squares(e, binary))
     return whole, held_out
 
 
@@ -513,6 +520,9 @@ STATS_BYTES_PER_EVALUATED = 16
 
 def _search(coded: list[CodedFeature], used: list[str], errors: np.ndarray, skipped, params, progress,
             max_memory: int | None = None) -> SliceResult:
+    from clipengine.bindings.numba_start import prepare_numba
+
+    prepare_numba()  # before the first kernel loads: Numba's start-up without scipy.linalg
     from clipengine.envs import num_threads
     from clipengine.kernels.lattice import count_lattice
     from clipengine.kernels.sliceline import SliceLineMemoryError, local_code_dtype, slice_line_local
@@ -533,8 +543,8 @@ def _search(coded: list[CodedFeature], used: list[str], errors: np.ndarray, skip
     column_bounds = [bound for c in coded for bound in c.bounds]
     allowed = np.array([not (params["drop_nulls"] and label is None) for label in labels], dtype=bool)
     total = float(errors.sum())
-    total_sq = float(np.dot(errors, errors))
     binary = bool(np.all((errors == 0) | (errors == 1)))
+    total_sq = _sum_of_squares(errors, binary)
     split = params["family"] == "split"
     test = _split_rows(n_rows, params["test_fraction"], params["split_seed"]) if split else None
     search_codes, search_errors = (np.ascontiguousarray(codes[:, ~test]), errors[~test]) if split else (codes, errors)
@@ -569,12 +579,12 @@ def _search(coded: list[CodedFeature], used: list[str], errors: np.ndarray, skip
         found_stats = np.zeros((0, 4))
         n_evaluated, levels = 0, []
 
-    whole, held_out = _slice_sums(codes, col_feature, found_columns, errors, test)
+    whole, held_out = _slice_sums(codes, col_feature, found_columns, errors, test, binary)
     if split:
         test_total = float(errors[test].sum())
         p = stats.slice_p_values(held_out[:, 0], held_out[:, 1], held_out[:, 2], binary=binary,
                                  n_rows=int(test.sum()), total_error=test_total,
-                                 total_sq=float(np.dot(errors[test], errors[test])))
+                                 total_sq=_sum_of_squares(errors[test], binary))
         q = stats.benjamini_hochberg(p)
         confidence = stats.DEFAULT_CONFIDENCE
         estimate = held_out

@@ -52,3 +52,16 @@ def test_bad_shapes_are_refused():
         count_lattice(np.zeros((2, 3), np.int64), np.array([1]), min_sup=1, max_level=2)
     with pytest.raises(ValueError):
         count_lattice(np.zeros((2, 3), np.int64), np.array([1, 1]), min_sup=1, max_level=2, allowed=np.ones(3, bool))
+
+
+def test_the_callers_parallel_chunk_size_is_restored():
+    import numba
+
+    codes = np.array([[0, 0, 1, 1, 1], [0, 1, 0, 1, 1], [1, 1, 1, 0, 0]], dtype=np.int16)
+    previous = numba.get_parallel_chunksize()
+    numba.set_parallel_chunksize(7)
+    try:
+        count_lattice(codes, np.array([2, 2, 2]), min_sup=1, max_level=3)
+        assert numba.get_parallel_chunksize() == 7
+    finally:
+        numba.set_parallel_chunksize(previous)

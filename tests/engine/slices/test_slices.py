@@ -272,19 +272,21 @@ def test_cli_refusal_exits_2_and_max_memory_is_parsed(tmp_path):
 
 def test_slices_command_imports_no_scipy_stats_and_no_torch(tmp_path):
     """A warm `clipengine slices` pays for what it uses: scipy.stats and scipy.special (their imports
-    are several times the search on Adult-sized tables) and torch are not imported for 0/1 errors."""
+    are several times the search on Adult-sized tables) and torch are not imported for 0/1 errors, nor
+    scipy.linalg for Numba's BLAS check (:mod:`clipengine.bindings.numba_start`)."""
     import subprocess
     import sys
 
     pedestrians(m=300).write_csv(tmp_path / "t.csv")
     probe = ("import sys, runpy; sys.argv = ['clipengine', 'slices', sys.argv[1], '--error', 'error', '--quiet'];"
              "import atexit; atexit.register(lambda: print('MODULES', 'scipy.stats' in sys.modules,"
-             " 'scipy.special' in sys.modules, 'torch' in sys.modules, 'numba' in sys.modules, file=sys.stderr));"
+             " 'scipy.special' in sys.modules, 'torch' in sys.modules, 'numba' in sys.modules,"
+             " 'scipy.linalg' in sys.modules, file=sys.stderr));"
              "runpy.run_module('clipengine', run_name='__main__')")
     run = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "t.csv")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert "rows, mean error" in run.stdout
-    assert "MODULES False False False True" in run.stderr  # 0/1 errors: no scipy distribution needed
+    assert "MODULES False False False True False" in run.stderr  # 0/1 errors: no scipy distribution needed
 
 
 @pytest.mark.parametrize("dtype", [pl.Int64, pl.Int16, pl.UInt8, pl.UInt32])
@@ -301,3 +303,28 @@ def test_integer_columns_coded_by_counting_as_polars_codes_them(dtype):
     assert np.array_equal(fast.codes, reference.codes) and fast.codes.dtype == np.uint8
     wide = pl.Series("y", [0, 1 << 20, 5] * 10, dtype=pl.Int64)  # a wide range: the Polars path
     assert _code_feature(wide, "y", 10, "quantile").labels == [0, 5, 1 << 20]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_slice_sums_are_a_plain_numpy_reference_bit_for_bit(binary):
+    from clipengine.slices.find import _slice_sums
+
+    rng = np.random.default_rng(11)
+    domains = np.array([3, 4, 2])
+    codes = np.stack([rng.integers(0, d, 5000) for d in domains]).astype(np.uint8)  # (f, m)
+    col_feature = np.repeat(np.arange(3, dtype=np.int32), domains)
+    errors = (rng.random(5000) < 0.3).astype(np.float64)
+    if not binary:
+        errors *= rng.uniform(0.1, 5.0, 5000)
+    test = rng.random(5000) < 0.5
+    columns = np.array([[0, 3, -1], [4, 8, -1], [2, 6, 7]], np.int32)  # global column ids, -1 unused
+    whole, held_out = _slice_sums(codes, col_feature, columns, errors, test, binary)
+    offsets = np.concatenate(([0], np.cumsum(domains)))
+    for i, slice_columns in enumerate(columns):
+        mask = np.ones(5000, bool)
+        for c in slice_columns[slice_columns >= 0]:
+            j = col_feature[c]
+            mask &= codes[j] == c - offsets[j]
+        e, h = errors[mask], errors[mask & test]
+        np.testing.assert_array_equal(whole[i], [e.size, e.sum(), np.dot(e, e), e.max()])
+        np.testing.assert_array_equal(held_out[i], [h.size, h.sum(), np.dot(h, h)])
