@@ -91,6 +91,10 @@ def numba_threads(threads: int | None = None) -> Iterator[int]:
     capped by Numba's pool) and restore the caller's setting afterwards."""
     import numba
 
+    from clipengine.bindings.numba_start import prepare_numba
+
+    prepare_numba()  # before the first kernel loads: Numba's start-up without scipy.linalg
+
     wanted = max(1, min(threads or envs.num_threads(), numba.config.NUMBA_NUM_THREADS))
     previous = numba.get_num_threads()
     numba.set_num_threads(wanted)

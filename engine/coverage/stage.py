@@ -633,7 +633,10 @@ def measure_coverage(
     >>> [m["predicates"] for m in result.to_json()["missing"]]
     [{'weather': 'clear', 'time': 'day'}, {'weather': 'fog', 'time': 'night'}]
     """
+    from clipengine.bindings.numba_start import prepare_numba
     from clipengine.kernels import coverage as kernels
+
+    prepare_numba()  # before the first kernel loads: Numba's start-up without scipy.linalg
 
     if isinstance(frame, pl.LazyFrame):
         frame = frame.collect()
