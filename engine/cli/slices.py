@@ -134,7 +134,7 @@ def _print(result, max_q) -> None:
                    f"use --max-q 1 to list them anyway")
         return
     shown = [i for i in range(len(result)) if result.significant[i]]
-    level = f"{100 * result.confidence:.4g}% interval"
+    level = f"{percent_below_100(result.confidence)}% interval"
     header = f"{'#':>3} {'score':>7} {'size':>8} {'error':>8} {level:>19} {'q':>9}"
     if result.labels is not None:
         header += f" {'true error':>10} {'true interval':>19} {'':>13}"
@@ -152,3 +152,14 @@ def _print(result, max_q) -> None:
     hidden = len(result) - len(shown)
     if hidden:
         click.echo(f"({hidden} more of the top {len(result)} not significant at q ≤ {max_q:g}; --max-q 1 shows them)")
+
+
+def percent_below_100(fraction: float) -> str:
+    """``fraction`` as a percentage to 4 significant digits, with more decimals where those would round a
+    level below 1 up to 100: 0.95 → "95", 0.975 → "97.5", 0.999987 → "99.999"."""
+    text = f"{100 * fraction:.4g}"
+    decimals = 2
+    while fraction < 1 and float(text) >= 100 and decimals < 9:
+        decimals += 1
+        text = f"{100 * fraction:.{decimals}f}"
+    return text

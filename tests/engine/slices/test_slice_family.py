@@ -160,3 +160,10 @@ def test_planted_slices_are_found_at_100k_rows(level):
         result = find_slices(frame, error="error")
         found += any(p == planted and q <= 0.05 for p, q in zip(result.predicates, result.q_value))
     assert found / datasets >= 0.8, found
+
+
+def test_an_adjusted_interval_level_is_never_printed_as_100_percent():
+    """The lattice family's false-coverage-rate level can be 0.99999: the header says 99.999 %, not 100 %."""
+    from clipengine.cli.slices import percent_below_100
+
+    assert [percent_below_100(x) for x in (0.95, 0.975, 0.999987, 0.99996, 1.0)] == ["95", "97.5", "99.999", "99.996", "100"]
