@@ -201,7 +201,7 @@ def _label_cpu(embeddings, prompt_matrix, prompt_offsets, class_offsets, reduce,
         """Rows ``start:stop`` block by block on the calling thread (its own scratch)."""
         sims = np.empty(n_columns * block_rows, dtype=np.float32)  # each block viewed C-contiguous (R, rows)
         logits = np.empty((n_classes, block_rows), dtype=np.float64)
-        best = np.empty(block_rows, dtype=np.float32)
+        work = np.empty((1 + int(top_m.max()), block_rows), dtype=np.float32)  # (1 + m, rows)
         for low in range(start, stop, block_rows):
             high = min(low + block_rows, stop)
             block = np.ascontiguousarray(embeddings[low:high], dtype=np.float32)  # (r, D); reads a memmap chunk
@@ -211,7 +211,7 @@ def _label_cpu(embeddings, prompt_matrix, prompt_offsets, class_offsets, reduce,
                 _label_relative_columns(out, class_offsets, scale, labels[low:high], probs[low:high],
                                         margins[low:high])
             else:
-                _label_columns(out, prompt_offsets, class_offsets, reduce, top_m, scale, logits, best,
+                _label_columns(out, prompt_offsets, class_offsets, reduce, top_m, scale, logits, work,
                                labels[low:high], probs[low:high], margins[low:high])
 
     _run_row_tasks(label_rows, n, task_rows, on_chunk)
@@ -309,6 +309,21 @@ def _softmax_top2(logits, n_classes):
     return label, 1.0 / total, (1.0 - second_weight) / total
 
 
+@njit(inline="always")
+def _binary_softmax(gap, i, a, labels, probs, margins):
+    """:func:`_softmax_top2` of two logits given their difference ``gap`` = second − first (the same
+    operations: first minus second is exactly minus ``gap``), written to row ``i``, attribute ``a``."""
+    if gap > 0.0:
+        labels[i, a] = 1
+        weight = np.exp(-gap)
+    else:
+        labels[i, a] = 0
+        weight = np.exp(gap)
+    total = 1.0 + weight
+    probs[i, a] = 1.0 / total
+    margins[i, a] = (1.0 - weight) / total
+
+
 @njit(nogil=True, cache=True)
 def _label_relative_columns(sims, class_offsets, scale, labels, probs, margins):
     """``sims`` (C − A, r): per attribute, cosines of its classes 2.. minus its class 1's; one column per row."""
@@ -322,6 +337,11 @@ def _label_relative_columns(sims, class_offsets, scale, labels, probs, margins):
     for a in range(n_attributes):
         n_classes = class_offsets[a + 1] - class_offsets[a]
         base = class_offsets[a] - a  # this attribute's first row of sims
+        if n_classes == 2:
+            row = sims[base]
+            for i in range(n):
+                _binary_softmax(scale * row[i], i, a, labels, probs, margins)
+            continue
         for i in range(n):
             for k in range(1, n_classes):
                 logits[k] = scale * sims[base + k - 1, i]
@@ -332,16 +352,16 @@ def _label_relative_columns(sims, class_offsets, scale, labels, probs, margins):
 
 
 @njit(nogil=True, cache=True)
-def _label_columns(sims, prompt_offsets, class_offsets, reduce, top_m, scale, logits, best,
+def _label_columns(sims, prompt_offsets, class_offsets, reduce, top_m, scale, logits, work,
                    labels, probs, margins):
     """``sims`` (P, r): cosines to every prompt row, one column per image row; classes reduce their
-    segments of rows first. Scratch: ``logits`` (C, ≥ r) float64, ``best`` (≥ r,) float32.
+    segments of rows first. Scratch: ``logits`` (C, ≥ r) float64, ``work`` (1 + max m, ≥ r) float32.
 
     Each class's reduction runs along whole rows of ``sims`` (the r images side by side, which vectorizes),
     with the same operations in the same order per image as a per-image loop over the segment."""
     n = sims.shape[1]
     n_attributes = class_offsets.shape[0] - 1
-    scratch = np.empty(MAX_TOP_M, dtype=np.float64)
+    best = work[0]
     for c in range(prompt_offsets.shape[0] - 1):
         p0, p1 = prompt_offsets[c], prompt_offsets[c + 1]
         count = p1 - p0
@@ -377,27 +397,32 @@ def _label_columns(sims, prompt_offsets, class_offsets, reduce, top_m, scale, lo
                     out[i] += row[i]
             for i in range(n):
                 out[i] = scale * out[i] / count
-        else:  # top-m mean: per image, keep the m largest in a small descending buffer
+        else:  # top-m mean: each image's m largest, kept in descending order (kept[k, i], k < m)
             keep = min(top_m[c], count)
+            carry = work[0]
+            kept = work[1 : keep + 1]
+            for k in range(keep):
+                for i in range(n):
+                    kept[k, i] = -np.inf
+            for j in range(p0, p1):
+                row = sims[j]
+                for i in range(n):
+                    carry[i] = row[i]
+                for k in range(keep):  # the value sinks to its place, the smallest kept one drops out
+                    slot = kept[k]
+                    for i in range(n):
+                        if carry[i] > slot[i]:
+                            value = slot[i]
+                            slot[i] = carry[i]
+                            carry[i] = value
             for i in range(n):
-                filled = 0
-                for j in range(p0, p1):
-                    value = sims[j, i]
-                    if filled < keep:
-                        k = filled
-                        filled += 1
-                    elif value > scratch[keep - 1]:
-                        k = keep - 1
-                    else:
-                        continue
-                    while k > 0 and scratch[k - 1] < value:
-                        scratch[k] = scratch[k - 1]
-                        k -= 1
-                    scratch[k] = value
-                total = 0.0
-                for k in range(keep):
-                    total += scratch[k]
-                out[i] = scale * total / keep
+                out[i] = 0.0
+            for k in range(keep):  # largest first, as a per-image insertion sort would add them
+                slot = kept[k]
+                for i in range(n):
+                    out[i] += slot[i]
+            for i in range(n):
+                out[i] = scale * out[i] / keep
     max_classes = 1
     for a in range(n_attributes):
         max_classes = max(max_classes, class_offsets[a + 1] - class_offsets[a])
@@ -405,6 +430,11 @@ def _label_columns(sims, prompt_offsets, class_offsets, reduce, top_m, scale, lo
     for a in range(n_attributes):
         c0 = class_offsets[a]
         n_classes = class_offsets[a + 1] - c0
+        if n_classes == 2:
+            first, second = logits[c0], logits[c0 + 1]
+            for i in range(n):
+                _binary_softmax(second[i] - first[i], i, a, labels, probs, margins)
+            continue
         for i in range(n):
             for k in range(n_classes):
                 attribute_logits[k] = logits[c0 + k, i]
