@@ -258,6 +258,7 @@ def _single_threaded_blas():
     global _blas_users, _blas_limit
     with _blas_lock:
         if _blas_users == 0:
+            _release_openblas_control()
             _blas_limit = _blas_controller().limit(limits=1, user_api="blas")
         _blas_users += 1
     try:
@@ -266,8 +267,20 @@ def _single_threaded_blas():
         with _blas_lock:
             _blas_users -= 1
             if _blas_users == 0:
+                _release_openblas_control()
                 _blas_limit.restore_original_limits()
+                _release_openblas_control()
                 _blas_limit = None
+
+
+def _release_openblas_control():
+    """threadpoolctl lets one thread at a time set OpenBLAS's process-wide thread count (the first to
+    try, until it lets go); the last caller out, which restores the count, may not be the first one in."""
+    import threadpoolctl
+
+    release = getattr(getattr(threadpoolctl, "OpenBLASController", None), "clear_controlling_thread", None)
+    if release is not None:
+        release(force=True)
 
 
 @functools.cache
