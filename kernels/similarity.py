@@ -47,6 +47,7 @@ import importlib.util
 import threading
 from typing import Callable
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -223,8 +224,6 @@ def _run_row_tasks(label_rows: Callable[[int, int], None], n: int, task_rows: in
     threads that each take the next task when done (a busy core falls behind without holding the rest
     back); ``on_chunk`` is called in order, on the calling thread. BLAS is single-threaded meanwhile:
     every thread runs its own GEMMs."""
-    import numba
-
     spans = [(start, min(start + task_rows, n)) for start in range(0, n, task_rows)]
     workers = min(numba.get_num_threads(), len(spans))
     with _single_threaded_blas():
