@@ -62,7 +62,9 @@ MIN_CHUNK_ROWS = 1_024
 BLOCK_BYTES = 2**20  # one thread's (P, rows) similarities: well inside a core's L2 while its pass reads them back
 MIN_BLOCK_ROWS = 64
 MAX_BLOCK_ROWS = 4_096  # few prompt rows: a taller block only makes the row copies longer
-BLOCKS_PER_TASK = 32  # rows a thread takes at a time (and one progress tick): small enough to share out evenly
+BLOCKS_PER_TASK = 32  # at most, in the rows a thread takes at a time (and one progress tick)
+MIN_THREAD_ROWS = 256
+TASKS_PER_THREAD = 4  # at least, when there are enough rows: tasks are shared out as threads become free
 FUSED_MAX_ROWS = 32  # up to this many class rows the dot products run inside the Numba pass, no GEMM
 _ROWS_PER_TASK = 64  # rows one Numba task handles (amortizes its top-m scratch)
 
@@ -194,8 +196,14 @@ def _label_cpu(embeddings, prompt_matrix, prompt_offsets, class_offsets, reduce,
                 on_chunk(stop - start)
         return
     n_columns, n_classes = matrix.shape[0], prompt_offsets.shape[0] - 1
-    block_rows = auto_block_rows(n_columns) if chunk_rows is None else min(chunk_rows, auto_block_rows(n_columns))
-    task_rows = block_rows * BLOCKS_PER_TASK if chunk_rows is None else chunk_rows
+    threads = numba.get_num_threads()
+    # few rows: a block per thread (none below MIN_THREAD_ROWS: starting the thread would cost more)
+    block_rows = min(auto_block_rows(n_columns), max(MIN_THREAD_ROWS, -(-n // threads)), chunk_rows or n)
+    if chunk_rows is None:  # a few tasks per thread at least, so that a thread slowed down holds no one back
+        blocks_per_task = -(-n // (block_rows * TASKS_PER_THREAD * threads))
+        task_rows = block_rows * min(BLOCKS_PER_TASK, blocks_per_task)
+    else:
+        task_rows = chunk_rows
     scale = np.float64(scale)
 
     def label_rows(start: int, stop: int) -> None:
