@@ -5,13 +5,14 @@ GEMM + one fused ``RawKernel`` pass). The work is streamed over rows in chunks o
 ``chunk_rows`` so memory stays bounded whatever N is (``embeddings`` may be a
 ``numpy.memmap``); only the (N, A) outputs are allocated whole.
 
-On the CPU each of Numba's threads (``numba.get_num_threads()``) takes chunks in turn and
-labels them in blocks small enough to stay in its core's cache: a single-threaded BLAS GEMM
-of the block, then a serial Numba pass over the (P, rows) similarities it just wrote, still
-in cache. No thread ever waits for another between the GEMM and the pass (a pool of BLAS
-threads followed by a pool of Numba threads would hand the cores back and forth per chunk,
-each side spinning down while the other starts), and the similarities never go to memory.
-BLAS runs on one thread per caller for the duration (its own thread count restored after).
+On the CPU (GEMM path: several prompt rows per class, or many classes) as many threads as
+``numba.get_num_threads()`` take chunks of rows in turn and label them in blocks small enough
+to stay in a core's cache: a single-threaded BLAS GEMM of the block, then a serial Numba pass
+over the (P, rows) similarities it just wrote, still in cache. No thread waits for another
+between the GEMM and the pass (a pool of BLAS threads followed by a pool of Numba threads
+hands the cores back and forth per chunk, each side spinning down while the other starts),
+and the similarities never go to memory. Meanwhile BLAS is limited to one thread process-wide
+(BLAS has a single, global thread count), and restored after.
 
 Layout of the class side, all flat:
 
@@ -99,9 +100,9 @@ def label_segments(
     Returns ``labels`` (N, A) int32 (class index within its attribute), ``probs``
     (N, A) float32 and ``margins`` (N, A) float32. ``device`` is ``"cpu"``, ``"cuda"`` or
     ``"cuda:N"``; ``on_chunk(rows_done_in_chunk)`` is called after each chunk
-    (progress bars). ``chunk_rows`` None sizes chunks itself (see :func:`auto_chunk_rows` and
-    :func:`auto_block_rows`): peak extra memory is at most about ``chunk_rows × P`` floats (plus
-    ``chunk_rows × D`` when rows need a float32 copy) per thread, and on the CPU's GEMM path
+    (progress bars), on the calling thread. ``chunk_rows`` None sizes chunks itself (see
+    :func:`auto_chunk_rows`, :func:`auto_block_rows`): peak extra memory is about ``chunk_rows × P``
+    floats (plus ``chunk_rows × D`` when rows need a float32 copy), and on the CPU's GEMM path
     ``min(chunk_rows, auto_block_rows(P)) × (P + D)`` per thread.
     """
     prompt_matrix, prompt_offsets, class_offsets, reduce, top_m = _check_inputs(
