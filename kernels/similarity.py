@@ -64,10 +64,10 @@ BLOCK_BYTES = 2**20  # one thread's (P, rows) similarities: well inside a core's
 MIN_BLOCK_ROWS = 64
 MAX_BLOCK_ROWS = 4_096  # few prompt rows: a taller block only makes the row copies longer
 BLOCKS_PER_TASK = 32  # at most, in the rows a thread takes at a time (and one progress tick)
-MIN_THREAD_ROWS = 256
+MIN_THREAD_ROWS = 256  # fewer rows than this per thread: one thread (starting another costs more)
 TASKS_PER_THREAD = 4  # at least, when there are enough rows: tasks are shared out as threads become free
 FUSED_MAX_ROWS = 32  # up to this many class rows the dot products run inside the Numba pass, no GEMM
-_ROWS_PER_TASK = 64  # rows one Numba task handles (amortizes its top-m scratch)
+_ROWS_PER_TASK = 64  # rows one task of the fused pass handles (amortizes its scratch)
 
 
 def cuda_available() -> bool:
