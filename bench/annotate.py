@@ -7,7 +7,8 @@ pairwise cosine is ``--mean-cosine`` (0.5 by default; measured CLIP embeddings: 
 pairwise cosine of a sample is printed. ``--isotropic`` gives the easier Gaussian rows instead.
 
 Labelling: the class side of the ``celeba`` schema (random normalized prompt rows of the right shape: the
-text encoder is not timed), clipengine's ``label_segments`` (chunked GEMM + one Numba pass) against NumPy
+text encoder is not timed), clipengine's ``label_segments`` (each thread: a single-threaded GEMM of a cache-sized
+row block, then a Numba pass over it while it is in cache; few-column strategies: one fused Numba pass) against NumPy
 *tuned* (row blocks, the logit scale folded into the class matrix, ``reduceat`` for the per-class max, every
 binary attribute's softmax as one sigmoid of the logit difference) and NumPy *plain* (the whole (N, P) logit
 matrix, one attribute at a time); the ratio is taken against the faster of the two, the other beside it;
@@ -243,7 +244,7 @@ def main() -> None:
     report: dict = {"machine": machine, "rows": args.rows, "dim": args.dim, "k": args.k}
     threads = min(envs.num_threads(), numba.config.NUMBA_NUM_THREADS)
     numba.set_num_threads(threads)
-    chunk_rows = args.chunk_rows  # None: sized by clipengine.kernels.similarity.CHUNK_BYTES
+    chunk_rows = args.chunk_rows  # None: sized by the kernel (auto_chunk_rows, auto_block_rows)
     start = time.perf_counter()
     if args.isotropic:
         embeddings = isotropic(args.rows, args.dim, seed=0)
@@ -260,7 +261,8 @@ def main() -> None:
     report.update(data=data, mean_pairwise_cosine=measured_cosine)
     print(f"# bench/annotate: {args.rows:,} × {args.dim} float32 embeddings, {data}; measured mean pairwise cosine "
           f"{measured_cosine:.3f}; made in {time.perf_counter() - start:.1f} s ({embeddings.nbytes / 2**30:.2f} GiB)")
-    print(f"# {machine_line(machine)}; {threads} Numba threads; NumPy's BLAS on its default threads; "
+    print(f"# {machine_line(machine)}; clipengine on {threads} Numba threads (its GEMMs: BLAS single-threaded in "
+          "each); NumPy's BLAS on its default threads; "
           f"chunk_rows {chunk_rows or 'auto'}")
     schema = load_schema(args.schema)
     prompts = isotropic(len(schema.prompts()), args.dim, seed=2)

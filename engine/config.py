@@ -83,7 +83,8 @@ class AnnotateConfig:
     attribute, ``"hair_color=max,eyeglasses=topm"`` sets some, and both mix (``"mean,bald=max"``).
     ``model`` None means the model recorded in the embeddings directory's ``model.json``;
     given, it must be that same model (annotate refuses to mix models). ``chunk_rows`` None sizes
-    the kernel's chunks to a fixed scratch budget (``clipengine.kernels.similarity.CHUNK_BYTES``).
+    the kernel's chunks to a fixed scratch budget (``clipengine.kernels.similarity.CHUNK_BYTES``, and
+    ``BLOCK_BYTES`` per thread for the CPU's GEMM blocks).
     ``thresholds``: a ``thresholds.json`` from ``clipengine eval --calibrate``, applied to binary attributes.
     ``labels``: a labels file (``clipengine sample``'s ``labels.csv`` filled in, or Label Studio's JSON
     export): labelled items keep their label, and ``adapt`` (auto, none, prototype, gda, tip) says

@@ -5,6 +5,15 @@ GEMM + one fused ``RawKernel`` pass). The work is streamed over rows in chunks o
 ``chunk_rows`` so memory stays bounded whatever N is (``embeddings`` may be a
 ``numpy.memmap``); only the (N, A) outputs are allocated whole.
 
+On the CPU (GEMM path: several prompt rows per class, or many classes) as many threads as
+``numba.get_num_threads()`` take chunks of rows in turn and label them in blocks small enough
+to stay in a core's cache: a single-threaded BLAS GEMM of the block, then a serial Numba pass
+over the (P, rows) similarities it just wrote, still in cache. No thread waits for another
+between the GEMM and the pass (a pool of BLAS threads followed by a pool of Numba threads
+hands the cores back and forth per chunk, each side spinning down while the other starts),
+and the similarities never go to memory. Meanwhile BLAS is limited to one thread process-wide
+(BLAS has a single, global thread count), and restored after.
+
 Layout of the class side, all flat:
 
 - ``prompt_matrix`` (P, D) float32: prompt (or pre-aggregated class) embeddings, L2-normalized;
@@ -33,10 +42,13 @@ Inputs must be finite. This module never imports the engine.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import threading
 from typing import Callable
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -46,10 +58,16 @@ REDUCE_LOGSUMEXP = 2
 REDUCE_TOPM = 3
 MAX_TOP_M = 32
 CHUNK_BYTES = 128 * 2**20  # scratch per chunk (the (rows, P) block, plus a float32 copy of the rows if needed)
-MAX_CHUNK_ROWS = 262_144  # large chunks: each switch between BLAS and Numba threads costs their spin-down
+MAX_CHUNK_ROWS = 262_144  # GPU and fused CPU path: few large launches
 MIN_CHUNK_ROWS = 1_024
+BLOCK_BYTES = 2**20  # one thread's (P, rows) similarities: well inside a core's L2 while its pass reads them back
+MIN_BLOCK_ROWS = 64
+MAX_BLOCK_ROWS = 4_096  # few prompt rows: a taller block only makes the row copies longer
+BLOCKS_PER_TASK = 32  # at most, in the rows a thread takes at a time (and one progress tick)
+MIN_THREAD_ROWS = 256  # fewer rows than this per thread: one thread (starting another costs more)
+TASKS_PER_THREAD = 4  # at least, when there are enough rows: tasks are shared out as threads become free
 FUSED_MAX_ROWS = 32  # up to this many class rows the dot products run inside the Numba pass, no GEMM
-_ROWS_PER_TASK = 64  # rows one Numba task handles (amortizes its top-m scratch)
+_ROWS_PER_TASK = 64  # rows one task of the fused pass handles (amortizes its scratch)
 
 
 def cuda_available() -> bool:
@@ -82,15 +100,15 @@ def label_segments(
     Returns ``labels`` (N, A) int32 (class index within its attribute), ``probs``
     (N, A) float32 and ``margins`` (N, A) float32. ``device`` is ``"cpu"``, ``"cuda"`` or
     ``"cuda:N"``; ``on_chunk(rows_done_in_chunk)`` is called after each chunk
-    (progress bars). ``chunk_rows`` None sizes chunks to :data:`CHUNK_BYTES` of scratch: peak extra
-    memory is about ``chunk_rows × P`` floats (plus ``chunk_rows × D`` when rows need a float32 copy).
+    (progress bars), on the calling thread. ``chunk_rows`` None sizes chunks itself (see
+    :func:`auto_chunk_rows`, :func:`auto_block_rows`): peak extra memory is about ``chunk_rows × P``
+    floats (plus ``chunk_rows × D`` when rows need a float32 copy), and on the CPU's GEMM path
+    ``min(chunk_rows, auto_block_rows(P)) × (P + D)`` per thread.
     """
     prompt_matrix, prompt_offsets, class_offsets, reduce, top_m = _check_inputs(
         embeddings, prompt_matrix, prompt_offsets, class_offsets, reduce, top_m
     )
-    if chunk_rows is None:
-        chunk_rows = auto_chunk_rows(embeddings, prompt_matrix.shape[0])
-    if chunk_rows < 1:
+    if chunk_rows is not None and chunk_rows < 1:
         raise ValueError("chunk_rows must be ≥ 1")
     n = embeddings.shape[0]
     n_attributes = class_offsets.shape[0] - 1
@@ -105,6 +123,8 @@ def label_segments(
     if parse_device(device)[0] == "cpu":
         _label_cpu(embeddings, prompt_matrix, *args, chunk_rows, labels, probs, margins, on_chunk)
     else:
+        if chunk_rows is None:
+            chunk_rows = auto_chunk_rows(embeddings, prompt_matrix.shape[0])
         with cupy_device(device):
             _label_cuda(embeddings, prompt_matrix, *args, chunk_rows, labels, probs, margins, on_chunk)
     return labels, probs, margins
@@ -115,6 +135,12 @@ def auto_chunk_rows(embeddings: np.ndarray, n_prompt_rows: int) -> int:
     copies = embeddings.dtype != np.float32 or not embeddings.flags.c_contiguous
     per_row = 4 * (n_prompt_rows + (embeddings.shape[1] if copies else 0))
     return int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, CHUNK_BYTES // max(1, per_row))))
+
+
+def auto_block_rows(n_columns: int) -> int:
+    """Rows per CPU GEMM block so that one thread's (``n_columns``, rows) float32 similarities fit
+    :data:`BLOCK_BYTES`."""
+    return int(min(MAX_BLOCK_ROWS, max(MIN_BLOCK_ROWS, BLOCK_BYTES // (4 * max(1, n_columns)))))
 
 
 def _check_inputs(embeddings, prompt_matrix, prompt_offsets, class_offsets, reduce, top_m):
@@ -151,7 +177,6 @@ def _check_inputs(embeddings, prompt_matrix, prompt_offsets, class_offsets, redu
 def _label_cpu(embeddings, prompt_matrix, prompt_offsets, class_offsets, reduce, top_m, scale,
                chunk_rows, labels, probs, margins, on_chunk):
     n = embeddings.shape[0]
-    rows = min(chunk_rows, n)
     linear = prompt_matrix.shape[0] == prompt_offsets.shape[0] - 1  # one row per class
     if linear:
         # softmax is shift-invariant: against each attribute's first class, an attribute of C classes
@@ -161,7 +186,8 @@ def _label_cpu(embeddings, prompt_matrix, prompt_offsets, class_offsets, reduce,
         matrix = prompt_matrix
     if linear and matrix.shape[0] <= FUSED_MAX_ROWS:
         # few columns: one fused pass (dot products + softmax per row) beats a skinny GEMM plus a
-        # second pass, and never hands the cores back and forth between BLAS and Numba threads
+        # second pass
+        rows = min(chunk_rows or auto_chunk_rows(embeddings, matrix.shape[0]), n)
         for start in range(0, n, rows):
             stop = min(start + rows, n)
             block = np.ascontiguousarray(embeddings[start:stop], dtype=np.float32)
@@ -170,21 +196,107 @@ def _label_cpu(embeddings, prompt_matrix, prompt_offsets, class_offsets, reduce,
             if on_chunk is not None:
                 on_chunk(stop - start)
         return
-    transposed = np.ascontiguousarray(matrix.T)  # (D, R): BLAS reads it row-major
-    sims = np.empty((rows, matrix.shape[0]), dtype=np.float32)
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        block = np.ascontiguousarray(embeddings[start:stop], dtype=np.float32)  # (r, D); reads a memmap chunk
-        out = sims[: stop - start]
-        np.matmul(block, transposed, out=out)  # (r, R) cosine similarities (or their differences)
-        if linear:
-            _label_relative_rows(out, class_offsets, np.float64(scale),
-                                 labels[start:stop], probs[start:stop], margins[start:stop])
-        else:
-            _label_rows(out, prompt_offsets, class_offsets, reduce, top_m, np.float64(scale),
-                        labels[start:stop], probs[start:stop], margins[start:stop])
-        if on_chunk is not None:
-            on_chunk(stop - start)
+    n_columns, n_classes = matrix.shape[0], prompt_offsets.shape[0] - 1
+    threads = numba.get_num_threads()
+    # few rows: a block per thread (none below MIN_THREAD_ROWS: starting the thread would cost more)
+    block_rows = min(auto_block_rows(n_columns), max(MIN_THREAD_ROWS, -(-n // threads)), chunk_rows or n)
+    if chunk_rows is None:  # a few tasks per thread at least, so that a thread slowed down holds no one back
+        blocks_per_task = -(-n // (block_rows * TASKS_PER_THREAD * threads))
+        task_rows = block_rows * min(BLOCKS_PER_TASK, blocks_per_task)
+    else:
+        task_rows = chunk_rows
+    scale = np.float64(scale)
+
+    def label_rows(start: int, stop: int) -> None:
+        """Rows ``start:stop`` block by block on the calling thread (its own scratch)."""
+        sims = np.empty(n_columns * block_rows, dtype=np.float32)  # each block viewed C-contiguous (R, rows)
+        logits = np.empty((n_classes, block_rows), dtype=np.float64)
+        work = np.empty((1 + int(top_m.max()), block_rows), dtype=np.float32)  # (1 + m, rows)
+        for low in range(start, stop, block_rows):
+            high = min(low + block_rows, stop)
+            block = np.ascontiguousarray(embeddings[low:high], dtype=np.float32)  # (r, D); reads a memmap chunk
+            out = sims[: n_columns * (high - low)].reshape(n_columns, high - low)
+            np.matmul(matrix, block.T, out=out)  # (R, r) cosines (or their differences), one column per row
+            if linear:
+                _label_relative_columns(out, class_offsets, scale, labels[low:high], probs[low:high],
+                                        margins[low:high])
+            else:
+                _label_columns(out, prompt_offsets, class_offsets, reduce, top_m, scale, logits, work,
+                               labels[low:high], probs[low:high], margins[low:high])
+
+    _run_row_tasks(label_rows, n, task_rows, on_chunk)
+
+
+def _run_row_tasks(label_rows: Callable[[int, int], None], n: int, task_rows: int,
+                   on_chunk: Callable[[int], None] | None) -> None:
+    """``label_rows(start, stop)`` over ``0:n`` in tasks of ``task_rows``, on ``numba.get_num_threads()``
+    threads that each take the next task when done (a busy core falls behind without holding the rest
+    back); ``on_chunk`` is called in order, on the calling thread. BLAS is single-threaded meanwhile:
+    every thread runs its own GEMMs."""
+    spans = [(start, min(start + task_rows, n)) for start in range(0, n, task_rows)]
+    workers = min(numba.get_num_threads(), len(spans))
+    with _single_threaded_blas():
+        if workers <= 1:
+            for start, stop in spans:
+                label_rows(start, stop)
+                if on_chunk is not None:
+                    on_chunk(stop - start)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="clipengine-label")
+        try:
+            done = pool.map(lambda span: label_rows(*span), spans)
+            for (start, stop), _ in zip(spans, done):
+                if on_chunk is not None:
+                    on_chunk(stop - start)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+_blas_lock = threading.Lock()
+_blas_users = 0
+_blas_limit = None
+
+
+@contextlib.contextmanager
+def _single_threaded_blas():
+    """BLAS on one thread while any caller is inside; the first one in saves the thread counts, the last
+    one out restores them (two callers in parallel must not restore each other's limit)."""
+    global _blas_users, _blas_limit
+    with _blas_lock:
+        if _blas_users == 0:
+            _release_openblas_control()
+            _blas_limit = _blas_controller().limit(limits=1, user_api="blas")
+        _blas_users += 1
+    try:
+        yield
+    finally:
+        with _blas_lock:
+            _blas_users -= 1
+            if _blas_users == 0:
+                _release_openblas_control()
+                _blas_limit.restore_original_limits()
+                _release_openblas_control()
+                _blas_limit = None
+
+
+def _release_openblas_control():
+    """threadpoolctl lets one thread at a time set OpenBLAS's process-wide thread count (the first to
+    try, until it lets go); the last caller out, which restores the count, may not be the first one in."""
+    import threadpoolctl
+
+    release = getattr(getattr(threadpoolctl, "OpenBLASController", None), "clear_controlling_thread", None)
+    if release is not None:
+        release(force=True)
+
+
+@functools.cache
+def _blas_controller():
+    """The process's BLAS libraries, looked up once (NumPy's is loaded with NumPy)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def _relative_to_first_class(class_matrix: np.ndarray, class_offsets: np.ndarray) -> np.ndarray:
@@ -218,72 +330,139 @@ def _softmax_top2(logits, n_classes):
     return label, 1.0 / total, (1.0 - second_weight) / total
 
 
-@njit(parallel=True, cache=True)
-def _label_relative_rows(sims, class_offsets, scale, labels, probs, margins):
-    """``sims`` (r, C - A): per attribute, cosines of its classes 2.. minus its class 1's."""
-    n = sims.shape[0]
+@njit(inline="always")
+def _binary_softmax(gap, i, a, labels, probs, margins):
+    """:func:`_softmax_top2` of two logits given their difference ``gap`` = second − first (the same
+    operations: first minus second is exactly minus ``gap``), written to row ``i``, attribute ``a``."""
+    if gap > 0.0:
+        labels[i, a] = 1
+        weight = np.exp(-gap)
+    else:
+        labels[i, a] = 0
+        weight = np.exp(gap)
+    total = 1.0 + weight
+    probs[i, a] = 1.0 / total
+    margins[i, a] = (1.0 - weight) / total
+
+
+@njit(nogil=True, cache=True)
+def _label_relative_columns(sims, class_offsets, scale, labels, probs, margins):
+    """``sims`` (C − A, r): per attribute, cosines of its classes 2.. minus its class 1's; one column per row."""
+    n = sims.shape[1]
     n_attributes = class_offsets.shape[0] - 1
-    max_classes = max(1, np.max(np.diff(class_offsets))) if n_attributes else 1
-    n_tasks = (n + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
-    for task in prange(n_tasks):
-        logits = np.empty(max_classes, dtype=np.float64)
-        logits[0] = 0.0
-        for i in range(task * _ROWS_PER_TASK, min(n, (task + 1) * _ROWS_PER_TASK)):
-            row = sims[i]
-            for a in range(n_attributes):
-                n_classes = class_offsets[a + 1] - class_offsets[a]
-                base = class_offsets[a] - a  # this attribute's first column
-                for k in range(1, n_classes):
-                    logits[k] = scale * row[base + k - 1]
-                label, prob, margin = _softmax_top2(logits, n_classes)
-                labels[i, a] = label
-                probs[i, a] = prob
-                margins[i, a] = margin
-
-
-@njit(cache=True, inline="always")
-def _class_logit(row, p0, p1, code, m, scale, scratch):
-    count = p1 - p0
-    if code == 0:  # max
-        best = row[p0]
-        for j in range(p0 + 1, p1):
-            if row[j] > best:
-                best = row[j]
-        return scale * best
-    if code == 1:  # mean
-        total = 0.0
-        for j in range(p0, p1):
-            total += row[j]
-        return scale * total / count
-    if code == 2:  # log-mean-exp of scaled logits
-        top = row[p0]
-        for j in range(p0 + 1, p1):
-            if row[j] > top:
-                top = row[j]
-        total = 0.0
-        for j in range(p0, p1):
-            total += np.exp(scale * (row[j] - top))
-        return scale * top + np.log(total / count)
-    # top-m mean: keep the m largest in a small descending buffer
-    keep = min(m, count)
-    filled = 0
-    for j in range(p0, p1):
-        value = row[j]
-        if filled < keep:
-            k = filled
-            filled += 1
-        elif value > scratch[keep - 1]:
-            k = keep - 1
-        else:
+    max_classes = 1
+    for a in range(n_attributes):
+        max_classes = max(max_classes, class_offsets[a + 1] - class_offsets[a])
+    logits = np.empty(max_classes, dtype=np.float64)
+    logits[0] = 0.0
+    for a in range(n_attributes):
+        n_classes = class_offsets[a + 1] - class_offsets[a]
+        base = class_offsets[a] - a  # this attribute's first row of sims
+        if n_classes == 2:
+            row = sims[base]
+            for i in range(n):
+                _binary_softmax(scale * row[i], i, a, labels, probs, margins)
             continue
-        while k > 0 and scratch[k - 1] < value:
-            scratch[k] = scratch[k - 1]
-            k -= 1
-        scratch[k] = value
-    total = 0.0
-    for k in range(keep):
-        total += scratch[k]
-    return scale * total / keep
+        for i in range(n):
+            for k in range(1, n_classes):
+                logits[k] = scale * sims[base + k - 1, i]
+            label, prob, margin = _softmax_top2(logits, n_classes)
+            labels[i, a] = label
+            probs[i, a] = prob
+            margins[i, a] = margin
+
+
+@njit(nogil=True, cache=True)
+def _label_columns(sims, prompt_offsets, class_offsets, reduce, top_m, scale, logits, work,
+                   labels, probs, margins):
+    """``sims`` (P, r): cosines to every prompt row, one column per image row; classes reduce their
+    segments of rows first. Scratch: ``logits`` (C, ≥ r) float64, ``work`` (1 + max m, ≥ r) float32.
+
+    Each class's reduction runs along whole rows of ``sims`` (the r images side by side, which vectorizes),
+    with the same operations in the same order per image as a per-image loop over the segment."""
+    n = sims.shape[1]
+    n_attributes = class_offsets.shape[0] - 1
+    best = work[0]
+    for c in range(prompt_offsets.shape[0] - 1):
+        p0, p1 = prompt_offsets[c], prompt_offsets[c + 1]
+        count = p1 - p0
+        code = reduce[c]
+        out = logits[c]
+        if code == REDUCE_MAX or code == REDUCE_LOGSUMEXP:
+            first = sims[p0]
+            for i in range(n):
+                best[i] = first[i]
+            for j in range(p0 + 1, p1):
+                row = sims[j]
+                for i in range(n):
+                    if row[i] > best[i]:
+                        best[i] = row[i]
+            if code == REDUCE_MAX:
+                for i in range(n):
+                    out[i] = scale * best[i]
+                continue
+            for i in range(n):  # log-mean-exp of scaled logits, shifted by the largest
+                out[i] = 0.0
+            for j in range(p0, p1):
+                row = sims[j]
+                for i in range(n):
+                    out[i] += np.exp(scale * (row[i] - best[i]))
+            for i in range(n):
+                out[i] = scale * best[i] + np.log(out[i] / count)
+        elif code == REDUCE_MEAN:
+            for i in range(n):
+                out[i] = 0.0
+            for j in range(p0, p1):
+                row = sims[j]
+                for i in range(n):
+                    out[i] += row[i]
+            for i in range(n):
+                out[i] = scale * out[i] / count
+        else:  # top-m mean: each image's m largest, kept in descending order (kept[k, i], k < m)
+            keep = min(top_m[c], count)
+            carry = work[0]
+            kept = work[1 : keep + 1]
+            for k in range(keep):
+                for i in range(n):
+                    kept[k, i] = -np.inf
+            for j in range(p0, p1):
+                row = sims[j]
+                for i in range(n):
+                    carry[i] = row[i]
+                for k in range(keep):  # the value sinks to its place, the smallest kept one drops out
+                    slot = kept[k]
+                    for i in range(n):
+                        if carry[i] > slot[i]:
+                            value = slot[i]
+                            slot[i] = carry[i]
+                            carry[i] = value
+            for i in range(n):
+                out[i] = 0.0
+            for k in range(keep):  # largest first, as a per-image insertion sort would add them
+                slot = kept[k]
+                for i in range(n):
+                    out[i] += slot[i]
+            for i in range(n):
+                out[i] = scale * out[i] / keep
+    max_classes = 1
+    for a in range(n_attributes):
+        max_classes = max(max_classes, class_offsets[a + 1] - class_offsets[a])
+    attribute_logits = np.empty(max_classes, dtype=np.float64)
+    for a in range(n_attributes):
+        c0 = class_offsets[a]
+        n_classes = class_offsets[a + 1] - c0
+        if n_classes == 2:
+            first, second = logits[c0], logits[c0 + 1]
+            for i in range(n):
+                _binary_softmax(second[i] - first[i], i, a, labels, probs, margins)
+            continue
+        for i in range(n):
+            for k in range(n_classes):
+                attribute_logits[k] = logits[c0 + k, i]
+            label, prob, margin = _softmax_top2(attribute_logits, n_classes)
+            labels[i, a] = label
+            probs[i, a] = prob
+            margins[i, a] = margin
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -331,31 +510,6 @@ def _label_fused_rows(block, relative, class_offsets, scale, labels, probs, marg
                 base = class_offsets[a] - a
                 for k in range(1, n_classes):
                     logits[k] = scale * sims[base + k - 1]
-                label, prob, margin = _softmax_top2(logits, n_classes)
-                labels[i, a] = label
-                probs[i, a] = prob
-                margins[i, a] = margin
-
-
-@njit(parallel=True, cache=True)
-def _label_rows(sims, prompt_offsets, class_offsets, reduce, top_m, scale, labels, probs, margins):
-    """``sims`` (r, P): cosines to every prompt row; classes reduce their segments first."""
-    n = sims.shape[0]
-    n_attributes = class_offsets.shape[0] - 1
-    max_classes = max(1, np.max(np.diff(class_offsets))) if n_attributes else 1
-    n_tasks = (n + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
-    for task in prange(n_tasks):
-        scratch = np.empty(MAX_TOP_M, dtype=np.float64)
-        logits = np.empty(max_classes, dtype=np.float64)
-        for i in range(task * _ROWS_PER_TASK, min(n, (task + 1) * _ROWS_PER_TASK)):
-            row = sims[i]
-            for a in range(n_attributes):
-                c0 = class_offsets[a]
-                n_classes = class_offsets[a + 1] - c0
-                for k in range(n_classes):
-                    c = c0 + k
-                    logits[k] = _class_logit(row, prompt_offsets[c], prompt_offsets[c + 1], reduce[c], top_m[c],
-                                             scale, scratch)
                 label, prob, margin = _softmax_top2(logits, n_classes)
                 labels[i, a] = label
                 probs[i, a] = prob

@@ -193,6 +193,92 @@ def test_large_n_streams_in_chunks_with_bounded_memory(tmp_path):
     assert_matches(got, reference(np.asarray(mapped[pick]), prompts, po, co, 100.0, reduce, top_m))
 
 
+@pytest.fixture
+def two_numba_threads():
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    yield
+    numba.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("chunk_rows", [None, 1, 100, 333])
+def test_gemm_path_block_and_task_boundaries(monkeypatch, two_numba_threads, dtype, chunk_rows):
+    """Threads each take tasks of chunk_rows rows and label them in blocks of 37 (odd sizes, partial last
+    blocks and tasks, rows copied to float32 per block): what one block of every row at once gives (up to
+    the GEMM's summation order, which BLAS picks by shape), and the reference's labels."""
+    emb, prompts, po, co, reduce, top_m = random_problem(12, n=1001, prompts_per_class=(1, 6))
+    emb = emb.astype(dtype)
+    monkeypatch.setattr(sim, "MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(sim, "BLOCK_BYTES", 4 * prompts.shape[0] * 37)
+    assert sim.auto_block_rows(prompts.shape[0]) == 37
+    got = label_segments(emb, prompts, po, co, 100.0, reduce=reduce, top_m=top_m, chunk_rows=chunk_rows)
+    monkeypatch.setattr(sim, "BLOCK_BYTES", 4 * prompts.shape[0] * len(emb))
+    whole = label_segments(emb, prompts, po, co, 100.0, reduce=reduce, top_m=top_m, chunk_rows=len(emb))
+    assert_matches(got, whole, atol=1e-5)
+    assert_matches(got, reference(emb.astype(np.float32), prompts, po, co, 100.0, reduce, top_m))
+
+
+def test_progress_comes_in_order_on_the_calling_thread(monkeypatch, two_numba_threads):
+    import threading
+
+    emb, prompts, po, co, reduce, top_m = random_problem(13, n=1000, prompts_per_class=(2, 4))
+    monkeypatch.setattr(sim, "MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(sim, "BLOCK_BYTES", 4 * prompts.shape[0] * 16)
+    calls = []
+    label_segments(emb, prompts, po, co, 100.0, reduce=reduce, top_m=top_m, chunk_rows=90,
+                   on_chunk=lambda rows: calls.append((rows, threading.get_ident())))
+    assert [rows for rows, _ in calls] == [90] * 11 + [10]
+    assert {thread for _, thread in calls} == {threading.get_ident()}
+
+
+def test_blas_runs_single_threaded_inside_and_is_restored_when_calls_overlap(two_numba_threads):
+    """Call A enters, call B (another thread) enters, A leaves, B leaves: BLAS stays single-threaded while
+    either works, and afterwards the caller's BLAS limits are as they were (B must not restore the limit
+    A set)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    emb, prompts, po, co, reduce, top_m = random_problem(14, n=400, prompts_per_class=(2, 4))
+    want = reference(emb, prompts, po, co, 100.0, reduce, top_m)
+    b_inside, a_done = threading.Event(), threading.Event()
+    inside_threads = []
+
+    def blas_threads():
+        return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+
+    def label(on_chunk):
+        return label_segments(emb, prompts, po, co, 100.0, reduce=reduce, top_m=top_m, chunk_rows=100,
+                              on_chunk=on_chunk)
+
+    def b_progress(rows):
+        b_inside.set()
+        a_done.wait(30)
+
+    before = blas_threads()
+    if max(before, default=1) < 2:
+        pytest.skip("BLAS runs on one thread here: nothing to restore")
+    with ThreadPoolExecutor(1) as pool:  # no threadpool_limits around: B could not change the count then
+        b = []
+
+        def a_progress(rows):
+            inside_threads.extend(blas_threads())
+            if not b:
+                b.append(pool.submit(label, b_progress))
+                assert b_inside.wait(30)
+
+        a = label(a_progress)
+        a_done.set()
+        assert_matches(b[0].result(), want)
+        assert blas_threads() == before
+    assert_matches(a, want)
+    assert set(inside_threads) == {1}
+
+
 def test_rejects_inconsistent_segments():
     rng = np.random.default_rng(0)
     emb, prompts = normalized(rng, (3, 4)), normalized(rng, (3, 4))
