@@ -539,6 +539,9 @@ def main(argv=None) -> int:
     if args.role == "limits":
         Path(args.result).write_text(json.dumps(run_limits(args)))
         return 0
+    from clipengine.bench._install import compile_clipengine
+
+    compile_clipengine()  # as pip compiles an installed copy: no process below compiles clipengine's sources
     report = orchestrate(args)
     print_report(report)
     if args.json:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clipengine.bench._install import compile_clipengine
 from clipengine.bench._machine import machine_line
 
 # not named coverage.py: a script's folder comes first on sys.path, and numba imports the `coverage` package
@@ -229,6 +230,7 @@ def main(argv=None) -> None:
         return
     levels = [int(x) for x in args.t.split(",")]
     print(f"coverage benchmark — {machine_line()}")
+    compile_clipengine()  # as pip compiles an installed copy: no process below compiles clipengine's sources
     with tempfile.TemporaryDirectory(prefix="clipengine-bench-coverage-") as tmp:
         folder = Path(tmp)
         made = worker("make", "--data", tmp, "--rows", str(args.rows), "--features", str(args.features),

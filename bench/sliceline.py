@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from clipengine.bench._install import compile_clipengine
 from clipengine.bench._machine import machine_line
 
 REPO = Path(__file__).resolve().parents[1]
@@ -359,6 +360,7 @@ def main(argv=None) -> None:
         if name not in CASES:
             parser.error(f"unknown case {name!r}; cases: {', '.join(CASES)}")
     print(f"machine: {machine_line()}", flush=True)
+    compile_clipengine()  # as pip compiles an installed copy: no process below compiles clipengine's sources
     for name in names:
         with tempfile.TemporaryDirectory(prefix="clipengine-bench-") as tmp:
             folder = Path(args.keep) if args.keep else Path(tmp)
