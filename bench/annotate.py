@@ -282,6 +282,8 @@ def main() -> None:
                                      reduce=side.reduce, top_m=side.top_m, chunk_rows=chunk_rows)
         cold = first_call(lambda: label_segments(embeddings[:1000], side.matrix, side.prompt_offsets,
                                                  side.class_offsets, scale, reduce=side.reduce, top_m=side.top_m))
+        if not report["labelling"]:  # one untimed pass first: no side pays for the first reads of fresh memory
+            run()
         ours_s, ours = best_of(args.repeats, run)
         tuned_s, tuned = best_of(args.repeats, lambda: reference_labels_tuned(embeddings, side, scale))
         plain_s, plain = best_of(max(1, args.repeats - 1), lambda: reference_labels_plain(embeddings, side, scale))
