@@ -2,7 +2,7 @@ import importlib.util
 from pathlib import Path
 
 
-def test_the_benchmarks_time_clipengine_with_its_bytecode_compiled_as_an_install_has_it(tmp_path):
+def test_the_benchmarks_time_clipengine_with_its_bytecode_compiled_as_an_install_has_it():
     from clipengine.bench._install import PACKAGE_FOLDERS, compile_clipengine
 
     root = Path(__file__).resolve().parents[2]
