@@ -45,8 +45,8 @@ class ModelTowers:
     ``build_towers``: a function → (image_tower, text_tower) that builds the modules at the first use
     of either (the towers are then not given). ``vision``: the image tower as data
     (:class:`clipengine.bindings.open_clip_vit.OpenClipVision`), read straight from the checkpoint, for
-    runtimes that run it without its module (the fused CPU forward): encoding images in bf16 on the
-    CPU then never builds the model.
+    runtimes that run it without its module (the fused CPU forward): encoding images in bf16 or fp32 on
+    the CPU then never builds the model.
     """
 
     def __init__(self, image_tower: Any = None, text_tower: Any = None, tokenize: Callable[[Sequence[str]], Any] | None = None,
