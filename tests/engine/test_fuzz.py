@@ -18,6 +18,7 @@ import io
 import os
 import random
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -75,25 +76,43 @@ class Outcome:
     peak_rss: int
 
 
+# A process started from this one reports this process's peak memory as its own: subprocess starts children
+# with vfork, and Linux keeps the old address space's high-water mark across exec. After an earlier test
+# grew this process (a slow run holds PyPI sliceline's 15 GB), every child would read as that large. So a
+# small launcher starts clipengine and reads its peak with wait4.
+_LAUNCHER = """
+import os, sys
+pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as report:
+    report.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}")
+"""
+
+
 def run_cli(sandbox: Sandbox, args: list) -> Outcome:
-    """``clipengine *args`` in the sandbox; waited with wait4 for its own peak memory."""
+    """``clipengine *args`` in the sandbox, started by :data:`_LAUNCHER`, which reads its own peak memory."""
     args = [os.fsencode(a) if isinstance(a, (bytes, Path)) else str(a) for a in args]
     stderr_path = sandbox.root / f"stderr-{threading.get_ident()}.txt"
+    report = sandbox.root / f"usage-{threading.get_ident()}.txt"
     started = time.perf_counter()
     with open(stderr_path, "wb") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "clipengine", *args], cwd=sandbox.cwd, env=sandbox.env(),
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
-        timer = threading.Timer(PROCESS_TIMEOUT, process.kill)
+        process = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(report), sys.executable, "-m", "clipengine",
+                                    *args], cwd=sandbox.cwd, env=sandbox.env(), stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+        timer = threading.Timer(PROCESS_TIMEOUT, lambda: os.killpg(process.pid, signal.SIGKILL))
         timer.start()
         try:
-            _, status, usage = os.wait4(process.pid, 0)
+            process.wait()
         finally:
             timer.cancel()
-        process.returncode = os.waitstatus_to_exitcode(status)
+    returncode, peak_kib = process.returncode, 0
+    if report.exists():  # absent when the timer killed the launcher and its child
+        code, peak = report.read_text().split()
+        returncode, peak_kib = int(code), int(peak)
+        report.unlink()
     text = stderr_path.read_bytes().decode("utf-8", "replace")
     stderr_path.unlink()
-    return Outcome([os.fsdecode(a) for a in args], process.returncode, text, time.perf_counter() - started,
-                   usage.ru_maxrss * 1024)
+    return Outcome([os.fsdecode(a) for a in args], returncode, text, time.perf_counter() - started, peak_kib * 1024)
 
 
 def digest_tree(folder: Path) -> dict[str, str]:
