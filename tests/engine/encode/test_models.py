@@ -63,7 +63,8 @@ def test_loading_fills_every_tensor_from_the_checkpoint_without_drawing_random_w
 
 def test_the_image_tower_read_from_the_checkpoint_encodes_as_the_built_model(tiny_clip, sample_photos):
     """bf16 on the CPU runs the fused forward from the checkpoint's tensors without building the model; its
-    rows are those of the fused forward of the built tower; text, fp32 and the logit scale build it."""
+    rows are those of the fused forward of the built tower; the logit scale is the model's; encoding text
+    builds the model."""
     import numpy as np
 
     from clipengine.bindings.torch import TorchEncoder
@@ -91,7 +92,7 @@ def test_the_image_tower_read_from_the_checkpoint_encodes_as_the_built_model(tin
     assert lazy.towers_built and texts.shape == (1, 32)
 
 
-def test_packaged_architectures_are_read_as_open_clip_gives_them(monkeypatch):
+def test_packaged_architectures_are_read_as_open_clip_gives_them():
     import importlib.util
     from pathlib import Path
 
