@@ -594,11 +594,12 @@ def load_model(spec: ModelSpec):
 
     if spec.checkpoint is None:
         raise ClipengineError(f"--model {spec.model_arg}: no weights; " + weights_help(spec.name))
-    image_state = load_state_dict(spec.checkpoint, prefixes=(VISUAL_PREFIX, "logit_scale"))
-    vision, _ = vision_from_checkpoint(spec.architecture, image_state)
-    logit_scale = image_state.get("logit_scale")
+    partial = Path(spec.checkpoint).suffix == ".safetensors"  # only safetensors can be read in part
+    state = load_state_dict(spec.checkpoint, prefixes=(VISUAL_PREFIX, "logit_scale") if partial else None)
+    vision, _ = vision_from_checkpoint(spec.architecture, state)
+    logit_scale = state.get("logit_scale")
     if vision is None or logit_scale is None or logit_scale.numel() != 1:
-        model = _build_open_clip(spec)
+        model = _build_open_clip(spec, None if partial else state)
         image_tower, text_tower = model.visual, _open_clip_text_tower(model)
         vision, build_towers = None, None
         logit_scale = model.logit_scale
@@ -625,12 +626,14 @@ def load_model(spec: ModelSpec):
     )
 
 
-def _build_open_clip(spec: ModelSpec):
-    """The open_clip model of ``spec`` with its checkpoint loaded (fp32, eval, no gradients)."""
+def _build_open_clip(spec: ModelSpec, state: dict | None = None):
+    """The open_clip model of ``spec`` with its checkpoint loaded (fp32, eval, no gradients); ``state``: the
+    checkpoint's tensors when the caller has already read them all."""
     import torch
 
     model = build_open_clip_model(spec.architecture, initialize=False)
-    state = load_state_dict(spec.checkpoint)
+    if state is None:
+        state = load_state_dict(spec.checkpoint)
     try:
         from open_clip.factory import convert_state_dict
         from open_clip.model import (
