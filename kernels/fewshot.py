@@ -34,11 +34,14 @@ from typing import Callable
 import numpy as np
 from numba import njit, prange
 
-REDUCE_MAX = 0  # the codes of clipengine.kernels.similarity
-REDUCE_MEAN = 1
-REDUCE_LOGSUMEXP = 2
-REDUCE_TOPM = 3
-MAX_TOP_M = 32
+from clipengine.kernels.similarity import (  # one owner of the reduce codes and of the softmax top-2
+    MAX_TOP_M,
+    REDUCE_LOGSUMEXP,
+    REDUCE_MAX,
+    REDUCE_MEAN,
+    _softmax_top2,
+)
+
 CHUNK_BYTES = 128 * 2**20  # scratch per chunk: the (rows, R) similarity block plus a float32 copy of the rows
 MIN_CHUNK_ROWS = 1_024
 MAX_CHUNK_ROWS = 262_144
@@ -383,25 +386,7 @@ def _finish_rows(sims, linear_index, bias, n_linear, class_offsets, prompt_offse
                         value += zs_weight[cls] * _reduce(row, n_linear + p0, n_linear + p1, reduce[cls],
                                                           top_m[cls], scale, scratch)
                     logits[j] = value
-                best = logits[0]
-                label = 0
-                for j in range(1, count):
-                    if logits[j] > best:  # strict: the first of tied classes wins, as numpy.argmax
-                        best = logits[j]
-                        label = j
-                total = 1.0
-                second_weight = 0.0
-                second = -np.inf
-                for j in range(count):
-                    if j != label:
-                        weight = np.exp(logits[j] - best)
-                        total += weight
-                        if logits[j] > second:
-                            second = logits[j]
-                            second_weight = weight
-                labels[i, a] = label
-                probs[i, a] = 1.0 / total
-                margins[i, a] = (1.0 - second_weight) / total
+                labels[i, a], probs[i, a], margins[i, a] = _softmax_top2(logits, count)
 
 
 def adapted_logits_reference(embeddings: np.ndarray, side: AdaptedSide) -> np.ndarray:
