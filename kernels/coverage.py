@@ -283,6 +283,22 @@ def _and_into_count(a, b, target):
 # ---- packing ----------------------------------------------------------------------------------------
 
 
+@njit(cache=True, inline="always")
+def _and_prefix(block, offsets, group_prefix, g, digits, partial, level, stop):
+    """AND group ``g``'s prefix value bitmaps (value ``digits[lv]`` of feature ``group_prefix[g, lv]``) into
+    ``partial[lv]``, from ``level`` down to ``stop``: → the first level whose AND is empty, else ``stop``."""
+    while level < stop:
+        source = block[offsets[group_prefix[g, level]] + digits[level]]
+        if level == 0:
+            n = _copy_count(source, partial[0])
+        else:
+            n = _and_into_count(partial[level - 1], source, partial[level])
+        if n == 0:
+            break
+        level += 1
+    return level
+
+
 @njit(cache=True, parallel=True)
 def _pack_bitmaps(codes, offsets, start, stop, block_rows, out):
     """Set each row of ``codes[:, start:stop]`` in its value's bitmap: ``out`` (n_blocks, V, W) uint64, zeroed."""
@@ -324,16 +340,7 @@ def _count_group_block(block, rows, g, offsets, domains, complete, group_prefix,
             return
     level = 0
     while True:
-        while level < outer:  # AND the prefix down from `level`; stop at the first empty level
-            feature = group_prefix[g, level]
-            source = block[offsets[feature] + values[level]]
-            if level == 0:
-                n = _copy_count(source, partial[0])
-            else:
-                n = _and_into_count(partial[level - 1], source, partial[level])
-            if n == 0:
-                break
-            level += 1
+        level = _and_prefix(block, offsets, group_prefix, g, values, partial, level, outer)
         if level == outer:
             outer_index = 0
             for lv in range(outer):
@@ -567,17 +574,7 @@ def _sum_kernel(bitmaps, rows, codes, row0, block_rows, weights, use_weights, va
                     digits[level] = 0
                 level = 0
                 while True:
-                    n = np.uint64(1)
-                    while level < depth:
-                        feature = group_prefix[g, level]
-                        source = block[offsets[feature] + digits[level]]
-                        if level == 0:
-                            n = _copy_count(source, partial[0])
-                        else:
-                            n = _and_into_count(partial[level - 1], source, partial[level])
-                        if n == 0:
-                            break
-                        level += 1
+                    level = _and_prefix(block, offsets, group_prefix, g, digits, partial, level, depth)
                     if level == depth:
                         prefix = partial[depth - 1] if depth > 0 else rows[b]
                         prefix_index = 0
