@@ -50,44 +50,57 @@ def interval_chart(
     width: float = 7.2,
 ) -> str:
     """A horizontal interval plot as an ``<svg>`` string: one row per label, best first."""
+    rows = len(labels)
+
+    def draw(figure, axes) -> None:
+        positions = list(range(rows))[::-1]
+        for i, y in enumerate(positions):
+            colour = ACCENT if (highlight is None or highlight[i]) else QUIET
+            _interval_mark(axes, rates[i], lows[i], highs[i], y, colour)
+        if overall is not None:
+            axes.axvline(overall, color=OVERALL, linewidth=1, linestyle=(0, (4, 3)))
+            axes.annotate("overall", (overall, 1.0), xycoords=("data", "axes fraction"), xytext=(3, 2),
+                          textcoords="offset points", color=OVERALL, fontsize=8, va="bottom")
+        axes.set_yticks(positions, [_cut(label) for label in labels])
+        axes.set_ylim(-0.6, rows - 0.4)
+        _rate_axis(axes, [v for v in (*lows, *highs, *rates, overall) if v is not None], xlabel)
+        if counts is not None:
+            right = axes.secondary_yaxis("right")
+            right.set_yticks(positions, [f"n={c:,}" for c in counts])
+            right.tick_params(axis="y", length=0, colors=MUTED)
+            right.spines["right"].set_visible(False)
+
+    return _render(salt, (width, max(1.6, 0.75 + 0.26 * max(rows, 1))), draw)
+
+
+def _render(salt: str, size: tuple[float, float], draw, style: dict | None = None) -> str:
+    """``draw(figure, axes)`` on one figure of ``size`` inches in the report's style (``style``: more rc
+    settings), laid out → the figure as an inline ``<svg>`` string."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    style = dict(_STYLE, **{"svg.hashsalt": f"clipengine-report-{salt}"})
-    with plt.rc_context(style):
-        rows = len(labels)
-        figure, axes = plt.subplots(figsize=(width, max(1.6, 0.75 + 0.26 * max(rows, 1))))
+    with plt.rc_context(dict(_STYLE, **{"svg.hashsalt": f"clipengine-report-{salt}"}, **(style or {}))):
+        figure, axes = plt.subplots(figsize=size)
         try:
-            positions = list(range(rows))[::-1]
-            for i, y in enumerate(positions):
-                colour = ACCENT if (highlight is None or highlight[i]) else QUIET
-                _interval_mark(axes, rates[i], lows[i], highs[i], y, colour)
-            if overall is not None:
-                axes.axvline(overall, color=OVERALL, linewidth=1, linestyle=(0, (4, 3)))
-                axes.annotate("overall", (overall, 1.0), xycoords=("data", "axes fraction"), xytext=(3, 2),
-                              textcoords="offset points", color=OVERALL, fontsize=8, va="bottom")
-            axes.set_yticks(positions, [_cut(label) for label in labels])
-            axes.set_ylim(-0.6, rows - 0.4)
-            finite = [v for v in (*lows, *highs, *rates, overall) if v is not None]
-            upper = max(finite) if finite else 1.0
-            axes.set_xlim(0, min(1.0, upper * 1.08 + 0.01) if upper <= 1 else upper * 1.08)
-            axes.set_xlabel(xlabel, color=MUTED)
-            axes.grid(axis="x", color=GRID, linewidth=0.6)
-            axes.set_axisbelow(True)
-            axes.tick_params(axis="y", length=0)
-            if counts is not None:
-                right = axes.secondary_yaxis("right")
-                right.set_yticks(positions, [f"n={c:,}" for c in counts])
-                right.tick_params(axis="y", length=0, colors=MUTED)
-                right.spines["right"].set_visible(False)
+            draw(figure, axes)
             figure.tight_layout(pad=0.4)
             buffer = io.StringIO()
             figure.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
         finally:
             plt.close(figure)
     return _inline(buffer.getvalue())
+
+
+def _rate_axis(axes, values: list[float], xlabel: str) -> None:
+    """The x axis of a rate chart: from 0 to just past the largest of ``values``, labelled, with a grid."""
+    upper = max(values) if values else 1.0
+    axes.set_xlim(0, min(1.0, upper * 1.08 + 0.01) if upper <= 1 else upper * 1.08)
+    axes.set_xlabel(xlabel, color=MUTED)
+    axes.grid(axis="x", color=GRID, linewidth=0.6)
+    axes.set_axisbelow(True)
+    axes.tick_params(axis="y", length=0)
 
 
 def _interval_mark(axes, rate, low, high, y: float, colour: str) -> None:
@@ -126,39 +139,22 @@ def change_chart(
 ) -> str:
     """Each slice's error rate in the baseline (grey) and in this run (red: worse, green: better),
     each ``(rate, low, high)`` with its interval, one row per slice, as an ``<svg>`` string."""
-    import matplotlib
+    rows = len(labels)
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    def draw(figure, axes) -> None:
+        positions = list(range(rows))[::-1]
+        for i, y in enumerate(positions):
+            _interval_mark(axes, *old[i], y + 0.17, QUIET)
+            _interval_mark(axes, *new[i], y - 0.17, WORSE if worse[i] else BETTER)
+        axes.plot([], [], color=QUIET, linewidth=2.2, label="baseline")
+        axes.plot([], [], color=WORSE, linewidth=2.2, label="this run, worse")
+        axes.plot([], [], color=BETTER, linewidth=2.2, label="this run, better")
+        axes.legend(loc="lower right", fontsize=8, frameon=False)
+        axes.set_yticks(positions, [_cut(label) for label in labels])
+        axes.set_ylim(-0.7, rows - 0.3)
+        _rate_axis(axes, [v for triple in (*old, *new) for v in triple if v is not None], xlabel)
 
-    style = dict(_STYLE, **{"svg.hashsalt": f"clipengine-report-{salt}"})
-    with plt.rc_context(style):
-        rows = len(labels)
-        figure, axes = plt.subplots(figsize=(width, max(1.8, 0.9 + 0.42 * max(rows, 1))))
-        try:
-            positions = list(range(rows))[::-1]
-            for i, y in enumerate(positions):
-                _interval_mark(axes, *old[i], y + 0.17, QUIET)
-                _interval_mark(axes, *new[i], y - 0.17, WORSE if worse[i] else BETTER)
-            axes.plot([], [], color=QUIET, linewidth=2.2, label="baseline")
-            axes.plot([], [], color=WORSE, linewidth=2.2, label="this run, worse")
-            axes.plot([], [], color=BETTER, linewidth=2.2, label="this run, better")
-            axes.legend(loc="lower right", fontsize=8, frameon=False)
-            axes.set_yticks(positions, [_cut(label) for label in labels])
-            axes.set_ylim(-0.7, rows - 0.3)
-            finite = [v for triple in (*old, *new) for v in triple if v is not None]
-            upper = max(finite) if finite else 1.0
-            axes.set_xlim(0, min(1.0, upper * 1.08 + 0.01) if upper <= 1 else upper * 1.08)
-            axes.set_xlabel(xlabel, color=MUTED)
-            axes.grid(axis="x", color=GRID, linewidth=0.6)
-            axes.set_axisbelow(True)
-            axes.tick_params(axis="y", length=0)
-            figure.tight_layout(pad=0.4)
-            buffer = io.StringIO()
-            figure.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
-        finally:
-            plt.close(figure)
-    return _inline(buffer.getvalue())
+    return _render(salt, (width, max(1.8, 0.9 + 0.42 * max(rows, 1))), draw)
 
 
 # ---- coverage heat maps ---------------------------------------------------------------------------
@@ -186,9 +182,6 @@ def heat_map(
     hatched, "excl."). Each missing cell's group carries the id ``<salt>-missing-<row>-<column>``, each
     thin one ``<salt>-thin-…``, so a page can find them."""
     import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
     import numpy as np
     from matplotlib.patches import Rectangle
 
@@ -198,58 +191,52 @@ def heat_map(
     shaded = np.log1p(np.where(states == EXCLUDED, 0.0, np.maximum(counts, 0.0)))
     top = float(shaded.max()) if shaded.size and shaded.max() > 0 else 1.0
     colours = matplotlib.colormaps["Blues"]
-    style = dict(_STYLE, **{"svg.hashsalt": f"clipengine-report-{salt}", "hatch.color": "#9ca3af",
-                            "hatch.linewidth": 0.6})
     longest = max((len(_cut(label, HEAT_MAP_LABEL_CHARS)) for label in column_labels), default=1)
     rotate = longest > 6 or n_columns > 8
     width = min(7.2, 1.4 + 0.1 * max(len(_cut(r, HEAT_MAP_LABEL_CHARS)) for r in row_labels) + 0.55 * n_columns)
     height = 0.9 + 0.3 * n_rows + (0.07 * longest if rotate else 0.2)
-    with plt.rc_context(style):
-        figure, axes = plt.subplots(figsize=(max(width, 2.6), height))
-        try:
-            for i in range(n_rows):
-                for j in range(n_columns):
-                    state = int(states[i, j])
-                    level = shaded[i, j] / top
-                    if state == EXCLUDED:
-                        cell = Rectangle((j, i), 1, 1, facecolor=EXCLUDED_FILL, edgecolor="white", hatch="///",
-                                         linewidth=1.0)
-                        text, ink, weight = "excl.", MUTED, "normal"
-                    elif state == MISSING:
-                        cell = Rectangle((j + 0.04, i + 0.04), 0.92, 0.92, facecolor="white", edgecolor=MISSING_INK,
-                                         linewidth=1.6)
-                        text, ink, weight = _compact(counts[i, j]), MISSING_INK, "bold"
-                    else:
-                        edge, line = (THIN_INK, 1.6) if state == THIN else ("white", 1.0)
-                        inset = 0.04 if state == THIN else 0.0
-                        cell = Rectangle((j + inset, i + inset), 1 - 2 * inset, 1 - 2 * inset,
-                                         facecolor=colours(0.08 + 0.8 * level), edgecolor=edge, linewidth=line)
-                        text, ink = _compact(counts[i, j]), ("white" if level > 0.6 else INK)
-                        weight = "bold" if state == THIN else "normal"
-                    if state in (MISSING, THIN):
-                        cell.set_gid(f"{salt}-{'missing' if state == MISSING else 'thin'}-{i}-{j}")
-                    axes.add_patch(cell)
-                    axes.text(j + 0.5, i + 0.5, text, ha="center", va="center", color=ink, fontsize=7.5,
-                              fontweight=weight)
-            axes.set_xlim(0, n_columns)
-            axes.set_ylim(n_rows, 0)
-            axes.set_xticks([j + 0.5 for j in range(n_columns)],
-                            [_cut(label, HEAT_MAP_LABEL_CHARS) for label in column_labels],
-                            rotation=40 if rotate else 0, ha="right" if rotate else "center")
-            axes.set_yticks([i + 0.5 for i in range(n_rows)], [_cut(label, HEAT_MAP_LABEL_CHARS) for label in row_labels])
-            axes.set_xlabel(_cut(column_title), color=MUTED)
-            axes.set_ylabel(_cut(row_title), color=MUTED)
-            axes.tick_params(length=0)
-            for spine in axes.spines.values():
-                spine.set_visible(False)
-            figure.tight_layout(pad=0.4)
-            buffer = io.StringIO()
-            figure.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
-        finally:
-            plt.close(figure)
+
+    def draw(figure, axes) -> None:
+        for i in range(n_rows):
+            for j in range(n_columns):
+                state = int(states[i, j])
+                level = shaded[i, j] / top
+                if state == EXCLUDED:
+                    cell = Rectangle((j, i), 1, 1, facecolor=EXCLUDED_FILL, edgecolor="white", hatch="///",
+                                     linewidth=1.0)
+                    text, ink, weight = "excl.", MUTED, "normal"
+                elif state == MISSING:
+                    cell = Rectangle((j + 0.04, i + 0.04), 0.92, 0.92, facecolor="white", edgecolor=MISSING_INK,
+                                     linewidth=1.6)
+                    text, ink, weight = _compact(counts[i, j]), MISSING_INK, "bold"
+                else:
+                    edge, line = (THIN_INK, 1.6) if state == THIN else ("white", 1.0)
+                    inset = 0.04 if state == THIN else 0.0
+                    cell = Rectangle((j + inset, i + inset), 1 - 2 * inset, 1 - 2 * inset,
+                                     facecolor=colours(0.08 + 0.8 * level), edgecolor=edge, linewidth=line)
+                    text, ink = _compact(counts[i, j]), ("white" if level > 0.6 else INK)
+                    weight = "bold" if state == THIN else "normal"
+                if state in (MISSING, THIN):
+                    cell.set_gid(f"{salt}-{'missing' if state == MISSING else 'thin'}-{i}-{j}")
+                axes.add_patch(cell)
+                axes.text(j + 0.5, i + 0.5, text, ha="center", va="center", color=ink, fontsize=7.5,
+                          fontweight=weight)
+        axes.set_xlim(0, n_columns)
+        axes.set_ylim(n_rows, 0)
+        axes.set_xticks([j + 0.5 for j in range(n_columns)],
+                        [_cut(label, HEAT_MAP_LABEL_CHARS) for label in column_labels],
+                        rotation=40 if rotate else 0, ha="right" if rotate else "center")
+        axes.set_yticks([i + 0.5 for i in range(n_rows)], [_cut(label, HEAT_MAP_LABEL_CHARS) for label in row_labels])
+        axes.set_xlabel(_cut(column_title), color=MUTED)
+        axes.set_ylabel(_cut(row_title), color=MUTED)
+        axes.tick_params(length=0)
+        for spine in axes.spines.values():
+            spine.set_visible(False)
+
+    svg = _render(salt, (max(width, 2.6), height), draw, {"hatch.color": "#9ca3af", "hatch.linewidth": 0.6})
     # drawn at its own size (text as large as in the other charts), narrower where the page is
     width_px = round(max(width, 2.6) * 96)
-    return _inline(buffer.getvalue()).replace('class="chart"', f'class="chart" style="max-width: {width_px}px"', 1)
+    return svg.replace('class="chart"', f'class="chart" style="max-width: {width_px}px"', 1)
 
 
 def _compact(value: float) -> str:
