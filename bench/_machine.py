@@ -14,7 +14,8 @@ SHOWN_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni",
 
 
 def machine_record() -> dict:
-    """CPU model, AMX / AVX512-BF16 / AVX512-VNNI, cores this process may use, load average, date (UTC)."""
+    """CPU model, AMX / AVX512-BF16 / AVX512-VNNI (and whether oneDNN may use AMX), cores this process may use,
+    load average, date (UTC)."""
     flags: set[str] = set()
     cpu = None
     try:
@@ -31,9 +32,13 @@ def machine_record() -> dict:
         load = round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
         load = None
+    from clipengine.bindings import amx_in_use, onednn_isa_limit
+
     return {
         "cpu": cpu,
         "amx": "amx_bf16" in flags,
+        "amx_in_use": amx_in_use(),  # False where ONEDNN_MAX_CPU_ISA keeps oneDNN below AMX
+        "onednn_max_cpu_isa": onednn_isa_limit(),
         "avx512_bf16": "avx512_bf16" in flags,
         "avx512_vnni": "avx512_vnni" in flags,
         "flags": [flag for flag in SHOWN_FLAGS if flag in flags],
@@ -48,6 +53,8 @@ def machine_line(record: dict | None = None) -> str:
     """One line: ``<CPU>, AMX|no AMX (AVX512-BF16: yes|no; flags …), N cores, load L, <date>``."""
     record = record or machine_record()
     amx = "AMX" if record["amx"] else "no AMX"
+    if record["amx"] and not record.get("amx_in_use", True):
+        amx += f" not used (ONEDNN_MAX_CPU_ISA={record.get('onednn_max_cpu_isa')})"
     bf16 = "yes" if record["avx512_bf16"] else "no"
     flags = " ".join(record.get("flags", [])) or "none of " + "/".join(SHOWN_FLAGS)
     load = "" if record.get("load_average") is None else f", load average {record['load_average']}"

@@ -13,20 +13,24 @@ a random-init ViT-B-32 saved as safetensors (the same weights everywhere; nothin
    - open_clip **plain**: its own loop (``create_model_and_transforms``, PIL + its preprocess per image,
      batches, ``encode_image`` under ``no_grad``, ``np.save``);
    - open_clip **tuned**: its preprocess in a ``DataLoader`` with one worker per core, threads set, inference
-     mode, under bf16 autocast (``tuned-bf16``) and in fp32 (``tuned-fp32``: on CPUs where bf16 is slower);
+     mode, under bf16 autocast (``tuned-bf16``) and in fp32 (``tuned-fp32``: on CPUs where bf16 is slower),
+     with glibc malloc's thresholds set as clipengine sets its own (:mod:`clipengine.bindings.allocator`);
    every ratio is taken against the best peer configuration, with the plain loop's beside it.
 2. **Model only** (kernel-only column), one process, batches interleaved: clipengine's encoder as ``auto``
    chose it (``encode_images`` on decoded uint8 batches) against open_clip ``encode_image`` in fp32 and under
    bf16 autocast on the same pixels.
 3. **The machine's limits**: the GEMM rate at the ViT's shapes (QKV, attention output, MLP up and down, M =
-   batch × tokens) in fp32 and bf16 (oneDNN's linear, and ``torch.mm``; the peak is the best), the model's
-   FLOPs per image (counted from the architecture, the class-token-only last block included where it runs)
-   and so its achieved fraction of the peak of the precision it runs in; clipengine's decode pipeline alone
+   batch × tokens) in fp32 and bf16 (oneDNN's linear, and ``torch.mm``; the peak is the best) and int8
+   (oneDNN's int8 linear, uint8 × int8 → fp32, as the torch int8 form calls it), the model's FLOPs per image
+   (counted from the architecture, the class-token-only last block included where it runs) and so its
+   achieved fraction of the peak of the precision it runs in (for int8: of the time every matmul would take
+   at the peak of its own precision, int8 for QKV and MLP, fp32 for the rest); clipengine's decode pipeline alone
    (img/s); and the end-to-end rate against min(model rate, decode rate) (decode beside the model) and
    1 / (1/model + 1/decode) (both sharing every core).
 4. **Agreement**: lowest cosine between clipengine's rows and open_clip plain's rows of the same files; and
-   ONNX Runtime int8 of the whole model on the bench photos against open_clip fp32 (the bar ``auto`` holds
-   every precision to is cosine ≥ 0.9999; its probe checks it on a 2-block copy, this on the model).
+   the int8 paths (torch's int8 form, ONNX Runtime int8) of the whole model on the bench photos against
+   open_clip fp32 (the bar ``auto`` holds every precision to is cosine ≥ 0.9999; it checks it on its probe
+   images, this on the photos).
 
 Every figure is printed under the machine's line (CPU model, AMX or not, cores, load, date). Targets (issue
 20, 1,024 JPEGs): ≥ 3× open_clip plain and ≥ 1.5× open_clip tuned on AMX CPUs; ≥ 1.5× plain without AMX;
@@ -54,6 +58,7 @@ DEFAULT_MODEL_BATCHES = 4
 PEERS = ("plain", "tuned-bf16", "tuned-fp32")
 MODEL = "ViT-B-32"
 GEMM_SECONDS = 0.4
+GEMM_PRECISIONS = ("fp32", "bf16", "int8")
 
 
 # ---- data (also used by bench/gpu.py) ------------------------------------------------------------
@@ -129,6 +134,19 @@ def vit_gflops(shape: dict, *, class_token_last_block: bool) -> float:
     return 2 * (patch + blocks + width * shape["output_dim"]) / 1e9
 
 
+def vit_int8_gflops(shape: dict, *, class_token_last_block: bool) -> float:
+    """The part of :func:`vit_gflops` that the torch int8 form runs as int8 matmuls: every block's QKV and
+    MLP up and down (the attention's scores, output projection, patch embedding and projection stay fp32)."""
+    tokens = (shape["image_size"] // shape["patch"]) ** 2 + 1
+    width, mlp = shape["width"], shape["mlp_width"]
+
+    def block(queries: int) -> int:
+        return tokens * width * 2 * width + queries * width * width + 2 * queries * width * mlp
+
+    blocks = (shape["layers"] - 1) * block(tokens) + block(1 if class_token_last_block else tokens)
+    return 2 * blocks / 1e9
+
+
 def gemm_shapes(shape: dict, batch: int) -> dict[str, tuple[int, int, int]]:
     """name → (M, K, N) of the ViT's GEMMs on a batch."""
     rows = batch * ((shape["image_size"] // shape["patch"]) ** 2 + 1)
@@ -142,14 +160,17 @@ def gemm_gflops(m: int, k: int, n: int, dtype_name: str, seconds: float = GEMM_S
     and ``torch.mm``; medians of repeated calls after a warm-up."""
     import torch
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(m, k, generator=generator).to(dtype)
-    weight = torch.randn(n, k, generator=generator).to(dtype)
-    weight_t = weight.t().contiguous()
-    calls = {"torch.mm": lambda: torch.mm(x, weight_t)}
-    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available():
-        calls["oneDNN linear"] = lambda: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    if dtype_name == "int8":
+        calls = _int8_gemm_calls(m, k, n, generator)
+    else:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+        x = torch.randn(m, k, generator=generator).to(dtype)
+        weight = torch.randn(n, k, generator=generator).to(dtype)
+        weight_t = weight.t().contiguous()
+        calls = {"torch.mm": lambda: torch.mm(x, weight_t)}
+        if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available():
+            calls["oneDNN linear"] = lambda: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
     out = {}
     with torch.inference_mode():
         for name, call in calls.items():
@@ -163,6 +184,23 @@ def gemm_gflops(m: int, k: int, n: int, dtype_name: str, seconds: float = GEMM_S
                 times.append(time.perf_counter() - tick)
             out[name] = 2.0 * m * k * n / float(np.median(times)) / 1e9
     return out
+
+
+def _int8_gemm_calls(m: int, k: int, n: int, generator) -> dict:
+    """The int8 GEMM the torch int8 form calls: oneDNN's ``qlinear_pointwise`` on uint8 activations and
+    prepacked int8 weights, int32 accumulation, float32 out (the activations' quantization not included)."""
+    import torch
+
+    from clipengine.bindings.torch_vit_cpu import int8_linear_available
+
+    if not int8_linear_available():
+        return {}
+    codes = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=generator)
+    weight = torch.ops.onednn.qlinear_prepack(
+        torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator), None)
+    scales, zero_points = torch.full((n,), 0.01), torch.zeros(n, dtype=torch.int64)
+    return {"oneDNN int8 linear": lambda: torch.ops.onednn.qlinear_pointwise(
+        codes, 0.02, 128, weight, scales, zero_points, None, 1.0, 0, torch.float32, "none", [], "")}
 
 
 # ---- one configuration per process --------------------------------------------------------------
@@ -253,24 +291,27 @@ def run_limits(args) -> dict:
 
     shape = vit_shape(open_clip.get_model_config(MODEL))
     forward = str(record.get("image_forward", ""))
-    class_token = "class token" in forward or forward == "fused CPU forward" or "last block on the class token" in forward
+    class_token = "class token" in forward or forward.startswith("fused CPU forward") or "last block on the class token" in forward
     gemm = {precision: {name: gemm_gflops(*mkn, precision) for name, mkn in gemm_shapes(shape, args.batch_size).items()}
-            for precision in ("fp32", "bf16")}
+            for precision in GEMM_PRECISIONS}
 
     int8 = {}
     if args.int8_check:
-        from clipengine import envs
-        from clipengine.bindings.onnxruntime import OnnxRuntimeEncoder
+        from clipengine import bindings, envs
         from clipengine.encode.models import load_model, resolve_model
 
         towers = load_model(resolve_model(ModelConfig(model=MODEL, weights=Path(args.weights))))
-        quantized = OnnxRuntimeEncoder(towers, precision="int8", num_threads=cores, cache_dir=envs.cache_dir())
         batch = pixels[args.batch_size:2 * args.batch_size]
-        quantized.encode_images(batch)
-        started = time.perf_counter()
-        int8_rows = quantized.encode_images(batch)
-        int8 = {"img_s": len(batch) / (time.perf_counter() - started),
-                "cosine_to_fp32": float(np.min(np.sum(int8_rows * rows["open_clip fp32"][0], axis=1)))}
+        for backend in ("torch", "onnxruntime"):
+            if bindings.check_backend(backend, "cpu", "int8") is not None:
+                continue
+            quantized = bindings.load_backend(backend)(towers, device="cpu", precision="int8", num_threads=cores,
+                                                       cache_dir=envs.cache_dir())
+            quantized.encode_images(batch)
+            started = time.perf_counter()
+            int8_rows = quantized.encode_images(batch)
+            int8[backend] = {"img_s": len(batch) / (time.perf_counter() - started),
+                             "cosine_to_fp32": float(np.min(np.sum(int8_rows * rows["open_clip fp32"][0], axis=1)))}
 
     spec = ImageSpec(224)
     started = time.perf_counter()
@@ -280,6 +321,7 @@ def run_limits(args) -> dict:
         "record": {key: record.get(key) for key in ("backend", "precision", "image_forward", "auto_choice")},
         "model_only_img_s": model_only, "model_only_cosine_to_fp32": cosines,
         "gflops_per_image": vit_gflops(shape, class_token_last_block=class_token),
+        "int8_gflops_per_image": vit_int8_gflops(shape, class_token_last_block=class_token),
         "gflops_per_image_full": vit_gflops(shape, class_token_last_block=False),
         "class_token_last_block": class_token, "gemm_gflops": gemm, "gemm_batch": args.batch_size,
         "decode_img_s": decode_rate, "threads": cores, "int8_whole_model": int8,
@@ -322,6 +364,7 @@ def orchestrate(args) -> dict:
     import polars as pl
 
     from clipengine.bench._machine import machine_record
+    from clipengine.bindings import allocator
     from clipengine.encode.inputs import list_image_files
 
     report: dict = {"machine": machine_record(), "images": args.images, "batch_size": args.batch_size,
@@ -360,8 +403,9 @@ def orchestrate(args) -> dict:
                         model_json = json.loads((out / "model.json").read_text())
                         result["choice"] = f"{model_json.get('backend')} {model_json.get('precision')}"
                         result["auto_choice"] = model_json.get("auto_choice", {}).get("reason")
-                else:
-                    result = spawn(role_command("peer", args, peer=name, out_dir=out), base_env, log)
+                else:  # the tuned peers get the malloc settings clipengine sets for itself
+                    env = {**base_env, **allocator.environment()} if name.startswith("tuned") else base_env
+                    result = spawn(role_command("peer", args, peer=name, out_dir=out), env, log)
                     if "error" not in result:
                         result["rows"] = np.load(out / "embeddings.npy")
                 shutil.rmtree(out, ignore_errors=True)
@@ -416,15 +460,22 @@ def summarize(report: dict) -> None:
     if "model_only_img_s" not in limits:
         return
     chosen = (limits["record"].get("precision") or "fp32")
-    peak_precision = "bf16" if chosen == "bf16" else "fp32"
-    peaks = {precision: max(max(rates.values()) for rates in per_shape.values())
-             for precision, per_shape in limits["gemm_gflops"].items()}
+    peaks = {precision: max(max(rates.values()) for rates in per_shape.values() if rates)
+             for precision, per_shape in limits["gemm_gflops"].items() if any(per_shape.values())}
     model_rate = limits["model_only_img_s"]["clipengine"]
-    achieved = model_rate * limits["gflops_per_image"]
+    total = limits["gflops_per_image"]
+    # the seconds an image would take if every matmul ran at the GEMM peak of the precision it runs in
+    if chosen == "int8" and "int8" in peaks:
+        peak_precision = "int8 (QKV, MLP) + fp32 (the rest)"
+        int8_part = limits["int8_gflops_per_image"]
+        seconds_at_peak = int8_part / peaks["int8"] + (total - int8_part) / peaks["fp32"]
+    else:
+        peak_precision = "bf16" if chosen == "bf16" else "fp32"
+        seconds_at_peak = total / peaks[peak_precision]
     decode = limits["decode_img_s"]
     report["bounds"] = {
         "chosen_precision": chosen, "peak_precision": peak_precision, "gemm_peak_gflops": peaks,
-        "model_achieved_gflops": achieved, "model_fraction_of_peak": achieved / peaks[peak_precision],
+        "model_achieved_gflops": model_rate * total, "model_fraction_of_peak": seconds_at_peak * model_rate,
         "min_model_decode_img_s": min(model_rate, decode),
         "shared_cores_img_s": 1.0 / (1.0 / model_rate + 1.0 / decode),
     }
@@ -436,7 +487,8 @@ def summarize(report: dict) -> None:
 
 
 def targets(report: dict) -> list[dict]:
-    whole, bounds, amx = report["whole"], report["bounds"], report["machine"]["amx"]
+    whole, bounds = report["whole"], report["bounds"]
+    amx = report["machine"].get("amx_in_use", report["machine"]["amx"])  # AMX present and oneDNN using it
     warm = whole.get("warm", {})
     rows = []
     if "vs_plain" in warm:
@@ -484,18 +536,21 @@ def print_report(report: dict) -> None:
             label = f"clipengine ({record['backend']} {record['precision']}, {record['image_forward']})" if name == "clipengine" else name
             print(f"| {label} | {rate:.1f} | {rate / reference:.2f}× | {limits['model_only_cosine_to_fp32'][name]:.5f} |")
         bounds = report["bounds"]
-        print(f"\n| GEMM at the ViT's shapes (M = {limits['gemm_batch']} × tokens), GFLOP/s | fp32 | bf16 |")
-        print("| --- | --- | --- |")
+        measured = [p for p in GEMM_PRECISIONS if p in limits["gemm_gflops"]]
+        print(f"\n| GEMM at the ViT's shapes (M = {limits['gemm_batch']} × tokens), G(FL)OP/s | {' | '.join(measured)} |")
+        print("| --- |" + " --- |" * len(measured))
         for shape in limits["gemm_gflops"]["fp32"]:
             cells = [" / ".join(f"{name} {rate:.0f}" for name, rate in limits["gemm_gflops"][p][shape].items())
-                     for p in ("fp32", "bf16")]
-            print(f"| {shape} | {cells[0]} | {cells[1]} |")
+                     for p in measured]
+            print(f"| {shape} | {' | '.join(cells)} |")
         peaks = bounds["gemm_peak_gflops"]
-        print(f"| peak (best of the above) | {peaks['fp32']:.0f} | {peaks['bf16']:.0f} |")
+        print(f"| peak (best of the above) | {' | '.join(f'{peaks[p]:.0f}' if p in peaks else '' for p in measured)} |")
         print(f"\nmodel: {limits['gflops_per_image']:.2f} GFLOP per image as run (class-token-only last block: "
               f"{'yes' if limits['class_token_last_block'] else 'no'}; full forward {limits['gflops_per_image_full']:.2f}); "
               f"clipengine model only {bounds['model_achieved_gflops']:.0f} GFLOP/s = "
-              f"{100 * bounds['model_fraction_of_peak']:.0f} % of the {bounds['peak_precision']} GEMM peak")
+              f"{100 * bounds['model_fraction_of_peak']:.0f} % of the {bounds['peak_precision']} GEMM peak"
+              + (f" (int8 matmuls: {limits['int8_gflops_per_image']:.2f} GOP per image)"
+                 if bounds["chosen_precision"] == "int8" else ""))
         print(f"decode alone (clipengine's pipeline, {limits['threads']} threads): {limits['decode_img_s']:.1f} img/s; "
               f"model alone {limits['model_only_img_s']['clipengine']:.1f} img/s")
         line = (f"end-to-end limit: min(model, decode) {bounds['min_model_decode_img_s']:.1f} img/s; both sharing "
@@ -504,9 +559,8 @@ def print_report(report: dict) -> None:
             line += (f"; clipengine warm whole process reaches {100 * bounds['warm_fraction_of_min']:.0f} % and "
                      f"{100 * bounds['warm_fraction_of_shared']:.0f} % of them")
         print(line)
-        if limits.get("int8_whole_model"):
-            int8 = limits["int8_whole_model"]
-            print(f"ONNX Runtime int8 (whole model) on the bench photos: cosine to open_clip fp32 "
+        for backend, int8 in limits.get("int8_whole_model", {}).items():
+            print(f"{backend} int8 (whole model) on the bench photos: cosine to open_clip fp32 "
                   f"{int8['cosine_to_fp32']:.5f} (auto's bar: ≥ 0.9999), model only {int8['img_s']:.1f} img/s")
     for row in report.get("targets", []):
         print(f"target {row['target']}: {row['value']:.2f} — {'met' if row['met'] else 'NOT met'}")
@@ -522,7 +576,7 @@ def parse(argv=None):
     parser.add_argument("--peers", default=",".join(PEERS), help=f"open_clip configurations [{','.join(PEERS)}]")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     parser.add_argument("--no-int8-check", dest="int8_check", action="store_false",
-                        help="skip ONNX Runtime int8 of the whole model (an ONNX export, about a minute)")
+                        help="skip the int8 paths of the whole model (torch int8, and ONNX Runtime int8: an ONNX export, about a minute)")
     # worker mode (internal)
     parser.add_argument("--role", choices=["peer", "limits"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--peer", choices=PEERS, default=None, help=argparse.SUPPRESS)

@@ -5,7 +5,7 @@ on first use, so that naming a backend never imports the others' heavy packages.
 
 | backend | devices | precisions | image tower | text tower |
 | --- | --- | --- | --- | --- |
-| ``torch`` | cpu, cuda | fp32, bf16, fp16 (cuda) | CPU: torch eager, inference mode (bf16: the fused forward of ``torch_vit_cpu``); CUDA: fp16/bf16 weights with fp32 LayerNorm, ``torch.compile``, CUDA graphs, SDPA attention | torch |
+| ``torch`` | cpu, cuda | fp32, bf16, int8 (cpu), fp16 (cuda) | CPU: torch eager, inference mode (fp32, bf16, int8: the fused forward of ``torch_vit_cpu``, int8 in its QKV and MLP matmuls); CUDA: fp16/bf16 weights with fp32 LayerNorm, ``torch.compile``, CUDA graphs, SDPA attention | torch |
 | ``onnxruntime`` | cpu | fp32, int8 (dynamic quantization) | ONNX (exported once, cached) | torch fp32 |
 | ``tensorrt`` | cuda | fp16 (LayerNorm/softmax/reductions fp32 in the graph), fp32 | strongly typed TensorRT plan built from the exported ONNX | torch on cuda |
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from functools import lru_cache
 
 from clipengine.kernels.cuda import parse_device
@@ -47,7 +48,7 @@ BACKEND_DEVICES: dict[str, tuple[str, ...]] = {
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {
-    "torch": ("fp32", "bf16", "fp16"),
+    "torch": ("fp32", "bf16", "fp16", "int8"),
     "onnxruntime": ("fp32", "int8"),
     "tensorrt": ("fp16", "fp32"),
 }
@@ -89,6 +90,19 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def onednn_isa_limit() -> str | None:
+    """The instruction-set ceiling set for oneDNN by ``ONEDNN_MAX_CPU_ISA`` (or its older name
+    ``DNNL_MAX_CPU_ISA``), upper case; None when unset or ``ALL``/``DEFAULT``."""
+    value = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return None if value in ("", "ALL", "DEFAULT") else value
+
+
+def amx_in_use() -> bool:
+    """True when the CPU has AMX tiles and oneDNN may use them (no ceiling below AMX set for it)."""
+    limit = onednn_isa_limit()
+    return "amx_bf16" in cpu_flags() and (limit is None or "AMX" in limit)
+
+
 def cpu_supports_bf16() -> bool:
     """True when the CPU has bf16 instructions (AMX tiles or AVX512-BF16); whether they are faster than fp32
     is another question (:mod:`clipengine.bindings.cpu_probe` measures it)."""
@@ -126,6 +140,8 @@ def check_backend(name: str, device: str, precision: str) -> str | None:
         return f"backend {name!r} runs on {'/'.join(BACKEND_DEVICES[name])}, not on {device!r}"
     if precision not in BACKEND_PRECISIONS[name]:
         return f"backend {name!r} supports precision {', '.join(BACKEND_PRECISIONS[name])}, not {precision!r}"
+    if name == "torch" and kind == "cuda" and precision == "int8":
+        return "int8 on torch runs on the CPU only; use --precision fp16 or bf16 on CUDA"
     if name == "torch" and kind == "cpu" and precision == "fp16":
         return "fp16 on the CPU is slower than fp32 in torch; use --precision bf16 or fp32"
     if not backend_installed(name):

@@ -11,7 +11,7 @@ embedding, pooling, projection, the runtime's call), and the model's rate is pre
 a shallow probe alone would weigh the once-per-image part several times too heavily.
 
 Candidates (``PATHS``): ``torch-fp32``, ``torch-bf16`` (only on a CPU with bf16 instructions),
-``onnxruntime-fp32`` and ``onnxruntime-int8`` (the probe's ONNX graph is exported once and cached with the
+``torch-int8`` (the fused forward's int8 matmuls), ``onnxruntime-fp32`` and ``onnxruntime-int8`` (the probe's ONNX graph is exported once and cached with the
 other graphs). The calls are interleaved over :data:`PROBE_ROUNDS` rounds and each time is the median, so a
 busy spell of the machine hits every candidate alike; each candidate's rows are compared with
 ``torch-fp32``'s on the same probe images (lowest cosine, on the deeper probe).
@@ -40,11 +40,11 @@ from typing import Any
 
 import numpy as np
 
-PROBE_FORMAT = 3  # bump when what is measured changes (old cache entries are then ignored)
+PROBE_FORMAT = 4  # bump when what is measured changes (old cache entries are then ignored)
 PROBE_DEPTHS = (1, 3)  # blocks of the two probe towers
 PROBE_BATCH = 16
 PROBE_ROUNDS = 3
-PATHS = ("torch-fp32", "torch-bf16", "onnxruntime-fp32", "onnxruntime-int8")
+PATHS = ("torch-fp32", "torch-bf16", "torch-int8", "onnxruntime-fp32", "onnxruntime-int8")
 REFERENCE_PATH = "torch-fp32"
 
 
@@ -136,7 +136,7 @@ def cpu_identity(num_threads: int) -> dict[str, Any]:
     threads, and the runtimes' versions."""
     import torch
 
-    from clipengine.bindings import cpu_flags
+    from clipengine.bindings import cpu_flags, onednn_isa_limit
 
     flags = cpu_flags()
     try:
@@ -151,6 +151,7 @@ def cpu_identity(num_threads: int) -> dict[str, Any]:
         "amx": "amx_bf16" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
         "avx512_vnni": "avx512_vnni" in flags,
+        "onednn_max_cpu_isa": onednn_isa_limit(),  # a ceiling set for oneDNN changes every rate
         "threads": int(num_threads),
         "torch": torch.__version__,
         "onnxruntime": ort_version,

@@ -17,6 +17,10 @@ the patch matmul, the last block on the class token only); when the towers carry
 which is most of what a process pays before its first batch. Elsewhere a class-token-pooled open_clip ViT runs
 as its module with the last block on the class token only (:mod:`clipengine.bindings.class_token`);
 ``fused=False`` keeps the module's own forward throughout (``image_forward`` says which ran).
+``precision="int8"`` (CPU, fused forward only) runs the blocks' QKV and MLP matmuls as oneDNN int8 matmuls
+(VNNI's integer dot products: on a CPU without AMX, where bf16 is no faster than fp32, the one way to
+multiply faster) and the rest in fp32; it changes the numbers, so ``auto`` takes it only where it keeps
+its cosine to fp32.
 
 CUDA ("cuda" or "cuda:N"; the device is fixed when the encoder is made and the process's current device is
 never changed): the tower's weights are cast to fp16 or bf16 with every LayerNorm kept in fp32 (fp16
@@ -40,12 +44,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from clipengine.bindings.allocator import keep_freed_memory_mapped
 from clipengine.bindings.base import ModelTowers
 from clipengine.bindings.class_token import ClassTokenVisionTower, unprunable_reason
 from clipengine.bindings.threads import torch_threads
 from clipengine.kernels.cuda import parse_device
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+           "int8": torch.float32}  # int8: the fused CPU forward's int8 matmuls, float32 elsewhere
 TEXT_CHUNK = 256
 DEFAULT_CUDA_MAX_BATCH = 512  # images per compiled step on CUDA (larger requests are split)
 MIN_CUDA_BUCKET = 16  # the smallest batch size a CUDA graph is captured for
@@ -75,6 +81,10 @@ class TorchEncoder:
         if precision not in _DTYPES:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, not {precision!r}")
         kind, index = parse_device(device)
+        if precision == "int8" and kind != "cpu":
+            raise ValueError("int8 on torch runs on the CPU only")
+        if precision == "int8" and not fused:
+            raise ValueError("int8 on torch runs the fused CPU forward only, not fused=False")
         self.precision = precision
         self.dtype = _DTYPES[precision]
         self.image_size = int(towers.image_size)
@@ -94,6 +104,7 @@ class TorchEncoder:
         self._cuda = None
         self.device = torch.device("cpu")
         self.tensor_device = "cpu"
+        self.malloc_settings = keep_freed_memory_mapped()  # batches stop page-faulting their activations in
         with torch_threads(self.num_threads):
             self._prepare_cpu(towers, fused)
 
@@ -109,16 +120,20 @@ class TorchEncoder:
                 unsupported_reason,
             )
 
+            int8 = self.precision == "int8"
             if towers.vision is not None and fused_linear_available():  # from the checkpoint: no module built
-                self._image = FusedVisionTransformer.from_open_clip(towers.vision, self.dtype)
+                self._image = FusedVisionTransformer.from_open_clip(towers.vision, self.dtype, int8=int8)
                 self.unfused_reason = None
             else:
                 self.unfused_reason = unsupported_reason(towers.image_tower)
                 if self.unfused_reason is None:
-                    self._image = FusedVisionTransformer(towers.image_tower, self.dtype)
+                    self._image = FusedVisionTransformer(towers.image_tower, self.dtype, int8=int8)
+                elif int8:
+                    raise ValueError(f"int8 on torch runs the fused CPU forward only, which cannot run this "
+                                     f"image tower: {self.unfused_reason}")
             if self.unfused_reason is None:
                 self._image.fold_normalization(towers.mean, towers.std)  # it takes the uint8 pixels itself
-                self.image_forward = "fused CPU forward"
+                self.image_forward = "fused CPU forward" + (", int8 matmuls" if int8 else "")
         if self.unfused_reason is not None:
             image = towers.image_tower
             if weight_dtype != torch.float32:

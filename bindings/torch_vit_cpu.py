@@ -47,6 +47,16 @@ def fused_linear_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def int8_linear_available() -> bool:
+    """True when this torch build has oneDNN's int8 linear (``onednn.qlinear_pointwise``, x86 builds)."""
+    if not fused_linear_available():
+        return False
+    try:
+        return hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qlinear_prepack")
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def unsupported_reason(visual: Any) -> str | None:
     """None when :class:`FusedVisionTransformer` reproduces ``visual``'s forward, else why not."""
     if not fused_linear_available():
@@ -202,6 +212,10 @@ class _Norm:
         return cls(None if weight is None else weight.detach().to(weight_dtype),
                    None if bias is None else bias.detach().to(weight_dtype), float(eps), in_fp32)
 
+    def without_affine(self) -> "_Norm":
+        """The same normalization without its weight and bias (they are folded into the next matmul)."""
+        return _Norm(None, None, self.eps, self.in_fp32)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.in_fp32:
             return F.layer_norm(x.float(), x.shape[-1:], self.weight, self.bias, self.eps).to(x.dtype)
@@ -209,21 +223,92 @@ class _Norm:
 
 
 @dataclass
+class _Int8Linear:
+    """``x · Wᵀ + b`` on (R, K) float32 rows as an int8 matmul: W (O, K) quantized per output row to int8
+    (symmetric, ``max|W_o| / 127``), x to uint8 per call (:mod:`clipengine.kernels.activation_quant`),
+    integer products accumulated in int32 by oneDNN and rescaled to float32 with the bias, the GELU or the
+    residual sum applied there (one pass over the output)."""
+
+    packed_weight: torch.Tensor  # oneDNN's prepacked (O, K) int8 codes
+    weight_scales: torch.Tensor  # (O,) float32
+    weight_zero_points: torch.Tensor  # (O,) int64 zeros (symmetric)
+    bias: torch.Tensor | None  # (O,) float32
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None, norm: "_Norm | None" = None) -> "_Int8Linear":
+        """The int8 form of ``weight`` (O, K) and ``bias`` (O,); with ``norm``, of the matmul on the norm's
+        affine-free output: ``W · (γ x̂ + β) + b = (W diag γ) x̂ + (W β + b)``. Folding γ in before quantizing
+        keeps a LayerNorm's large per-channel gains out of the activations' one scale, where they would
+        coarsen every other channel's codes."""
+        weight = weight.double()
+        bias = None if bias is None else bias.double()
+        if norm is not None and norm.bias is not None:
+            bias = (0.0 if bias is None else bias) + weight @ norm.bias.double()
+        if norm is not None and norm.weight is not None:
+            weight = weight * norm.weight.double()
+        scales = weight.abs().amax(dim=1) / 127.0
+        scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+        codes = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(torch.ops.onednn.qlinear_prepack(codes, None), scales.float(),
+                   torch.zeros(len(scales), dtype=torch.int64), None if bias is None else bias.float())
+
+    def __call__(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
+        """(R, K) float32 → (R, O) float32, with ``gelu`` / ``gelu_tanh`` applied."""
+        codes, scale, zero_point = _quantize_activations(x)
+        attribute, algorithm = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}[activation]
+        return torch.ops.onednn.qlinear_pointwise(codes, scale, zero_point, self.packed_weight, self.weight_scales,
+                                                  self.weight_zero_points, self.bias, 1.0, 0, torch.float32,
+                                                  attribute, [], algorithm)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + x · Wᵀ + b`` (R, O) float32, the sum added to the rescaled accumulator."""
+        codes, scale, zero_point = _quantize_activations(x)
+        return torch.ops.onednn.qlinear_pointwise.binary(
+            codes, scale, zero_point, self.packed_weight, self.weight_scales, self.weight_zero_points,
+            residual.contiguous(), self.bias, 1.0, 0, torch.float32, 1.0, 0, "add", 1.0, "none", [], "")
+
+
+def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """(R, K) float32 → (uint8 codes, scale, zero point), the range from torch's one-pass ``aminmax``."""
+    from clipengine.kernels.activation_quant import affine_uint8_parameters, quantize_uint8
+
+    x = x.contiguous()
+    lo, hi = torch.aminmax(x)
+    scale, zero_point = affine_uint8_parameters(lo.item(), hi.item())
+    return torch.from_numpy(quantize_uint8(x.numpy(), scale, zero_point)), scale, zero_point
+
+
+@dataclass
+class _Int8Block:
+    """A block's int8 matmuls: QKV, the MLP's up and down projections (the attention's output projection,
+    a ninth of the block's multiply-adds, stays float32: its input is the least regular); each takes the
+    affine-free normalization's output where a norm precedes it. ``query``/``key_value``: the QKV split
+    for a last block run on the class token only."""
+
+    qkv: _Int8Linear
+    fc: _Int8Linear
+    proj: _Int8Linear
+    query: _Int8Linear | None = None
+    key_value: _Int8Linear | None = None
+
+
+@dataclass
 class _Block:
     norm_attention: _Norm
-    qkv_weight: torch.Tensor  # (3W, W)
+    qkv_weight: torch.Tensor | None  # (3W, W); None in the int8 form
     qkv_bias: torch.Tensor | None  # (3W,)
     out_weight: torch.Tensor  # (W, W)
     out_bias: torch.Tensor | None
     scale_attention: torch.Tensor | None  # (W,) LayerScale gamma
     norm_mlp: _Norm
-    fc_weight: torch.Tensor  # (M, W)
+    fc_weight: torch.Tensor | None  # (M, W); None in the int8 form
     fc_bias: torch.Tensor | None
-    proj_weight: torch.Tensor  # (W, M)
+    proj_weight: torch.Tensor | None  # (W, M); None in the int8 form
     proj_bias: torch.Tensor | None
     scale_mlp: torch.Tensor | None
     activation: str
     heads: int
+    int8: _Int8Block | None = None  # set by FusedVisionTransformer's int8 form, which then drops the float copies
 
     def split_query(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """(W, W) query and (2W, W) key/value weights, with their biases, as contiguous copies."""
@@ -236,34 +321,63 @@ class _Block:
 class FusedVisionTransformer:
     """``visual``'s forward in ``dtype`` on the CPU: (N, 3, S, S) normalized pixels in ``dtype`` →
     (N, D) in ``dtype`` (not L2-normalized), as ``visual(pixels)`` returns. Check
-    :func:`unsupported_reason` first. Holds its own copies of the weights in ``dtype``."""
+    :func:`unsupported_reason` first. Holds its own copies of the weights in ``dtype``.
 
-    def __init__(self, visual, dtype: torch.dtype = torch.bfloat16):
+    ``int8=True`` (with ``dtype`` float32): every block's QKV and MLP matmuls run as int8 matmuls
+    (:class:`_Int8Linear`: weights per output row, activations per call, the LayerNorms' gains folded into
+    the weights); the rest stays float32. It changes the numbers, more than bf16 does, so the engine takes it
+    only where its rows keep the agreement with fp32 that ``auto`` asks of every precision."""
+
+    def __init__(self, visual, dtype: torch.dtype = torch.bfloat16, *, int8: bool = False):
         reason = unsupported_reason(visual)
         if reason:
             raise ValueError(f"cannot fuse this image tower: {reason}")
+        _check_int8(dtype, int8)
         self.dtype = dtype
         hf = hf_vision(visual)
         if hf is None:
             self._take_open_clip(open_clip_vision_of(visual))
         else:
             self._take_hf(*hf)
-        self._split_last_block()
+        self._finish(int8)
 
     @classmethod
-    def from_open_clip(cls, vision: OpenClipVision, dtype: torch.dtype = torch.bfloat16) -> "FusedVisionTransformer":
+    def from_open_clip(cls, vision: OpenClipVision, dtype: torch.dtype = torch.bfloat16, *,
+                       int8: bool = False) -> "FusedVisionTransformer":
         """The tower ``vision`` describes (read from a checkpoint: no module built), in ``dtype``."""
         if not fused_linear_available():
             raise ValueError("cannot fuse this image tower: this torch build has no oneDNN fused linear")
+        _check_int8(dtype, int8)
         fused = cls.__new__(cls)
         fused.dtype = dtype
         fused._take_open_clip(vision)
-        fused._split_last_block()
+        fused._finish(int8)
         return fused
 
-    def _split_last_block(self) -> None:
+    def _finish(self, int8: bool) -> None:
         # only the class token leaves the last block when the pool takes it (a LayerNorm between is per token)
-        self.last_block_query = self.blocks[-1].split_query() if self.pool == "tok" and self.blocks else None
+        self.class_token_last_block = self.pool == "tok" and bool(self.blocks)
+        self.last_block_query = self.blocks[-1].split_query() if self.class_token_last_block else None
+        self.int8 = int8
+        if int8:
+            self._quantize_blocks()
+
+    def _quantize_blocks(self) -> None:
+        """Each block's QKV and MLP matmuls in int8, the norms before them affine-free; the float copies
+        of those weights are dropped."""
+        for index, block in enumerate(self.blocks):
+            split = self.last_block_query if index == len(self.blocks) - 1 else None
+            block.int8 = _Int8Block(
+                qkv=_Int8Linear.of(block.qkv_weight, block.qkv_bias, block.norm_attention),
+                fc=_Int8Linear.of(block.fc_weight, block.fc_bias, block.norm_mlp),
+                proj=_Int8Linear.of(block.proj_weight, block.proj_bias),
+                query=None if split is None else _Int8Linear.of(split[0], split[1], block.norm_attention),
+                key_value=None if split is None else _Int8Linear.of(split[2], split[3], block.norm_attention),
+            )
+            block.norm_attention = block.norm_attention.without_affine()
+            block.norm_mlp = block.norm_mlp.without_affine()
+            block.qkv_weight = block.fc_weight = block.proj_weight = None
+        self.last_block_query = None  # its int8 form is the last block's query / key_value
 
     def _cast(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None if tensor is None else tensor.detach().to(self.dtype).contiguous()
@@ -394,10 +508,10 @@ class FusedVisionTransformer:
             tokens = self.norm_pre(tokens)
         length = tokens.shape[1]
         x = tokens.reshape(n * length, self.width)  # (N·L, W) residual stream
-        blocks = self.blocks[:-1] if self.last_block_query is not None else self.blocks
+        blocks = self.blocks[:-1] if self.class_token_last_block else self.blocks
         for block in blocks:
             x = _run_block(block, x, n, length)
-        if self.last_block_query is not None:
+        if self.class_token_last_block:
             x = _run_last_block_class_token(self.blocks[-1], self.last_block_query, x, n, length)
             length = 1  # x is (N, W): the class token's row of each image
         x = x.reshape(n, length, self.width)
@@ -410,11 +524,22 @@ class FusedVisionTransformer:
         return pooled @ self.proj if self.proj is not None else pooled
 
 
+def _check_int8(dtype: torch.dtype, int8: bool) -> None:
+    if int8 and dtype != torch.float32:
+        raise ValueError(f"the int8 form runs its other layers in float32, not {dtype}")
+    if int8 and not int8_linear_available():
+        raise ValueError("this torch build has no oneDNN int8 linear (onednn.qlinear_pointwise)")
+
+
 def _run_block(block: _Block, x: torch.Tensor, n: int, length: int) -> torch.Tensor:
     """One pre-norm residual block on the (N·L, W) stream."""
     width = x.shape[1]
     heads = block.heads
-    qkv = _linear(block.norm_attention(x), block.qkv_weight, block.qkv_bias)  # (N·L, 3W)
+    normed = block.norm_attention(x)
+    if block.int8 is not None:
+        qkv = block.int8.qkv(normed)
+    else:
+        qkv = _linear(normed, block.qkv_weight, block.qkv_bias)  # (N·L, 3W)
     q, k, v = qkv.reshape(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # 3 × (N, H, L, Dh)
     attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n * length, width)
     return _finish_block(block, x, attended)
@@ -425,11 +550,15 @@ def _run_last_block_class_token(block: _Block, query_split, x: torch.Tensor, n: 
     every token; the query, the attention's output projection and the MLP run on N rows, not N·L."""
     width = x.shape[1]
     heads = block.heads
-    query_weight, query_bias, kv_weight, kv_bias = query_split
     normed = block.norm_attention(x)
-    k, v = _linear(normed, kv_weight, kv_bias).reshape(n, length, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
     class_rows = normed.reshape(n, length, width)[:, 0].contiguous()  # (N, W)
-    q = _linear(class_rows, query_weight, query_bias).reshape(n, 1, heads, width // heads).transpose(1, 2)
+    if block.int8 is not None:
+        key_value, query = block.int8.key_value(normed), block.int8.query(class_rows)
+    else:
+        query_weight, query_bias, kv_weight, kv_bias = query_split
+        key_value, query = _linear(normed, kv_weight, kv_bias), _linear(class_rows, query_weight, query_bias)
+    k, v = key_value.reshape(n, length, 2, heads, width // heads).permute(2, 0, 3, 1, 4)
+    q = query.reshape(n, 1, heads, width // heads).transpose(1, 2)
     attended = F.scaled_dot_product_attention(q, k, v).reshape(n, width)  # (N, H, 1, Dh) → (N, W)
     return _finish_block(block, x.reshape(n, length, width)[:, 0], attended)
 
@@ -441,15 +570,19 @@ def _finish_block(block: _Block, x: torch.Tensor, attended: torch.Tensor) -> tor
     else:
         x = x + _linear(attended, block.out_weight, block.out_bias) * block.scale_attention
 
+    int8 = block.int8
     hidden = block.norm_mlp(x)
     if block.activation == "quick_gelu":
-        hidden = _linear(hidden, block.fc_weight, block.fc_bias)
+        hidden = int8.fc(hidden) if int8 is not None else _linear(hidden, block.fc_weight, block.fc_bias)
         hidden = hidden * torch.sigmoid(_QUICK_GELU_SLOPE * hidden)
+    elif int8 is not None:
+        hidden = int8.fc(hidden, block.activation)
     else:
         hidden = _linear(hidden, block.fc_weight, block.fc_bias, block.activation)  # (R, M), GELU fused
     if block.scale_mlp is None:
-        return _linear_add(hidden, block.proj_weight, block.proj_bias, x)
-    return x + _linear(hidden, block.proj_weight, block.proj_bias) * block.scale_mlp
+        return int8.proj.add(hidden, x) if int8 is not None else _linear_add(hidden, block.proj_weight, block.proj_bias, x)
+    down = int8.proj(hidden) if int8 is not None else _linear(hidden, block.proj_weight, block.proj_bias)
+    return x + down * block.scale_mlp
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str = "none") -> torch.Tensor:

@@ -1,13 +1,14 @@
 """How ``--backend auto`` / no ``--precision`` choose on the CPU: by measuring this CPU, not by its flags.
 
-:mod:`clipengine.bindings.cpu_probe` times every CPU path (torch fp32, torch bf16, ONNX Runtime fp32 and int8)
-on a short copy of the model's image tower, once per CPU kind, cores and software (cached); this module
+:mod:`clipengine.bindings.cpu_probe` times every CPU path (torch fp32, bf16 and int8, ONNX Runtime fp32 and
+int8) on a short copy of the model's image tower, once per CPU kind, cores and software (cached); this module
 owns the rule (:func:`decide_cpu_path`) and what ``model.json`` records about it.
 
 The rule, among the measured paths that the user's ``--backend``/``--precision`` allow:
 
 1. a path that changes the numbers (bf16, int8) is a candidate only if its rows keep cosine ≥
-   :data:`MIN_COSINE` to fp32's on the probe images;
+   :data:`MIN_COSINE` to fp32's on the probe images (unless the user named that precision: then only the
+   backend is chosen, and the cosine is reported);
 2. the exact path (fp32, torch first) is kept unless a candidate is at least :data:`MIN_GAIN` times
    faster (a smaller gain is within a shared machine's noise and not worth different numbers or an
    ONNX export); otherwise the fastest candidate wins;
@@ -62,7 +63,12 @@ def decide_cpu_path(measured: dict[str, dict], *, backend: str | None = None,
         if "img_s" not in entry:
             notes.append(f"{name} set aside: {entry.get('skipped', 'no rate')}")
         elif _split(name)[1] != EXACT_PRECISION and entry.get("cosine", 0.0) < MIN_COSINE:
-            notes.append(f"{name} not taken: cosine {entry.get('cosine', 0.0):.5f} < {MIN_COSINE}")
+            if precision is None:
+                notes.append(f"{name} not taken: cosine {entry.get('cosine', 0.0):.5f} < {MIN_COSINE}")
+            else:
+                notes.append(f"{name}: cosine {entry.get('cosine', 0.0):.5f} < {MIN_COSINE}, "
+                             f"taken as --precision {precision} asks")
+                usable.append(name)
         else:
             usable.append(name)
     if not usable:
@@ -102,7 +108,7 @@ def choose_cpu_path(towers, *, backend: str | None, precision: str | None, num_t
     measured = {name: dict(entry) for name, entry in probe["measured"].items()}
     while True:
         choice = decide_cpu_path(measured, backend=backend, precision=precision)
-        if choice.precision == EXACT_PRECISION:
+        if choice.precision == EXACT_PRECISION or precision is not None:
             break
         path = f"{choice.backend}-{choice.precision}"
         cosine = model_cosine(towers, path, num_threads=num_threads, cache_dir=cache_dir)

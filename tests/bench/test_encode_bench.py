@@ -36,6 +36,53 @@ def test_gemm_rate_is_a_rate_of_the_named_shapes():
     assert set(rates) >= {"torch.mm"} and all(rate > 0 for rate in rates.values())
 
 
+def test_int8_gemm_rate_is_the_int8_forms_call():
+    from clipengine.bench.encode import gemm_gflops
+    from clipengine.bindings.torch_vit_cpu import int8_linear_available
+
+    rates = gemm_gflops(64, 96, 32, "int8", seconds=0.01)
+    if not int8_linear_available():
+        assert rates == {}
+        return
+    assert set(rates) == {"oneDNN int8 linear"} and rates["oneDNN int8 linear"] > 0
+
+
+@pytest.mark.parametrize("class_token_last_block", [False, True])
+def test_int8_part_is_every_block_s_qkv_and_mlp(class_token_last_block):
+    """What the int8 form leaves in fp32 is the patch embedding, the attention's scores and weighted values,
+    its output projection and the final projection: counted here on their own."""
+    import open_clip
+
+    from clipengine.bench.encode import vit_gflops, vit_int8_gflops, vit_shape
+
+    shape = vit_shape(open_clip.get_model_config("ViT-B-32"))
+    tokens, width, layers = 50, shape["width"], shape["layers"]
+    last_queries = 1 if class_token_last_block else tokens
+    fp32_part = (49 * 3 * 32 * 32 * width + width * shape["output_dim"]
+                 + (layers - 1) * (2 * tokens * tokens * width + tokens * width * width)
+                 + 2 * last_queries * tokens * width + last_queries * width * width)
+    total = vit_gflops(shape, class_token_last_block=class_token_last_block)
+    assert total - vit_int8_gflops(shape, class_token_last_block=class_token_last_block) == pytest.approx(2 * fp32_part / 1e9)
+
+
+def test_int8_fraction_of_peak_weighs_each_matmul_at_its_own_precision_s_peak():
+    from clipengine.bench.encode import summarize
+
+    def limits(precision):
+        return {"record": {"precision": precision}, "model_only_img_s": {"clipengine": 50.0},
+                "gflops_per_image": 8.0, "int8_gflops_per_image": 6.0, "decode_img_s": 400.0,
+                "gemm_gflops": {"fp32": {"qkv": {"torch.mm": 300.0}}, "bf16": {"qkv": {"torch.mm": 200.0}},
+                                "int8": {"qkv": {"oneDNN int8 linear": 1000.0, }, "mlp": {"oneDNN int8 linear": 600.0}}}}
+
+    reports = {precision: {"images": 10, "rounds": [{"plain": {"seconds": 1.0, "peak_rss_mb": 1}}],
+                           "machine": {"amx": False}, "limits": limits(precision)} for precision in ("int8", "fp32")}
+    for report in reports.values():
+        summarize(report)
+    assert reports["int8"]["bounds"]["model_fraction_of_peak"] == pytest.approx(50.0 * (6.0 / 1000.0 + 2.0 / 300.0))
+    assert reports["fp32"]["bounds"]["model_fraction_of_peak"] == pytest.approx(50.0 * 8.0 / 300.0)
+    assert reports["int8"]["bounds"]["peak_precision"].startswith("int8")
+
+
 @pytest.mark.slow
 def test_encode_benchmark_runs_whole_processes_and_reports_limits(tmp_path):
     out = tmp_path / "report.json"
@@ -56,6 +103,22 @@ def test_encode_benchmark_runs_whole_processes_and_reports_limits(tmp_path):
     bounds = report["bounds"]
     assert 0 < bounds["model_fraction_of_peak"] and bounds["shared_cores_img_s"] <= bounds["min_model_decode_img_s"]
     assert report["machine"]["cores"] >= 1 and "amx" in report["machine"]
-    assert 0.9 < report["limits"]["int8_whole_model"]["cosine_to_fp32"] <= 1.0001
+    assert 0.9 < report["limits"]["int8_whole_model"]["onnxruntime"]["cosine_to_fp32"] <= 1.0001
+    assert 0.99 < report["limits"]["int8_whole_model"]["torch"]["cosine_to_fp32"] <= 1.0001
     assert [row["met"] in (True, False) for row in report["targets"]]
     assert "GEMM at the ViT's shapes" in done.stdout and report["machine"]["cpu"] in done.stdout
+
+
+def test_amx_held_back_from_onednn_is_said_and_judged_as_a_cpu_without_amx():
+    from clipengine.bench._machine import machine_line
+    from clipengine.bench.encode import targets
+
+    machine = {"cpu": "Xeon", "amx": True, "amx_in_use": False, "onednn_max_cpu_isa": "AVX512_CORE_BF16",
+               "avx512_bf16": True, "flags": ["amx_bf16"], "cores": 2, "date": "2026-12-07 12:00 UTC"}
+    assert "AMX not used (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)" in machine_line(machine)
+    report = {"machine": machine, "whole": {"warm": {"vs_plain": 2.0, "vs_best_peer": 1.2}}, "best_peer": "plain",
+              "bounds": {"peak_precision": "fp32", "model_fraction_of_peak": 0.75}}
+    assert [(row["target"].split(" (")[0], row["met"]) for row in targets(report)] == [
+        ("≥ 1.5× open_clip plain", True), ("model only ≥ 70 % of the measured fp32 GEMM peak", True)]
+    report["machine"] = {**machine, "amx_in_use": True}
+    assert [row["met"] for row in targets(report)] == [False, False, True]  # 3× plain and 1.5× the best peer

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipengine.bindings.torch_vit_cpu import FusedVisionTransformer, unsupported_reason
+from clipengine.bindings.torch_vit_cpu import FusedVisionTransformer, int8_linear_available, unsupported_reason
 
 from tests.bindings.reference import cosine
 from tests.bindings.vit_variants import variants, vision
@@ -146,3 +146,113 @@ def test_torch_encoder_fuses_bf16_and_fp32_on_the_cpu(tiny_clip, sample_photos):
     np.testing.assert_allclose(fp32.encode_images(pixels), reference, atol=2e-6)
     assert cosine(fused.encode_images(pixels), reference).min() >= 0.999
     assert cosine(fused.encode_images(pixels), module.encode_images(pixels)).min() >= 0.999
+
+
+int8_only = pytest.mark.skipif(not int8_linear_available(), reason="this torch build has no oneDNN int8 linear")
+
+
+def _dequantized(codes: np.ndarray, scale, zero_point) -> np.ndarray:
+    return (codes.astype(np.float64) - zero_point) * scale
+
+
+@int8_only
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_int8_linear_is_the_matmul_of_its_codes(with_norm):
+    """The int8 matmul equals, in float64, the product of the codes its definition gives: weights per output
+    row (the norm's gain folded in first), activations per tensor; bias, GELU and residual as float32 would."""
+    from clipengine.bindings.torch_vit_cpu import _Int8Linear, _Norm
+    from clipengine.kernels.activation_quant import affine_uint8_parameters, quantize_uint8_reference
+
+    generator = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(48, 64, generator=generator), torch.randn(48, generator=generator)
+    norm = _Norm(1 + torch.randn(64, generator=generator), torch.randn(64, generator=generator), 1e-5, False)
+    x = torch.randn(37, 64, generator=generator) * 3 + 0.5
+    normalized = torch.nn.functional.layer_norm(x, (64,), None, None, 1e-5)
+    linear = _Int8Linear.of(weight, bias, norm if with_norm else None)
+
+    folded_weight = weight.double() * (norm.weight.double() if with_norm else 1.0)
+    folded_bias = bias.double() + (weight.double() @ norm.bias.double() if with_norm else 0.0)
+    weight_scales = folded_weight.abs().amax(1) / 127
+    weight_codes = torch.round(folded_weight / weight_scales[:, None]).clamp(-127, 127).numpy()
+    source = normalized if with_norm else x
+    scale, zero_point = affine_uint8_parameters(source.min().item(), source.max().item())
+    x_codes = quantize_uint8_reference(source.numpy(), scale, zero_point)
+    expected = _dequantized(x_codes, scale, zero_point) @ (weight_codes * weight_scales.numpy()[:, None]).T + folded_bias.numpy()
+    exact = (norm(x) if with_norm else x).double() @ weight.double().T + bias.double()
+
+    with torch.inference_mode():
+        plain = linear(source).double().numpy()
+        gelu = linear(source, "gelu").double().numpy()
+        gelu_tanh = linear(source, "gelu_tanh").double().numpy()
+        residual = torch.randn(37, 48, generator=generator)
+        summed = linear.add(source, residual).double().numpy()
+    np.testing.assert_allclose(plain, expected, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(gelu, torch.nn.functional.gelu(torch.from_numpy(expected)).numpy(), rtol=1e-4, atol=1e-4)
+    tanh_form = torch.nn.functional.gelu(torch.from_numpy(expected), approximate="tanh").numpy()
+    np.testing.assert_allclose(gelu_tanh, tanh_form, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(summed, expected + residual.double().numpy(), rtol=1e-5, atol=1e-4)
+    # and the codes' product is the float matmul within the quantization's error
+    assert np.linalg.norm(plain - exact.numpy()) < 0.02 * np.linalg.norm(exact.numpy())
+
+
+@int8_only
+@pytest.mark.parametrize("variant", list(variants()))
+def test_int8_form_stays_close_to_the_module_forward(variant):
+    visual = vision(**variants()[variant])
+    size = visual.image_size[0]
+    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+    images = torch.randint(0, 256, (8, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    pixels = (images.permute(0, 3, 1, 2) / 255.0 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        reference = visual(pixels)
+        int8 = FusedVisionTransformer(visual, torch.float32, int8=True)
+        int8.fold_normalization(mean, std)
+        rows = int8.encode_uint8(images)
+        fp32 = FusedVisionTransformer(visual, torch.float32)
+        fp32.fold_normalization(mean, std)
+        exact_rows = fp32.encode_uint8(images)
+    assert rows.dtype == torch.float32 and rows.shape == reference.shape
+    assert not torch.equal(rows, exact_rows)  # the int8 matmuls ran
+    assert all(block.qkv_weight is None and block.int8 is not None for block in int8.blocks)
+    assert cosine(rows.numpy(), reference.numpy()).min() >= 0.999
+
+
+@int8_only
+def test_int8_form_from_the_checkpoint_is_the_module_s():
+    from clipengine.bindings.torch_vit_cpu import open_clip_vision_of
+
+    visual = vision()
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    forms = [FusedVisionTransformer(visual, torch.float32, int8=True),
+             FusedVisionTransformer.from_open_clip(open_clip_vision_of(visual), torch.float32, int8=True)]
+    with torch.inference_mode():
+        rows = []
+        for form in forms:
+            form.fold_normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+            rows.append(form.encode_uint8(images))
+    assert torch.equal(rows[0], rows[1])
+
+
+def test_int8_form_runs_its_other_layers_in_float32():
+    with pytest.raises(ValueError, match="float32"):
+        FusedVisionTransformer(vision(), torch.bfloat16, int8=True)
+
+
+@int8_only
+def test_torch_encoder_runs_int8_on_the_cpu_only_and_fused(tiny_clip):
+    from clipengine import bindings
+    from clipengine.bindings.torch import TorchEncoder
+    from clipengine.encode.models import load_model, resolve_model
+
+    towers = load_model(resolve_model(tiny_clip.model_config))
+    encoder = TorchEncoder(towers, precision="int8")
+    assert encoder.image_forward == "fused CPU forward, int8 matmuls"
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    rows = encoder.encode_images(pixels)
+    reference = TorchEncoder(towers, precision="fp32").encode_images(pixels)
+    assert rows.dtype == np.float32 and not np.array_equal(rows, reference)
+    assert cosine(rows, reference).min() >= 0.999
+    with pytest.raises(ValueError, match="fused CPU forward only"):
+        TorchEncoder(towers, precision="int8", fused=False)
+    assert bindings.check_backend("torch", "cpu", "int8") is None
+    assert "CPU only" in bindings.check_backend("torch", "cuda", "int8")

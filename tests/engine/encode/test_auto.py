@@ -55,6 +55,22 @@ def test_the_users_backend_or_precision_bound_the_choice():
         decide_cpu_path(NO_BF16, backend="torch", precision="bf16")
 
 
+def test_a_precision_the_user_names_is_taken_below_the_cosine_bar_with_the_cosine_said():
+    choice = decide_cpu_path(AMX, precision="int8")
+    assert (choice.backend, choice.precision) == ("onnxruntime", "int8")
+    assert "cosine 0.99910 < 0.9999, taken as --precision int8 asks" in choice.reason
+    with_torch = {**AMX, "torch-int8": {"img_s": 50.0, "cosine": 0.99995}}
+    assert decide_cpu_path(with_torch, precision="int8").backend == "torch"  # the faster int8 of the two
+
+
+def test_without_amx_the_int8_matmuls_carry_the_cpu_where_they_keep_the_rows():
+    vnni = {**AVX512_BF16_ONLY, "torch-int8": {"img_s": 40.0, "cosine": 0.99998}}
+    choice = decide_cpu_path(vnni)
+    assert (choice.backend, choice.precision) == ("torch", "int8") and "torch-int8 1.90×" in choice.reason
+    drifting = {**vnni, "torch-int8": {"img_s": 40.0, "cosine": 0.99970}}
+    assert decide_cpu_path(drifting).precision == "fp32"
+
+
 def test_probe_shape_copies_the_models_tower(tiny_clip):
     from clipengine.bindings.cpu_probe import ProbeShape, probe_towers
     from clipengine.encode.models import load_model, resolve_model
@@ -93,10 +109,11 @@ def test_the_probe_measures_every_path_this_cpu_has(measured):
 
     _, _, record = measured
     paths = record["measured"]
-    assert set(paths) == {"torch-fp32", "torch-bf16", "onnxruntime-fp32", "onnxruntime-int8"}
-    for name in ("torch-fp32", "onnxruntime-fp32", "onnxruntime-int8"):
+    assert set(paths) == {"torch-fp32", "torch-bf16", "torch-int8", "onnxruntime-fp32", "onnxruntime-int8"}
+    for name in ("torch-fp32", "torch-int8", "onnxruntime-fp32", "onnxruntime-int8"):
         assert paths[name]["img_s"] > 0 and -1 <= paths[name]["cosine"] <= 1.0001, name
     assert paths["torch-fp32"]["cosine"] > 0.99999 and paths["onnxruntime-fp32"]["cosine"] > 0.9999
+    assert paths["torch-int8"]["cosine"] > 0.99
     if bindings.cpu_supports_bf16():
         assert paths["torch-bf16"]["img_s"] > 0 and paths["torch-bf16"]["cosine"] > 0.999
     else:

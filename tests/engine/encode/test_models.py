@@ -308,7 +308,8 @@ def test_unmeasured_defaults_never_follow_a_cpu_flag(monkeypatch):
     assert bindings.check_backend("tensorrt", "cpu", "fp16")
     assert bindings.check_backend("torch", "cpu", "fp32") is None
     assert bindings.check_backend("onnxruntime", "cpu", "int8") is None
-    assert "int8" in bindings.check_backend("torch", "cpu", "int8")
+    assert bindings.check_backend("torch", "cpu", "int8") is None  # the fused forward's int8 matmuls
+    assert "CPU only" in bindings.check_backend("torch", "cuda", "int8")
     assert bindings.default_precision("tensorrt", "cuda") == "fp16"
 
 
@@ -387,3 +388,20 @@ def test_the_cli_refuses_a_torchscript_archive_in_one_line(hostile_torchscript, 
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "refusing a TorchScript archive" in lines[0], done.stderr
     assert not marker.exists()
+
+def test_a_ceiling_set_for_onednn_says_whether_amx_is_in_use(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA below AMX (how a CPU without AMX is emulated) turns AMX off for every rate measured."""
+    from clipengine import bindings
+
+    monkeypatch.setattr(bindings, "cpu_flags", lambda: frozenset({"amx_bf16", "avx512_bf16"}))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    for value, limit, in_use in (("", None, True), ("all", None, True), ("AVX512_CORE_BF16", "AVX512_CORE_BF16", False),
+                                 ("avx512_core_amx", "AVX512_CORE_AMX", True)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", value)
+        assert bindings.onednn_isa_limit() == limit and bindings.amx_in_use() is in_use, value
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")
+    assert not bindings.amx_in_use()
+    monkeypatch.setattr(bindings, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA")
+    assert not bindings.amx_in_use()
