@@ -576,7 +576,8 @@ def parse(argv=None):
     parser.add_argument("--peers", default=",".join(PEERS), help=f"open_clip configurations [{','.join(PEERS)}]")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     parser.add_argument("--no-int8-check", dest="int8_check", action="store_false",
-                        help="skip the int8 paths of the whole model (torch int8, and ONNX Runtime int8: an ONNX export, about a minute)")
+                        help="skip the int8 paths of the whole model (torch int8, and ONNX Runtime int8: "
+                             "an ONNX export, about a minute)")
     # worker mode (internal)
     parser.add_argument("--role", choices=["peer", "limits"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--peer", choices=PEERS, default=None, help=argparse.SUPPRESS)

@@ -4,7 +4,8 @@ A ViT forward on a batch allocates and frees its activations block by block: ten
 and ViT-B/32 the MLP's hidden rows are 3,200 × 3,072 floats, 39 MB). With glibc's defaults a chunk that large
 is a fresh ``mmap`` (the threshold adapts upward to at most 32 MiB, and a 39 MB chunk stays above it), and
 the heap is trimmed back as soon as 128 KiB are free at its top, so every batch faults every page of its
-activations in again, a large part of a fast (bf16 with AMX, int8) forward's time. :func:`keep_freed_memory_mapped` raises the mmap threshold above those chunks and lets freed memory
+activations in again, a large part of a fast (bf16 with AMX, int8) forward's time.
+:func:`keep_freed_memory_mapped` raises the mmap threshold above those chunks and lets freed memory
 stay mapped up to :data:`TRIM_THRESHOLD_BYTES` before it is returned to the system: the process holds that
 much more at most, and its batches stop faulting.
 

@@ -11,8 +11,8 @@ embedding, pooling, projection, the runtime's call), and the model's rate is pre
 a shallow probe alone would weigh the once-per-image part several times too heavily.
 
 Candidates (``PATHS``): ``torch-fp32``, ``torch-bf16`` (only on a CPU with bf16 instructions),
-``torch-int8`` (the fused forward's int8 matmuls), ``onnxruntime-fp32`` and ``onnxruntime-int8`` (the probe's ONNX graph is exported once and cached with the
-other graphs). The calls are interleaved over :data:`PROBE_ROUNDS` rounds and each time is the median, so a
+``torch-int8`` (the fused forward's int8 matmuls), ``onnxruntime-fp32`` and ``onnxruntime-int8`` (the probe's
+ONNX graph is exported once and cached with the other graphs). The calls are interleaved over :data:`PROBE_ROUNDS` rounds and each time is the median, so a
 busy spell of the machine hits every candidate alike; each candidate's rows are compared with
 ``torch-fp32``'s on the same probe images (lowest cosine, on the deeper probe).
 

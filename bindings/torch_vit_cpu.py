@@ -222,6 +222,10 @@ class _Norm:
         return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
 
 
+# activation name → oneDNN's post-op attribute and algorithm
+_INT8_ACTIVATIONS = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+
+
 @dataclass
 class _Int8Linear:
     """``x · Wᵀ + b`` on (R, K) float32 rows as an int8 matmul: W (O, K) quantized per output row to int8
@@ -255,7 +259,7 @@ class _Int8Linear:
     def __call__(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
         """(R, K) float32 → (R, O) float32, with ``gelu`` / ``gelu_tanh`` applied."""
         codes, scale, zero_point = _quantize_activations(x)
-        attribute, algorithm = {"none": ("none", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}[activation]
+        attribute, algorithm = _INT8_ACTIVATIONS[activation]
         return torch.ops.onednn.qlinear_pointwise(codes, scale, zero_point, self.packed_weight, self.weight_scales,
                                                   self.weight_zero_points, self.bias, 1.0, 0, torch.float32,
                                                   attribute, [], algorithm)
@@ -580,7 +584,9 @@ def _finish_block(block: _Block, x: torch.Tensor, attended: torch.Tensor) -> tor
     else:
         hidden = _linear(hidden, block.fc_weight, block.fc_bias, block.activation)  # (R, M), GELU fused
     if block.scale_mlp is None:
-        return int8.proj.add(hidden, x) if int8 is not None else _linear_add(hidden, block.proj_weight, block.proj_bias, x)
+        if int8 is not None:
+            return int8.proj.add(hidden, x)
+        return _linear_add(hidden, block.proj_weight, block.proj_bias, x)
     down = int8.proj(hidden) if int8 is not None else _linear(hidden, block.proj_weight, block.proj_bias)
     return x + down * block.scale_mlp
 

@@ -33,7 +33,8 @@ def _faults(mode: str, **env) -> dict:
 def _clean_env() -> dict:
     import os
 
-    return {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_") and key != "GLIBC_TUNABLES"}
+    return {key: value for key, value in os.environ.items()
+            if not key.startswith("MALLOC_") and key != "GLIBC_TUNABLES"}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
