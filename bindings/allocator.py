@@ -1,4 +1,4 @@
-"""glibc malloc settings for the CPU forward: freed activations stay in the heap for the next batch.
+"""glibc malloc settings for the CPU encoders' forwards: freed activations stay in the heap for the next batch.
 
 A ViT forward on a batch allocates and frees its activations block by block: tens of MB each (at batch 64
 and ViT-B/32 the MLP's hidden rows are 3,200 × 3,072 floats, 39 MB). With glibc's defaults a chunk that large

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from clipengine.bindings.allocator import keep_freed_memory_mapped
 from clipengine.bindings.files import sha256_files
 from clipengine.bindings.threads import torch_threads
 
@@ -115,6 +116,8 @@ class ConseEncoder:
         self.device = device
         self.top_t = int(top_t)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        if device == "cpu":  # the classifier's batches stop page-faulting their activations in
+            self.malloc_settings = keep_freed_memory_mapped()
         with torch_threads(self.num_threads):
             self._text_model = load_text_model(device)
         dimension = getattr(self._text_model, "get_embedding_dimension", None)  # sentence-transformers ≥ 6

@@ -56,6 +56,12 @@ def encoder(tmp_path_factory):
     return conse.create_conse_encoder(device="cpu", cache_dir=tmp_path_factory.mktemp("conse-cache"))
 
 
+def test_the_cpu_encoder_keeps_freed_activations_mapped(encoder):
+    from clipengine.bindings import allocator
+
+    assert encoder.malloc_settings == allocator.keep_freed_memory_mapped()  # the process's one outcome
+
+
 def _photo(name):
     from PIL import Image
     from skimage import data
