@@ -31,8 +31,8 @@ _state: dict[str, str] = {}
 
 
 def keep_freed_memory_mapped() -> str:
-    """Apply the settings above once per process; returns what happened, for ``model.json``:
-    ``"applied"``, or why not (not glibc, the user's own malloc settings, mallopt refused)."""
+    """Apply the settings above once per process; returns what happened (the encoders keep it as
+    ``malloc_settings``): ``"applied"``, or why not (not glibc, the user's own malloc settings, mallopt refused)."""
     with _lock:
         if "outcome" not in _state:
             _state["outcome"] = _apply()

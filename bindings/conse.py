@@ -116,8 +116,8 @@ class ConseEncoder:
         self.device = device
         self.top_t = int(top_t)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        if device == "cpu":  # the classifier's batches stop page-faulting their activations in
-            self.malloc_settings = keep_freed_memory_mapped()
+        # on the CPU the classifier's batches stop page-faulting their activations in
+        self.malloc_settings = keep_freed_memory_mapped() if device == "cpu" else None
         with torch_threads(self.num_threads):
             self._text_model = load_text_model(device)
         dimension = getattr(self._text_model, "get_embedding_dimension", None)  # sentence-transformers ≥ 6

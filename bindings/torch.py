@@ -18,8 +18,8 @@ which is most of what a process pays before its first batch. Elsewhere a class-t
 as its module with the last block on the class token only (:mod:`clipengine.bindings.class_token`);
 ``fused=False`` keeps the module's own forward throughout (``image_forward`` says which ran).
 ``precision="int8"`` (CPU, fused forward only) runs the blocks' QKV and MLP matmuls as oneDNN int8 matmuls
-(VNNI's integer dot products: on a CPU without AMX, where bf16 is no faster than fp32, the one way to
-multiply faster) and the rest in fp32; it changes the numbers, so ``auto`` takes it only where it keeps
+(VNNI's integer dot products: on a CPU without AMX, where bf16 is no faster than fp32, the way to
+multiply faster there) and the rest in fp32; it changes the numbers, so ``auto`` takes it only where it keeps
 its cosine to fp32.
 
 CUDA ("cuda" or "cuda:N"; the device is fixed when the encoder is made and the process's current device is
