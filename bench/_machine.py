@@ -16,24 +16,15 @@ SHOWN_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni",
 def machine_record() -> dict:
     """CPU model, AMX / AVX512-BF16 / AVX512-VNNI (and whether oneDNN may use AMX), cores this process may use,
     load average, date (UTC)."""
-    flags: set[str] = set()
-    cpu = None
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.startswith("model name") and cpu is None:
-                    cpu = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    cpu = cpu or platform.processor() or platform.machine()
+    from clipengine.bindings import amx_in_use, cpu_flags, onednn_isa_limit
+    from clipengine.bindings.cpu_probe import cpu_model_name
+
+    flags = cpu_flags()
+    cpu = cpu_model_name()
     try:
         load = round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
         load = None
-    from clipengine.bindings import amx_in_use, onednn_isa_limit
-
     return {
         "cpu": cpu,
         "amx": "amx_bf16" in flags,

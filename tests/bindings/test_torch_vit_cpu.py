@@ -30,13 +30,24 @@ def test_matches_module_forward(variant):
     assert cosine(fused_bf16.float().numpy(), reference.numpy()).min() >= 0.999
 
 
+MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+
+
+def _uint8_batch(visual, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, S, S, 3) random uint8 images for ``visual`` and their (count, 3, S, S) pixels normalized
+    by MEAN/STD, as the module takes them."""
+    size = visual.image_size[0]
+    images = torch.randint(0, 256, (count, size, size, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(seed))
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return images, (images.permute(0, 3, 1, 2) / 255.0 - mean) / std
+
+
 @pytest.mark.parametrize("variant", ["plain", "avg-pool", "size-not-a-patch-multiple"])
 def test_uint8_input_folds_the_normalization(variant):
     visual = vision(**variants()[variant])
-    size = visual.image_size[0]
-    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
-    images = torch.randint(0, 256, (5, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    pixels = (images.permute(0, 3, 1, 2) / 255.0 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    images, pixels = _uint8_batch(visual, 5, seed=2)
+    mean, std = MEAN, STD
     with torch.inference_mode():
         reference = visual(pixels)
         fused = FusedVisionTransformer(visual, torch.float32)
@@ -199,10 +210,8 @@ def test_int8_linear_is_the_matmul_of_its_codes(with_norm):
 @pytest.mark.parametrize("variant", list(variants()))
 def test_int8_form_stays_close_to_the_module_forward(variant):
     visual = vision(**variants()[variant])
-    size = visual.image_size[0]
-    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
-    images = torch.randint(0, 256, (8, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
-    pixels = (images.permute(0, 3, 1, 2) / 255.0 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    images, pixels = _uint8_batch(visual, 8, seed=4)
+    mean, std = MEAN, STD
     with torch.inference_mode():
         reference = visual(pixels)
         int8 = FusedVisionTransformer(visual, torch.float32, int8=True)
