@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+from pathlib import Path
 
 # the flags a figure depends on: matrix units, bf16/int8 dot products, 512-bit vectors, popcount
 SHOWN_FLAGS = ("amx_tile", "amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx512_vpopcntdq", "avx2")
@@ -34,10 +35,30 @@ def machine_record() -> dict:
         "avx512_vnni": "avx512_vnni" in flags,
         "flags": [flag for flag in SHOWN_FLAGS if flag in flags],
         "cores": len(os.sched_getaffinity(0)),
+        "last_level_cache_mb": last_level_cache_bytes() / 2**20 or None,
         "load_average": load,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+_SIZE_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30}
+
+
+def last_level_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """Size of the largest cache listed in ``caches`` (sysfs' ``index*/size`` of one CPU: the L3 on x86
+    servers, shared by its cores), or 0 where sysfs does not say. Inside a VM this is the host CPU's cache,
+    of which a guest's fair share may be smaller."""
+    largest = 0
+    for index in caches.glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()  # "491520K"
+            scale = _SIZE_UNITS.get(text[-1:], 1)
+            size = int(text[:-1] if text[-1:] in _SIZE_UNITS else text) * scale
+        except (OSError, ValueError):
+            continue
+        largest = max(largest, size)
+    return largest
 
 
 def machine_line(record: dict | None = None) -> str:

@@ -27,6 +27,11 @@ a random-init ViT-B-32 saved as safetensors (the same weights everywhere; nothin
    at the peak of its own precision, int8 for QKV and MLP, fp32 for the rest); clipengine's decode pipeline alone
    (img/s); and the end-to-end rate against min(model rate, decode rate) (decode beside the model) and
    1 / (1/model + 1/decode) (both sharing every core).
+   The peak is a hot-cache rate: repeated calls find their operands in cache. Beside it, the same GEMMs with
+   every cache evicted before each call (the cold rate), and where one batch of clipengine's forward goes
+   under torch's profiler (linear layers, attention, norms, the rest): the linear layers' rate inside the
+   forward against both, and the ceiling, the fraction of the peak the model would reach were its linear
+   layers at the peak and everything else as profiled.
 4. **Agreement**: lowest cosine between clipengine's rows and open_clip plain's rows of the same files; and
    the int8 paths (torch's int8 form, ONNX Runtime int8) of the whole model on the bench photos against
    open_clip fp32 (the bar ``auto`` holds every precision to is cosine ≥ 0.9999; it checks it on its probe
@@ -147,6 +152,15 @@ def vit_int8_gflops(shape: dict, *, class_token_last_block: bool) -> float:
     return 2 * blocks / 1e9
 
 
+def vit_attention_gflops(shape: dict, *, class_token_last_block: bool) -> float:
+    """The part of :func:`vit_gflops` inside attention itself (scores and weighted values, every block): the
+    matmuls that run in ``scaled_dot_product_attention``, not as linear layers."""
+    tokens = (shape["image_size"] // shape["patch"]) ** 2 + 1
+    last_queries = 1 if class_token_last_block else tokens
+    per_query = 2 * tokens * shape["width"]
+    return 2 * per_query * ((shape["layers"] - 1) * tokens + last_queries) / 1e9
+
+
 def gemm_shapes(shape: dict, batch: int) -> dict[str, tuple[int, int, int]]:
     """name → (M, K, N) of the ViT's GEMMs on a batch."""
     rows = batch * ((shape["image_size"] // shape["patch"]) ** 2 + 1)
@@ -155,9 +169,11 @@ def gemm_shapes(shape: dict, batch: int) -> dict[str, tuple[int, int, int]]:
             "mlp up": (rows, width, mlp), "mlp down": (rows, mlp, width)}
 
 
-def gemm_gflops(m: int, k: int, n: int, dtype_name: str, seconds: float = GEMM_SECONDS) -> dict[str, float]:
+def gemm_gflops(m: int, k: int, n: int, dtype_name: str, seconds: float = GEMM_SECONDS, *,
+                evict=None) -> dict[str, float]:
     """GFLOP/s of (M, K) × (K, N) in ``dtype_name`` through oneDNN's linear (what the fused CPU forward calls)
-    and ``torch.mm``; medians of repeated calls after a warm-up."""
+    and ``torch.mm``; medians of repeated calls after a warm-up. ``evict``, when given, runs before every
+    call (untimed): :func:`cache_evicter`'s pass, so each call starts with its operands out of the caches."""
     import torch
 
     generator = torch.Generator().manual_seed(0)
@@ -171,6 +187,7 @@ def gemm_gflops(m: int, k: int, n: int, dtype_name: str, seconds: float = GEMM_S
         calls = {"torch.mm": lambda: torch.mm(x, weight_t)}
         if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available():
             calls["oneDNN linear"] = lambda: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    evict = evict or (lambda: None)
     out = {}
     with torch.inference_mode():
         for name, call in calls.items():
@@ -179,11 +196,60 @@ def gemm_gflops(m: int, k: int, n: int, dtype_name: str, seconds: float = GEMM_S
             times = []
             started = time.perf_counter()
             while len(times) < 3 or time.perf_counter() - started < seconds:
+                evict()
                 tick = time.perf_counter()
                 call()
                 times.append(time.perf_counter() - tick)
             out[name] = 2.0 * m * k * n / float(np.median(times)) / 1e9
     return out
+
+
+def cache_evicter():
+    """A function that writes a buffer twice the last-level cache's size (64 MiB .. 2 GiB), so the next GEMM
+    reads its weights and activations from memory: the other side of the isolated peak, whose repeated calls
+    find their operands in cache. Inside a forward a matmul's operands are somewhere between the two."""
+    import torch
+
+    from clipengine.bench._machine import last_level_cache_bytes
+
+    size = min(max(2 * last_level_cache_bytes(), 64 * 2**20), 2 * 2**30)
+    buffer = torch.empty(size // 4, dtype=torch.float32)
+    return lambda: buffer.fill_(1.0)
+
+
+# ---- where a forward's time goes ------------------------------------------------------------------
+MATMUL_OPS = ("mkldnn::_linear_pointwise", "onednn::qlinear_pointwise", "aten::mm", "aten::addmm", "aten::bmm",
+              "aten::baddbmm", "aten::linear", "aten::matmul")
+OP_CATEGORIES = (("matmuls", lambda name: name.split(".")[0] in MATMUL_OPS),
+                 ("attention", lambda name: "scaled_dot_product" in name or name.split(".")[0] == "aten::_softmax"),
+                 ("norms", lambda name: "layer_norm" in name))
+
+
+def split_op_seconds(op_seconds: dict[str, float], wall_seconds: float) -> dict[str, float]:
+    """Seconds per part of a forward from the profiler's self time per op: ``matmuls`` (linear layers, fused
+    post-ops included), ``attention``, ``norms``, ``other torch ops``, and ``outside torch ops``: the wall time
+    no op accounts for (Python, the Numba passes, waiting)."""
+    parts = {name: 0.0 for name, _ in OP_CATEGORIES} | {"other torch ops": 0.0}
+    for op, seconds in op_seconds.items():
+        part = next((name for name, matches in OP_CATEGORIES if matches(op)), "other torch ops")
+        parts[part] += seconds
+    parts["outside torch ops"] = max(wall_seconds - sum(parts.values()), 0.0)
+    return parts
+
+
+def forward_time_split(call, repeats: int = 2) -> dict:
+    """Run ``call()`` ``repeats`` times under torch's profiler: ``{"wall_s": per call, "parts_s": per call}``
+    (:func:`split_op_seconds`). Self times are the calling thread's, so an op's parallel region counts once."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        started = time.perf_counter()
+        for _ in range(repeats):
+            call()
+        wall = (time.perf_counter() - started) / repeats
+    op_seconds = {event.key: event.self_cpu_time_total / 1e6 / repeats for event in profiler.key_averages()}
+    return {"wall_s": wall, "parts_s": split_op_seconds(op_seconds, wall)}
 
 
 def _int8_gemm_calls(m: int, k: int, n: int, generator) -> dict:
@@ -292,8 +358,16 @@ def run_limits(args) -> dict:
     shape = vit_shape(open_clip.get_model_config(MODEL))
     forward = str(record.get("image_forward", ""))
     class_token = "class token" in forward or forward.startswith("fused CPU forward") or "last block on the class token" in forward
-    gemm = {precision: {name: gemm_gflops(*mkn, precision) for name, mkn in gemm_shapes(shape, args.batch_size).items()}
+    shapes = gemm_shapes(shape, args.batch_size)
+    gemm = {precision: {name: gemm_gflops(*mkn, precision) for name, mkn in shapes.items()}
             for precision in GEMM_PRECISIONS}
+    evict = cache_evicter()
+    gemm_cold = {precision: {name: gemm_gflops(*mkn, precision, evict=evict) for name, mkn in shapes.items()}
+                 for precision in peak_precisions(record.get("precision"))}
+    del evict
+    split = None
+    if record.get("backend") == "torch":  # ONNX Runtime's ops run outside torch's profiler
+        split = forward_time_split(lambda: encoder.encode_images(pixels[:args.batch_size]))
 
     int8 = {}
     if args.int8_check:
@@ -323,7 +397,9 @@ def run_limits(args) -> dict:
         "gflops_per_image": vit_gflops(shape, class_token_last_block=class_token),
         "int8_gflops_per_image": vit_int8_gflops(shape, class_token_last_block=class_token),
         "gflops_per_image_full": vit_gflops(shape, class_token_last_block=False),
+        "attention_gflops_per_image": vit_attention_gflops(shape, class_token_last_block=class_token),
         "class_token_last_block": class_token, "gemm_gflops": gemm, "gemm_batch": args.batch_size,
+        "gemm_gflops_cold": gemm_cold, "forward_split": split,
         "decode_img_s": decode_rate, "threads": cores, "int8_whole_model": int8,
     }
 
@@ -460,30 +536,60 @@ def summarize(report: dict) -> None:
     if "model_only_img_s" not in limits:
         return
     chosen = (limits["record"].get("precision") or "fp32")
-    peaks = {precision: max(max(rates.values()) for rates in per_shape.values() if rates)
-             for precision, per_shape in limits["gemm_gflops"].items() if any(per_shape.values())}
+    peaks, cold_peaks = (best_rates(limits.get(key, {})) for key in ("gemm_gflops", "gemm_gflops_cold"))
     model_rate = limits["model_only_img_s"]["clipengine"]
     total = limits["gflops_per_image"]
-    # the seconds an image would take if every matmul ran at the GEMM peak of the precision it runs in
-    if chosen == "int8" and "int8" in peaks:
-        peak_precision = "int8 (QKV, MLP) + fp32 (the rest)"
-        int8_part = limits["int8_gflops_per_image"]
-        seconds_at_peak = int8_part / peaks["int8"] + (total - int8_part) / peaks["fp32"]
-    else:
-        peak_precision = "bf16" if chosen == "bf16" else "fp32"
-        seconds_at_peak = total / peaks[peak_precision]
+    int8 = chosen == "int8" and "int8" in peaks
+    peak_precision = "int8 (QKV, MLP) + fp32 (the rest)" if int8 else ("bf16" if chosen == "bf16" else "fp32")
+
+    def seconds_at(rates: dict, gflops: float) -> float:
+        """Seconds an image's ``gflops`` of matmuls would take, each at ``rates`` of the precision it runs in."""
+        if int8:
+            int8_part = limits["int8_gflops_per_image"]
+            return int8_part / rates["int8"] + (gflops - int8_part) / rates["fp32"]
+        return gflops / rates[peak_precision]
+
+    seconds_at_peak = seconds_at(peaks, total)
     decode = limits["decode_img_s"]
     report["bounds"] = {
         "chosen_precision": chosen, "peak_precision": peak_precision, "gemm_peak_gflops": peaks,
+        "gemm_cold_gflops": cold_peaks,
         "model_achieved_gflops": model_rate * total, "model_fraction_of_peak": seconds_at_peak * model_rate,
         "min_model_decode_img_s": min(model_rate, decode),
         "shared_cores_img_s": 1.0 / (1.0 / model_rate + 1.0 / decode),
     }
+    split = limits.get("forward_split")
+    if split and split["parts_s"]["matmuls"] > 0:
+        batch = limits["gemm_batch"]
+        linear_gflops = total - limits.get("attention_gflops_per_image", 0.0)
+        matmul_seconds = split["parts_s"]["matmuls"] / batch
+        rest_seconds = split["wall_s"] / batch - matmul_seconds
+        linear_at_peak = seconds_at(peaks, linear_gflops)
+        cold_measured = set(cold_peaks) >= ({"int8", "fp32"} if int8 else {peak_precision})
+        report["bounds"]["forward_split"] = {
+            "matmul_fraction_of_peak": linear_at_peak / matmul_seconds,
+            "matmul_fraction_of_cold": seconds_at(cold_peaks, linear_gflops) / matmul_seconds if cold_measured else None,
+            # the model's fraction of the peak were its linear layers at the peak and the rest as profiled
+            "ceiling_fraction": seconds_at_peak / (linear_at_peak + rest_seconds),
+        }
     if "error" not in whole.get("warm", {"error": 1}):
         warm = whole["warm"]["img_s"]
         report["bounds"]["warm_fraction_of_min"] = warm / report["bounds"]["min_model_decode_img_s"]
         report["bounds"]["warm_fraction_of_shared"] = warm / report["bounds"]["shared_cores_img_s"]
     report["targets"] = targets(report)
+
+
+def peak_precisions(chosen: str | None) -> tuple[str, ...]:
+    """The GEMM precisions a forward in ``chosen`` runs its matmuls in (the int8 form keeps some in fp32)."""
+    if chosen == "int8":
+        return ("int8", "fp32")
+    return ("bf16",) if chosen == "bf16" else ("fp32",)
+
+
+def best_rates(gemm: dict) -> dict[str, float]:
+    """precision → the best rate over the shapes and calls measured in it (``{precision: {shape: {call: rate}}}``)."""
+    return {precision: max(max(rates.values()) for rates in per_shape.values() if rates)
+            for precision, per_shape in gemm.items() if any(per_shape.values())}
 
 
 def targets(report: dict) -> list[dict]:
@@ -543,14 +649,26 @@ def print_report(report: dict) -> None:
             cells = [" / ".join(f"{name} {rate:.0f}" for name, rate in limits["gemm_gflops"][p][shape].items())
                      for p in measured]
             print(f"| {shape} | {' | '.join(cells)} |")
-        peaks = bounds["gemm_peak_gflops"]
+        peaks, cold = bounds["gemm_peak_gflops"], bounds.get("gemm_cold_gflops", {})
         print(f"| peak (best of the above) | {' | '.join(f'{peaks[p]:.0f}' if p in peaks else '' for p in measured)} |")
+        if cold:
+            print("| cold operands (caches evicted before each call), best | "
+                  f"{' | '.join(f'{cold[p]:.0f}' if p in cold else '' for p in measured)} |")
         print(f"\nmodel: {limits['gflops_per_image']:.2f} GFLOP per image as run (class-token-only last block: "
               f"{'yes' if limits['class_token_last_block'] else 'no'}; full forward {limits['gflops_per_image_full']:.2f}); "
               f"clipengine model only {bounds['model_achieved_gflops']:.0f} GFLOP/s = "
               f"{100 * bounds['model_fraction_of_peak']:.0f} % of the {bounds['peak_precision']} GEMM peak"
               + (f" (int8 matmuls: {limits['int8_gflops_per_image']:.2f} GOP per image)"
                  if bounds["chosen_precision"] == "int8" else ""))
+        split, split_bounds = limits.get("forward_split"), bounds.get("forward_split")
+        if split and split_bounds:
+            parts = ", ".join(f"{name} {1e3 * seconds:.0f}" for name, seconds in split["parts_s"].items())
+            cold_part = (f", {100 * split_bounds['matmul_fraction_of_cold']:.0f} % of the cold rate"
+                         if split_bounds["matmul_fraction_of_cold"] else "")
+            print(f"where one batch of {limits['gemm_batch']} goes (torch profiler): {1e3 * split['wall_s']:.0f} ms = "
+                  f"{parts} ms; the linear layers run at {100 * split_bounds['matmul_fraction_of_peak']:.0f} % of the "
+                  f"{bounds['peak_precision']} peak{cold_part}. With every linear layer at the peak and the rest "
+                  f"as profiled, the model would reach {100 * split_bounds['ceiling_fraction']:.0f} % of the peak")
         print(f"decode alone (clipengine's pipeline, {limits['threads']} threads): {limits['decode_img_s']:.1f} img/s; "
               f"model alone {limits['model_only_img_s']['clipengine']:.1f} img/s")
         line = (f"end-to-end limit: min(model, decode) {bounds['min_model_decode_img_s']:.1f} img/s; both sharing "
