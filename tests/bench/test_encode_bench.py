@@ -86,9 +86,8 @@ def test_cache_evicter_writes_twice_the_last_level_cache(tmp_path, monkeypatch):
     from clipengine.bench import _machine
     from clipengine.bench.encode import cache_evicter
 
-    for index, (level, size) in enumerate([("1", "48K"), ("2", "2048K"), ("3", "30M"), ("3", "bogus")]):
+    for index, size in enumerate(["48K", "2048K", "30M", "bogus"]):  # L1, L2, L3 and a line sysfs never writes
         (tmp_path / f"index{index}").mkdir()
-        (tmp_path / f"index{index}" / "level").write_text(level)
         (tmp_path / f"index{index}" / "size").write_text(size + "\n")
     assert _machine.last_level_cache_bytes(tmp_path) == 30 * 2**20
     assert _machine.last_level_cache_bytes(tmp_path / "absent") == 0
