@@ -120,45 +120,44 @@ def vit_shape(architecture: dict) -> dict:
             "output_dim": int(architecture["embed_dim"])}
 
 
-def vit_gflops(shape: dict, *, class_token_last_block: bool) -> float:
-    """Floating-point operations (2 per multiply-add) of one image through the ViT: patch embedding, the
-    blocks' matmuls (QKV, scores, weighted values, output projection, MLP), the projection."""
+def vit_gflops_parts(shape: dict, *, class_token_last_block: bool) -> dict[str, float]:
+    """GFLOP (2 per multiply-add) of one image through the ViT, by part: ``patch`` embedding, ``qkv`` (keys
+    and values of every token, queries of the tokens that leave each block), ``attention`` (scores and
+    weighted values), ``attention out`` projection, ``mlp`` (up and down), output ``projection``. With
+    ``class_token_last_block`` only the class token's query, attention, output projection and MLP run in
+    the last block."""
     grid = (shape["image_size"] // shape["patch"]) ** 2
     tokens = grid + 1
     width, mlp = shape["width"], shape["mlp_width"]
-    patch = grid * 3 * shape["patch"] ** 2 * width
+    last_queries = 1 if class_token_last_block else tokens
+    queries = (shape["layers"] - 1) * tokens + last_queries  # rows leaving the blocks, summed over blocks
+    multiply_adds = {
+        "patch": grid * 3 * shape["patch"] ** 2 * width,
+        "qkv": shape["layers"] * tokens * width * 2 * width + queries * width * width,
+        "attention": 2 * queries * tokens * width,
+        "attention out": queries * width * width,
+        "mlp": 2 * queries * width * mlp,
+        "projection": width * shape["output_dim"],
+    }
+    return {part: 2 * count / 1e9 for part, count in multiply_adds.items()}
 
-    def block(queries: int) -> int:
-        return (tokens * width * 2 * width  # keys and values of every token
-                + queries * width * width  # queries
-                + 2 * queries * tokens * width  # scores, weighted values
-                + queries * width * width  # attention output projection
-                + 2 * queries * width * mlp)  # MLP up and down
 
-    blocks = (shape["layers"] - 1) * block(tokens) + block(1 if class_token_last_block else tokens)
-    return 2 * (patch + blocks + width * shape["output_dim"]) / 1e9
+def vit_gflops(shape: dict, *, class_token_last_block: bool) -> float:
+    """Floating-point operations of one image through the ViT: every part of :func:`vit_gflops_parts`."""
+    return sum(vit_gflops_parts(shape, class_token_last_block=class_token_last_block).values())
 
 
 def vit_int8_gflops(shape: dict, *, class_token_last_block: bool) -> float:
     """The part of :func:`vit_gflops` that the torch int8 form runs as int8 matmuls: every block's QKV and
     MLP up and down (the attention's scores, output projection, patch embedding and projection stay fp32)."""
-    tokens = (shape["image_size"] // shape["patch"]) ** 2 + 1
-    width, mlp = shape["width"], shape["mlp_width"]
-
-    def block(queries: int) -> int:
-        return tokens * width * 2 * width + queries * width * width + 2 * queries * width * mlp
-
-    blocks = (shape["layers"] - 1) * block(tokens) + block(1 if class_token_last_block else tokens)
-    return 2 * blocks / 1e9
+    parts = vit_gflops_parts(shape, class_token_last_block=class_token_last_block)
+    return parts["qkv"] + parts["mlp"]
 
 
 def vit_attention_gflops(shape: dict, *, class_token_last_block: bool) -> float:
     """The part of :func:`vit_gflops` inside attention itself (scores and weighted values, every block): the
     matmuls that run in ``scaled_dot_product_attention``, not as linear layers."""
-    tokens = (shape["image_size"] // shape["patch"]) ** 2 + 1
-    last_queries = 1 if class_token_last_block else tokens
-    per_query = 2 * tokens * shape["width"]
-    return 2 * per_query * ((shape["layers"] - 1) * tokens + last_queries) / 1e9
+    return vit_gflops_parts(shape, class_token_last_block=class_token_last_block)["attention"]
 
 
 def gemm_shapes(shape: dict, batch: int) -> dict[str, tuple[int, int, int]]:
@@ -364,7 +363,7 @@ def run_limits(args) -> dict:
     evict = cache_evicter()
     gemm_cold = {precision: {name: gemm_gflops(*mkn, precision, evict=evict) for name, mkn in shapes.items()}
                  for precision in peak_precisions(record.get("precision"))}
-    del evict
+    del evict  # its buffer (twice the last-level cache) is not held through the profile and the int8 check
     split = None
     if record.get("backend") == "torch":  # ONNX Runtime's ops run outside torch's profiler
         split = forward_time_split(lambda: encoder.encode_images(pixels[:args.batch_size]))

@@ -43,20 +43,23 @@ def _uint8_batch(visual, count: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     return images, (images.permute(0, 3, 1, 2) / 255.0 - mean) / std
 
 
+def _folded(visual, dtype: torch.dtype, *, int8: bool = False) -> FusedVisionTransformer:
+    """The fused forward of ``visual`` taking uint8 images normalized by MEAN/STD."""
+    fused = FusedVisionTransformer(visual, dtype, int8=int8)
+    fused.fold_normalization(MEAN, STD)
+    return fused
+
+
 @pytest.mark.parametrize("variant", ["plain", "avg-pool", "size-not-a-patch-multiple"])
 def test_uint8_input_folds_the_normalization(variant):
     visual = vision(**variants()[variant])
     images, pixels = _uint8_batch(visual, 5, seed=2)
-    mean, std = MEAN, STD
     with torch.inference_mode():
         reference = visual(pixels)
-        fused = FusedVisionTransformer(visual, torch.float32)
         with pytest.raises(RuntimeError, match="fold_normalization"):
-            fused.encode_uint8(images)
-        fused.fold_normalization(mean, std)
-        torch.testing.assert_close(fused.encode_uint8(images), reference, rtol=1e-4, atol=1e-4)
-        fused_bf16 = FusedVisionTransformer(visual, torch.bfloat16)
-        fused_bf16.fold_normalization(mean, std)
+            FusedVisionTransformer(visual, torch.float32).encode_uint8(images)
+        torch.testing.assert_close(_folded(visual, torch.float32).encode_uint8(images), reference, rtol=1e-4, atol=1e-4)
+        fused_bf16 = _folded(visual, torch.bfloat16)
         from_uint8 = fused_bf16.encode_uint8(images).float().numpy()
         from_pixels = fused_bf16(pixels.bfloat16()).float().numpy()
     # the centered, folded patch matmul is at least as close to fp32 as the unfolded bf16 path
@@ -211,15 +214,11 @@ def test_int8_linear_is_the_matmul_of_its_codes(with_norm):
 def test_int8_form_stays_close_to_the_module_forward(variant):
     visual = vision(**variants()[variant])
     images, pixels = _uint8_batch(visual, 8, seed=4)
-    mean, std = MEAN, STD
     with torch.inference_mode():
         reference = visual(pixels)
-        int8 = FusedVisionTransformer(visual, torch.float32, int8=True)
-        int8.fold_normalization(mean, std)
+        int8 = _folded(visual, torch.float32, int8=True)
         rows = int8.encode_uint8(images)
-        fp32 = FusedVisionTransformer(visual, torch.float32)
-        fp32.fold_normalization(mean, std)
-        exact_rows = fp32.encode_uint8(images)
+        exact_rows = _folded(visual, torch.float32).encode_uint8(images)
     assert rows.dtype == torch.float32 and rows.shape == reference.shape
     assert not torch.equal(rows, exact_rows)  # the int8 matmuls ran
     assert all(block.qkv_weight is None and block.int8 is not None for block in int8.blocks)
