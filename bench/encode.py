@@ -20,8 +20,10 @@ a random-init ViT-B-32 saved as safetensors (the same weights everywhere; nothin
    chose it (``encode_images`` on decoded uint8 batches) against open_clip ``encode_image`` in fp32 and under
    bf16 autocast on the same pixels.
 3. **The machine's limits**: the GEMM rate at the ViT's shapes (QKV, attention output, MLP up and down, M =
-   batch × tokens) in fp32 and bf16 (oneDNN's linear, and ``torch.mm``; the peak is the best) and int8
-   (oneDNN's int8 linear, uint8 × int8 → fp32, as the torch int8 form calls it), the model's FLOPs per image
+   batch × tokens) in fp32 and bf16 (oneDNN's linear, and ``torch.mm``) and int8 (oneDNN's int8 linear,
+   uint8 × int8 → fp32, as the torch int8 form calls it), each as one call on every core and, where the
+   encoder splits a batch into streams, as that many calls side by side on their shares of the cores and rows
+   (the peak is the best of all of them), the model's FLOPs per image
    (counted from the architecture, the class-token-only last block included where it runs) and so its
    achieved fraction of the peak of the precision it runs in (for int8: of the time every matmul would take
    at the peak of its own precision, int8 for QKV and MLP, fp32 for the rest); clipengine's decode pipeline alone
@@ -169,38 +171,80 @@ def gemm_shapes(shape: dict, batch: int) -> dict[str, tuple[int, int, int]]:
 
 
 def gemm_gflops(m: int, k: int, n: int, dtype_name: str, seconds: float = GEMM_SECONDS, *,
-                evict=None) -> dict[str, float]:
+                evict=None, streams: int = 1) -> dict[str, float]:
     """GFLOP/s of (M, K) × (K, N) in ``dtype_name`` through oneDNN's linear (what the fused CPU forward calls)
     and ``torch.mm``; medians of repeated calls after a warm-up. ``evict``, when given, runs before every
-    call (untimed): :func:`cache_evicter`'s pass, so each call starts with its operands out of the caches."""
+    call (untimed): :func:`cache_evicter`'s pass, so each call starts with its operands out of the caches.
+    ``streams`` > 1: as the encoder's streams run (:mod:`clipengine.bindings.cpu_streams`), that many threads
+    at once, each with its share of torch's threads on its share of the M rows; the rate is their sum, and
+    each name says "in N streams"."""
+    if streams > 1:
+        return _gemm_gflops_in_streams(m, k, n, dtype_name, seconds, streams)
+    import torch
+
+    with torch.inference_mode():
+        return {name: 2.0 * m * k * n / _median_seconds(call, seconds, evict) / 1e9
+                for name, call in _gemm_calls(m, k, n, dtype_name).items()}
+
+
+def _gemm_calls(m: int, k: int, n: int, dtype_name: str) -> dict:
     import torch
 
     generator = torch.Generator().manual_seed(0)
     if dtype_name == "int8":
-        calls = _int8_gemm_calls(m, k, n, generator)
-    else:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-        x = torch.randn(m, k, generator=generator).to(dtype)
-        weight = torch.randn(n, k, generator=generator).to(dtype)
-        weight_t = weight.t().contiguous()
-        calls = {"torch.mm": lambda: torch.mm(x, weight_t)}
-        if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available():
-            calls["oneDNN linear"] = lambda: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-    evict = evict or (lambda: None)
-    out = {}
-    with torch.inference_mode():
-        for name, call in calls.items():
-            call()
-            call()
-            times = []
-            started = time.perf_counter()
-            while len(times) < 3 or time.perf_counter() - started < seconds:
-                evict()
-                tick = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - tick)
-            out[name] = 2.0 * m * k * n / float(np.median(times)) / 1e9
-    return out
+        return _int8_gemm_calls(m, k, n, generator)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    x = torch.randn(m, k, generator=generator).to(dtype)
+    weight = torch.randn(n, k, generator=generator).to(dtype)
+    weight_t = weight.t().contiguous()
+    calls = {"torch.mm": lambda: torch.mm(x, weight_t)}
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available():
+        calls["oneDNN linear"] = lambda: torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+    return calls
+
+
+def _median_seconds(call, seconds: float, evict=None) -> float:
+    """Median seconds of ``call()`` over at least 3 calls and ``seconds``, after two untimed calls;
+    ``evict()`` (untimed) before each timed call."""
+    call()
+    call()
+    times = []
+    started = time.perf_counter()
+    while len(times) < 3 or time.perf_counter() - started < seconds:
+        if evict is not None:
+            evict()
+        tick = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - tick)
+    return float(np.median(times))
+
+
+def _gemm_gflops_in_streams(m: int, k: int, n: int, dtype_name: str, seconds: float, streams: int) -> dict:
+    import threading
+
+    import torch
+
+    total_threads = torch.get_num_threads()
+    rows, threads = divmod(m, streams), divmod(total_threads, streams)
+    shares = [(rows[0] + (i < rows[1]), max(1, threads[0] + (i < threads[1]))) for i in range(streams)]
+    start = threading.Barrier(streams)
+    rates: list[dict] = [{} for _ in shares]
+
+    def stream(index: int) -> None:
+        share_rows, share_threads = shares[index]
+        torch.set_num_threads(share_threads)
+        with torch.inference_mode():
+            for name, call in _gemm_calls(share_rows, k, n, dtype_name).items():
+                start.wait()  # every stream times the same call at the same time
+                rates[index][name] = 2.0 * share_rows * k * n / _median_seconds(call, seconds) / 1e9
+
+    workers = [threading.Thread(target=stream, args=(index,)) for index in range(streams)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    torch.set_num_threads(total_threads)
+    return {f"{name} in {streams} streams": sum(rate[name] for rate in rates) for name in rates[0]}
 
 
 def cache_evicter():
@@ -238,7 +282,11 @@ def split_op_seconds(op_seconds: dict[str, float], wall_seconds: float) -> dict[
 
 def forward_time_split(call, repeats: int = 2) -> dict:
     """Run ``call()`` ``repeats`` times under torch's profiler: ``{"wall_s": per call, "parts_s": per call}``
-    (:func:`split_op_seconds`). Self times are the calling thread's, so an op's parallel region counts once."""
+    (:func:`split_op_seconds`). Self times are the calling thread's, so an op's parallel region counts once.
+    Where the encoder splits a batch into streams the calling thread runs the first of them beside the others,
+    so the parts are that stream's: with S streams on the machine's S shares, its seconds per image of its
+    own are S times the machine's per image of the batch, and its seconds divided by the whole batch's images
+    are the machine's per image, as without streams."""
     from torch.profiler import ProfilerActivity, profile
 
     call()
@@ -312,6 +360,7 @@ def run_limits(args) -> dict:
     import open_clip
     import torch
 
+    from clipengine.bindings.cpu_streams import stream_plan
     from clipengine.config import EncodeConfig, ModelConfig
     from clipengine.encode.encoders import create_encoder
     from clipengine.encode.geometry import ImageSpec
@@ -358,7 +407,11 @@ def run_limits(args) -> dict:
     forward = str(record.get("image_forward", ""))
     class_token = "class token" in forward or forward.startswith("fused CPU forward") or "last block on the class token" in forward
     shapes = gemm_shapes(shape, args.batch_size)
-    gemm = {precision: {name: gemm_gflops(*mkn, precision) for name, mkn in shapes.items()}
+    # the machine's limit is the best of one call on every core and the encoder's streams side by side
+    streams = len(stream_plan(args.batch_size, cores)) if record.get("cpu_streams", 1) > 1 else 1
+    gemm = {precision: {name: {**gemm_gflops(*mkn, precision),
+                               **(gemm_gflops(*mkn, precision, streams=streams) if streams > 1 else {})}
+                        for name, mkn in shapes.items()}
             for precision in GEMM_PRECISIONS}
     evict = cache_evicter()
     gemm_cold = {precision: {name: gemm_gflops(*mkn, precision, evict=evict) for name, mkn in shapes.items()}
@@ -391,7 +444,9 @@ def run_limits(args) -> dict:
     decoded = sum(len(batch.indices) for batch in iter_batches(paths, None, spec, batch_size=args.batch_size))
     decode_rate = decoded / (time.perf_counter() - started)
     return {
-        "record": {key: record.get(key) for key in ("backend", "precision", "image_forward", "auto_choice")},
+        "record": {key: record.get(key) for key in ("backend", "precision", "image_forward", "cpu_streams",
+                                                    "auto_choice")},
+        "streams_per_batch": streams,
         "model_only_img_s": model_only, "model_only_cosine_to_fp32": cosines,
         "gflops_per_image": vit_gflops(shape, class_token_last_block=class_token),
         "int8_gflops_per_image": vit_int8_gflops(shape, class_token_last_block=class_token),
@@ -638,7 +693,10 @@ def print_report(report: dict) -> None:
         reference = limits["model_only_img_s"]["open_clip fp32"]
         record = limits["record"]
         for name, rate in limits["model_only_img_s"].items():
-            label = f"clipengine ({record['backend']} {record['precision']}, {record['image_forward']})" if name == "clipengine" else name
+            streams = limits.get("streams_per_batch", 1)
+            in_streams = f", a batch in {streams} streams" if streams > 1 else ""
+            label = (f"clipengine ({record['backend']} {record['precision']}, {record['image_forward']}{in_streams})"
+                     if name == "clipengine" else name)
             print(f"| {label} | {rate:.1f} | {rate / reference:.2f}× | {limits['model_only_cosine_to_fp32'][name]:.5f} |")
         bounds = report["bounds"]
         measured = [p for p in GEMM_PRECISIONS if p in limits["gemm_gflops"]]

@@ -6,7 +6,9 @@ compares against them). ``encode_images`` also takes the batch as a uint8 torch 
 encoder's device (``tensor_device``; JPEGs decoded on the GPU stay there).
 
 Threads: ``num_threads`` applies to this encoder's own calls only (set around each, then restored:
-the caller's torch setting is left as it was).
+the caller's torch setting is left as it was). On the CPU the fused forward runs a batch as independent
+streams, one per thread where the batch is large enough (:mod:`clipengine.bindings.cpu_streams`;
+``streams=False`` runs each batch as one forward on all the threads; ``cpu_streams`` says how many at most).
 
 CPU: the image tower runs in the requested precision (bf16: a pure cast, which bf16's fp32 range makes
 safe; whether it is faster than fp32 depends on the CPU, which is why ``auto`` measures). In bf16 and fp32 a
@@ -47,6 +49,7 @@ import torch
 from clipengine.bindings.allocator import keep_freed_memory_mapped
 from clipengine.bindings.base import ModelTowers
 from clipengine.bindings.class_token import ClassTokenVisionTower, unprunable_reason
+from clipengine.bindings.cpu_streams import CpuStreams
 from clipengine.bindings.threads import torch_threads
 from clipengine.kernels.cuda import parse_device
 
@@ -60,8 +63,9 @@ MIN_CUDA_BUCKET = 16  # the smallest batch size a CUDA graph is captured for
 class TorchEncoder:
     """``Encoder`` on torch. ``encode_images``: (N, S, S, 3) uint8 → (N, D) float32, L2-normalized.
 
-    ``num_threads``: torch threads for this encoder's calls (None: the caller's setting). ``compile``,
-    ``cuda_graphs`` and ``max_batch`` apply on CUDA only (see the module's docstring)."""
+    ``num_threads``: torch threads for this encoder's calls (None: the caller's setting). ``streams``: the
+    fused CPU forward splits a batch into streams (see the module's docstring). ``compile``, ``cuda_graphs``
+    and ``max_batch`` apply on CUDA only."""
 
     backend = "torch"
 
@@ -74,6 +78,7 @@ class TorchEncoder:
         num_threads: int | None = None,
         cache_dir=None,
         fused: bool = True,
+        streams: bool = True,
         compile: bool = True,
         cuda_graphs: bool = True,
         max_batch: int = DEFAULT_CUDA_MAX_BATCH,
@@ -92,6 +97,8 @@ class TorchEncoder:
         self.towers = towers
         self.num_threads = int(num_threads) if num_threads else None
         self._text = None
+        self._streams = None
+        self.cpu_streams = 1  # the most streams a batch is split into
         if kind == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
             self.tensor_device = str(self.device)
@@ -107,6 +114,9 @@ class TorchEncoder:
         self.malloc_settings = keep_freed_memory_mapped()  # batches stop page-faulting their activations in
         with torch_threads(self.num_threads):
             self._prepare_cpu(towers, fused)
+            if streams and self.unfused_reason is None and torch.get_num_threads() > 1:
+                self._streams = CpuStreams(torch.get_num_threads())
+                self.cpu_streams = self._streams.threads
 
     def _prepare_cpu(self, towers: ModelTowers, fused: bool) -> None:
         # bf16 has fp32's range, so a pure cast is safe
@@ -166,7 +176,9 @@ class TorchEncoder:
                 self.image_forward = self._cuda.describe()
                 return out
             with torch.inference_mode():
-                if self.unfused_reason is None:
+                if self._streams is not None:
+                    features = self._streams.run(self._image.encode_uint8, _as_tensor(images)).float()
+                elif self.unfused_reason is None:
                     features = self._image.encode_uint8(_as_tensor(images)).float()
                 else:
                     features = self._image(self.preprocess(images)).float()

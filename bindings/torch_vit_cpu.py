@@ -273,13 +273,16 @@ class _Int8Linear:
 
 
 def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-    """(R, K) float32 → (uint8 codes, scale, zero point), the range from torch's one-pass ``aminmax``."""
+    """(R, K) float32 → (uint8 codes, scale, zero point), the range from torch's one-pass ``aminmax``. Inside
+    one of several streams (:mod:`clipengine.bindings.cpu_streams`) the pass stays on the stream's thread."""
+    from clipengine.bindings.cpu_streams import in_stream
     from clipengine.kernels.activation_quant import affine_uint8_parameters, quantize_uint8
 
     x = x.contiguous()
     lo, hi = torch.aminmax(x)
     scale, zero_point = affine_uint8_parameters(lo.item(), hi.item())
-    return torch.from_numpy(quantize_uint8(x.numpy(), scale, zero_point)), scale, zero_point
+    codes = quantize_uint8(x.numpy(), scale, zero_point, parallel=not in_stream())
+    return torch.from_numpy(codes), scale, zero_point
 
 
 @dataclass

@@ -8,7 +8,7 @@ A run directory (``clipengine run``'s ``RUN``, or the output folder of a single 
 | ``embeddings.npy`` | encode | (N, D) float32 or float16, rows L2-normalized; row i = items row i |
 | ``item_stats.npy`` | encode | (N, 2) int64: each row's file size and mtime (ns) when it was encoded |
 | ``skipped.parquet`` | encode | ``path`` [, ``box``], ``reason`` of the items that could not be decoded |
-| ``model.json`` | encode | the model record (architecture, weights + sha256, ``model_id``, backend, precision, ``image_forward``, where images were decoded (``decode``), why ``auto`` chose the backend and precision (``auto_choice``)) |
+| ``model.json`` | encode | the model record (architecture, weights + sha256, ``model_id``, backend, precision, ``image_forward``, the most streams a CPU batch is split into (``cpu_streams``), where images were decoded (``decode``), why ``auto`` chose the backend and precision (``auto_choice``)) |
 | ``errors.parquet`` | errors | ``path`` [, ``box``], ``error`` and the dataset's own feature and ``true_*`` columns |
 | ``metadata.parquet`` | annotate | ``path`` [, ``box``], then per attribute ``<attr>``, ``<attr>_prob``, ``<attr>_margin``; file metadata: model id, schema name/hash/content, strategies, logit scale |
 | ``metadata_naive.parquet`` | annotate | the same with the first prompt per class (label-quality comparison) |

@@ -71,6 +71,8 @@ def create_encoder(config: EncodeConfig, *, towers=None):
     }
     if encoder.image_forward:  # which forward runs the image tower, and why
         encoder.model_record["image_forward"] = encoder.image_forward
+    if getattr(encoder, "cpu_streams", 1) > 1:  # a batch's forward split into independent streams
+        encoder.model_record["cpu_streams"] = encoder.cpu_streams
     if choice is not None:
         encoder.model_record[RECORD_AUTO_CHOICE] = choice.record()
     return encoder

@@ -82,6 +82,45 @@ def test_cold_gemm_rate_evicts_before_every_call_and_is_timed_without_the_evicti
     assert all(rate > 2 * 64**3 / 0.01 / 1e9 for rate in cold.values()), cold
 
 
+def test_gemm_rate_in_streams_runs_the_shares_side_by_side_and_sums_them(monkeypatch):
+    import threading
+    import time
+
+    import torch
+
+    from clipengine.bench import encode
+
+    calls = []
+
+    def fake_calls(m, k, n, dtype_name):
+        def call():  # 10 ms a call, whatever the size: a stream's rate is then 2·m·k·n / 10 ms
+            started = time.perf_counter()
+            time.sleep(0.01)
+            calls.append((threading.get_ident(), m, torch.get_num_threads(), started, time.perf_counter()))
+        return {"oneDNN linear": call}
+
+    monkeypatch.setattr(encode, "_gemm_calls", fake_calls)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rates = encode.gemm_gflops(101, 8, 4, "bf16", seconds=0.05, streams=2)
+        started_later = []  # a thread started afterwards gets the caller's count again, not a stream's
+        thread = threading.Thread(target=lambda: started_later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert torch.get_num_threads() == 2 and started_later == [2]
+    finally:
+        torch.set_num_threads(previous)
+    assert list(rates) == ["oneDNN linear in 2 streams"]
+    assert sorted({(call[1], call[2]) for call in calls}) == [(50, 1), (51, 1)]  # rows and threads shared out
+    per_stream = {thread: [call for call in calls if call[0] == thread] for thread in {call[0] for call in calls}}
+    assert len(per_stream) == 2
+    first, second = per_stream.values()
+    assert first[-1][4] > second[0][3] and second[-1][4] > first[0][3]  # the streams' calls overlap in time
+    expected = 2.0 * 101 * 8 * 4 / 0.01 / 1e9  # the two streams' rates summed
+    assert 0.5 * expected < rates["oneDNN linear in 2 streams"] <= expected * 1.01
+
+
 def test_cache_evicter_writes_twice_the_last_level_cache(tmp_path, monkeypatch):
     from clipengine.bench import _machine
     from clipengine.bench.encode import cache_evicter

@@ -6,18 +6,20 @@ import pytest
 from clipengine.kernels.activation_quant import affine_uint8_parameters, quantize_uint8, quantize_uint8_reference
 
 
-def test_matches_the_reference_bit_for_bit_including_ties_and_clipping():
+@pytest.mark.parametrize("parallel", [True, False])
+def test_matches_the_reference_bit_for_bit_including_ties_and_clipping(parallel):
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((301, 77)) * 3).astype(np.float32)
     scale, zero_point = affine_uint8_parameters(x.min(), x.max())
     x[0, :4] = np.float32(scale) * np.array([0.5, 1.5, 2.5, -0.5], np.float32)  # ties: round half to even
     x[1, :2] = [1e6, -1e6]  # beyond the range: clipped
-    codes = quantize_uint8(x, scale, zero_point)
+    codes = quantize_uint8(x, scale, zero_point, parallel=parallel)
     assert codes.dtype == np.uint8 and codes.shape == x.shape
     np.testing.assert_array_equal(codes, quantize_uint8_reference(x, scale, zero_point))
     assert codes[1, 0] == 255 and codes[1, 1] == 0
-    out = np.empty_like(codes)
-    assert quantize_uint8(x, scale, zero_point, out=out) is out
+    out = np.full_like(codes, 7)  # every value written: none of the 7s is left over
+    assert quantize_uint8(x, scale, zero_point, out=out, parallel=parallel) is out
+    np.testing.assert_array_equal(out, codes)
 
 
 def test_range_holds_zero_exactly_and_every_value_within_half_a_step():
@@ -37,3 +39,16 @@ def test_an_all_zero_tensor_and_bad_input():
         affine_uint8_parameters(float("nan"), 1.0)
     with pytest.raises(ValueError, match="float32"):
         quantize_uint8(np.zeros((2, 2)), 1.0, 0)
+
+
+def test_the_serial_pass_never_enters_numba_s_threads(monkeypatch):
+    from clipengine.kernels import activation_quant
+
+    def parallel_kernel(*args):
+        raise AssertionError("the parallel kernel ran")
+
+    monkeypatch.setattr(activation_quant, "_quantize", parallel_kernel)
+    x = np.ones((4, 3), np.float32)
+    np.testing.assert_array_equal(quantize_uint8(x, 0.5, 0, parallel=False), quantize_uint8_reference(x, 0.5, 0))
+    with pytest.raises(AssertionError, match="parallel kernel ran"):
+        quantize_uint8(x, 0.5, 0)

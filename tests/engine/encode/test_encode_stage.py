@@ -62,6 +62,9 @@ def test_encode_cli_end_to_end(tiny_clip, photo_dir, tmp_path):
     assert skipped["path"].to_list() == [str(photo_dir / "broken.jpg")] and skipped["reason"][0]
     assert record["backend"] == "torch" and record["precision"] == "fp32" and record["embed_dim"] == 32
     assert record["image_forward"] == "fused CPU forward"
+    from clipengine import envs
+
+    assert record.get("cpu_streams", 1) == envs.num_threads()  # a large enough batch splits into one per thread
     assert not (out / "shards").exists()
     # the same rows as open_clip's own preprocess + eager forward on the same weights
     reference, _ = open_clip_reference(tiny_clip, paths)
