@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from clipengine.bindings.allocator import keep_freed_memory_mapped
+from clipengine.bindings.cpu_streams import CpuStreams
 from clipengine.bindings.files import sha256_files
 from clipengine.bindings.threads import torch_threads
 
@@ -100,13 +101,15 @@ class ConseEncoder:
 
     ``top_t``: how many of the classifier's most probable classes are mixed (T in the paper;
     their probabilities are renormalized to sum to 1). ``num_threads``: torch threads for this encoder's
-    calls (set around each and restored after; None: the caller's setting).
+    calls (set around each and restored after; None: the caller's setting). ``streams``: on the CPU the
+    classifier runs a batch as independent streams, one per thread (:mod:`clipengine.bindings.cpu_streams`:
+    its many small convolutions parallelize poorly inside one forward); ``cpu_streams`` says how many at most.
     """
 
     image_size = IMAGE_SIZE
 
     def __init__(self, *, device: str = "cpu", precision: str = "fp32", top_t: int = DEFAULT_TOP_T,
-                 num_threads: int | None = None, cache_dir: Path | None = None):
+                 num_threads: int | None = None, cache_dir: Path | None = None, streams: bool = True):
         if precision not in PRECISIONS:
             raise ValueError(f"ConSE precision must be one of {', '.join(PRECISIONS)}, not {precision}")
         self.precision = precision
@@ -118,8 +121,13 @@ class ConseEncoder:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         # on the CPU the classifier's batches stop page-faulting their activations in
         self.malloc_settings = keep_freed_memory_mapped() if device == "cpu" else None
+        import torch
+
         with torch_threads(self.num_threads):
             self._text_model = load_text_model(device)
+            threads = torch.get_num_threads() if streams and device == "cpu" else 1
+        self._streams = CpuStreams(threads) if threads > 1 else None
+        self.cpu_streams = threads
         dimension = getattr(self._text_model, "get_embedding_dimension", None)  # sentence-transformers ≥ 6
         self.embed_dim = int((dimension or self._text_model.get_sentence_embedding_dimension)())
         self._classifier = None
@@ -141,6 +149,7 @@ class ConseEncoder:
             "precision": precision,
             "embed_dim": self.embed_dim,
             "image_size": IMAGE_SIZE,
+            **({"cpu_streams": threads} if threads > 1 else {}),
             "preprocess": {"size": IMAGE_SIZE, "mean": list(MEAN), "std": list(STD), "interpolation": "bicubic",
                            "resize_mode": "shortest"},
         }
@@ -198,9 +207,16 @@ class ConseEncoder:
             mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
             std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
             x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                logits = self._classifier(x)
+            logits = self._streams.run(self._classify, x) if self._streams is not None else self._classify(x)
             return logits.float().softmax(dim=-1).cpu().numpy()
+
+    def _classify(self, x):
+        """(N, 3, S, S) normalized pixels → (N, 1000) logits; autocast entered here, in the thread that runs
+        the classifier (it is per thread)."""
+        import torch
+
+        with torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            return self._classifier(x)
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
         """(N, 224, 224, 3) uint8 RGB → (N, D) float32, rows L2-normalized."""

