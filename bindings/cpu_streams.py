@@ -3,11 +3,12 @@ with its own share of torch's threads, the rows joined back in order.
 
 One forward on all the cores parallelizes every op inside itself: each matmul, LayerNorm and attention call
 is a parallel region whose threads meet at a barrier, and the small ops and the Python between them run on
-one core while the others wait. Independent streams meet only once per batch. On the 2-core machines this was
-measured on, two single-threaded streams encoded a batch faster than one forward on both cores, in bf16 and
-more so with the int8 matmuls, whose oneDNN calls parallelize some of the ViT's shapes poorly (the encode
-benchmark has the figures). Many cores want several threads per stream instead of one: each stream reads all
-the weights once per part, and a part of few images makes its matmuls short (:func:`stream_plan`).
+one core while the others wait; a core shared with other work (the pipeline's own decode threads, another
+process) slows every op. Independent streams meet only once per batch. On the 2-core machines this was
+measured on, two single-threaded streams kept pace with one forward on both cores when nothing else ran, were
+far faster when one core was shared, and ran a small CNN (ConSE's classifier) faster in any case (the README's
+benchmarks have the figures). Many cores want several threads per stream instead of one: each stream reads
+all the weights once per part, and a part of few images makes its matmuls short (:func:`stream_plan`).
 
 Threads: the first stream runs in the calling thread, the others in this module's own (a pool per
 :class:`CpuStreams`); each sets torch's thread count for itself, and the caller's count is set again after
