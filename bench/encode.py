@@ -224,9 +224,10 @@ def _gemm_gflops_in_streams(m: int, k: int, n: int, dtype_name: str, seconds: fl
 
     import torch
 
+    from clipengine.bindings.cpu_streams import split_evenly
+
     total_threads = torch.get_num_threads()
-    rows, threads = divmod(m, streams), divmod(total_threads, streams)
-    shares = [(rows[0] + (i < rows[1]), max(1, threads[0] + (i < threads[1]))) for i in range(streams)]
+    shares = split_evenly(m, total_threads, streams)
     start = threading.Barrier(streams)
     rates: list[dict] = [{} for _ in shares]
 

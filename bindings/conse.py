@@ -125,9 +125,7 @@ class ConseEncoder:
 
         with torch_threads(self.num_threads):
             self._text_model = load_text_model(device)
-            threads = torch.get_num_threads() if streams and device == "cpu" else 1
-        self._streams = CpuStreams(threads) if threads > 1 else None
-        self.cpu_streams = threads
+            self._streams = CpuStreams.for_threads(torch.get_num_threads()) if streams and device == "cpu" else None
         dimension = getattr(self._text_model, "get_embedding_dimension", None)  # sentence-transformers ≥ 6
         self.embed_dim = int((dimension or self._text_model.get_sentence_embedding_dimension)())
         self._classifier = None
@@ -149,10 +147,15 @@ class ConseEncoder:
             "precision": precision,
             "embed_dim": self.embed_dim,
             "image_size": IMAGE_SIZE,
-            **({"cpu_streams": threads} if threads > 1 else {}),
+            **({"cpu_streams": self.cpu_streams} if self._streams is not None else {}),
             "preprocess": {"size": IMAGE_SIZE, "mean": list(MEAN), "std": list(STD), "interpolation": "bicubic",
                            "resize_mode": "shortest"},
         }
+
+    @property
+    def cpu_streams(self) -> int:
+        """The most streams the classifier splits a batch into (1: one forward)."""
+        return self._streams.threads if self._streams is not None else 1
 
     # ---- text ---------------------------------------------------------------------------------
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:

@@ -36,9 +36,15 @@ def stream_plan(images: int, threads: int, min_images: int = MIN_STREAM_IMAGES) 
     threads are spread as evenly as they divide (the first streams take the remainders). One entry
     ``(images, threads)`` means one forward, unsplit."""
     threads = max(1, int(threads))
-    count = max(1, min(threads, images // max(1, min_images)))
-    rows, threads_each = divmod(images, count), divmod(threads, count)
-    return [(rows[0] + (index < rows[1]), threads_each[0] + (index < threads_each[1])) for index in range(count)]
+    return split_evenly(images, threads, max(1, min(threads, images // max(1, min_images))))
+
+
+def split_evenly(rows: int, threads: int, count: int) -> list[tuple[int, int]]:
+    """``count`` streams' ``(rows, threads)``: both spread as evenly as they divide, the first streams taking
+    the remainders (at least one thread each)."""
+    rows_each, threads_each = divmod(rows, count), divmod(threads, count)
+    return [(rows_each[0] + (index < rows_each[1]), max(1, threads_each[0] + (index < threads_each[1])))
+            for index in range(count)]
 
 
 def in_stream() -> bool:
@@ -50,6 +56,11 @@ def in_stream() -> bool:
 class CpuStreams:
     """Runs ``forward`` (N, ...) → (N, ...) on a batch as :func:`stream_plan`'s streams, for ``threads`` torch
     threads in all. Safe to call from one thread at a time (the encode stage's consumer)."""
+
+    @classmethod
+    def for_threads(cls, threads: int) -> CpuStreams | None:
+        """Streams for ``threads`` torch threads, or None where there is one thread (nothing to split)."""
+        return cls(threads) if threads > 1 else None
 
     def __init__(self, threads: int, min_images: int = MIN_STREAM_IMAGES):
         self.threads = max(1, int(threads))

@@ -97,8 +97,7 @@ class TorchEncoder:
         self.towers = towers
         self.num_threads = int(num_threads) if num_threads else None
         self._text = None
-        self._streams = None
-        self.cpu_streams = 1  # the most streams a batch is split into
+        self._streams: CpuStreams | None = None
         if kind == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
             self.tensor_device = str(self.device)
@@ -114,9 +113,13 @@ class TorchEncoder:
         self.malloc_settings = keep_freed_memory_mapped()  # batches stop page-faulting their activations in
         with torch_threads(self.num_threads):
             self._prepare_cpu(towers, fused)
-            if streams and self.unfused_reason is None and torch.get_num_threads() > 1:
-                self._streams = CpuStreams(torch.get_num_threads())
-                self.cpu_streams = self._streams.threads
+            if streams and self.unfused_reason is None:
+                self._streams = CpuStreams.for_threads(torch.get_num_threads())
+
+    @property
+    def cpu_streams(self) -> int:
+        """The most streams a batch is split into (1: one forward)."""
+        return self._streams.threads if self._streams is not None else 1
 
     def _prepare_cpu(self, towers: ModelTowers, fused: bool) -> None:
         # bf16 has fp32's range, so a pure cast is safe

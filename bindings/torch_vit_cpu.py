@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from clipengine.bindings.cpu_streams import in_stream
 from clipengine.bindings.open_clip_vit import OpenClipVision
 
 _NORM_CLASSES = ("LayerNorm", "LayerNormFp32")  # torch's and open_clip's LayerNorm (one name), open_clip's fp32 one
@@ -275,7 +276,6 @@ class _Int8Linear:
 def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
     """(R, K) float32 → (uint8 codes, scale, zero point), the range from torch's one-pass ``aminmax``. Inside
     one of several streams (:mod:`clipengine.bindings.cpu_streams`) the pass stays on the stream's thread."""
-    from clipengine.bindings.cpu_streams import in_stream
     from clipengine.kernels.activation_quant import affine_uint8_parameters, quantize_uint8
 
     x = x.contiguous()
