@@ -131,6 +131,21 @@ def test_matches_transformers_clip_vision_forward(hidden_act):
     assert cosine(fused_bf16.float().numpy(), reference.numpy()).min() >= 0.999
 
 
+def test_quick_gelu_runs_as_the_matmuls_swish_with_its_slope_in_the_weights():
+    """QuickGELU h·σ(1.702 h) is fused as swish z·σ(z) on z = 1.702 h: the up projection carries 1.702, the
+    down projection 1 / 1.702, each scaled from the module's float32 weights and rounded to bf16 once."""
+    visual = vision(**variants()["quick-gelu"])
+    fused = FusedVisionTransformer(visual, torch.bfloat16)
+    for block, module in zip(fused.blocks, visual.transformer.resblocks):
+        assert block.activation == "swish"
+        for folded, source, factor in ((block.fc_weight, module.mlp.c_fc.weight, 1.702),
+                                       (block.fc_bias, module.mlp.c_fc.bias, 1.702),
+                                       (block.proj_weight, module.mlp.c_proj.weight, 1 / 1.702)):
+            assert torch.equal(folded, (source.double() * factor).to(torch.bfloat16))
+        assert torch.equal(block.proj_bias, module.mlp.c_proj.bias.to(torch.bfloat16))
+    assert FusedVisionTransformer(vision(), torch.bfloat16).blocks[0].activation == "gelu"
+
+
 def test_names_what_it_cannot_fuse_in_a_transformers_tower():
     assert unsupported_reason(_hf_tower("gelu_new")) == "block 0: activation NewGELUActivation"
 
