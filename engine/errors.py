@@ -15,3 +15,9 @@ class MissingDependencyError(ClipengineError):
         what = f" for {purpose}" if purpose else ""
         super().__init__(f"the package '{package}' is needed{what}; install it with: {hint}")
         self.package = package
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, ``kill``), raised in the ``clipengine`` process's main thread by the
+    CLI's handler. A ``KeyboardInterrupt``, so everything that keeps finished work or cleans up on Ctrl-C
+    does the same on SIGTERM."""

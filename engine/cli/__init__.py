@@ -96,6 +96,40 @@ def _exit_without_collecting() -> None:
     gc.freeze()
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM raises :class:`~clipengine.errors.Terminated` in the main thread instead of ending the
+    process on the spot: the command stops as on Ctrl-C, keeping what it finished (the encode stage
+    commits its pending rows) and removing its temporary files. Installed only by the process's own
+    entry point: a library call leaves the caller's signal handling alone."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def terminate(signum, frame):
+        from clipengine.errors import Terminated
+
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
+def _exit_interrupted(cause: BaseException | None) -> None:
+    """Exit after Ctrl-C (130) or SIGTERM (143, the shell's 128 + 15), saying that a rerun resumes."""
+    from clipengine.errors import Terminated
+
+    if isinstance(cause, Terminated):
+        click.echo("clipengine: terminated (SIGTERM); finished work is kept, run the same command again to resume",
+                   err=True)
+        sys.exit(143)
+    if isinstance(cause, KeyboardInterrupt):
+        click.echo("clipengine: interrupted; finished work is kept, run the same command again to resume", err=True)
+        sys.exit(130)
+    click.echo("clipengine: aborted", err=True)
+    sys.exit(130)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one line and exit 2; no tracebacks for bad input. With ``argv``
     None (the process's own command line: the process is this command's) the interpreter's exit skips
@@ -106,20 +140,19 @@ def main(argv: list[str] | None = None) -> None:
         import atexit
 
         atexit.register(_exit_without_collecting)  # registered first: runs after every other exit handler
+        _stop_on_sigterm()
     try:
         code = cli.main(args=argv, prog_name="clipengine", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("clipengine: aborted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as abort:  # click turns Ctrl-C (and SIGTERM's Terminated) into Abort
+        _exit_interrupted(abort.__cause__)
     except click.ClickException as error:
         error.show()
         sys.exit(error.exit_code)
     except ClipengineError as error:
         click.echo(f"clipengine: error: {one_line(error)}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("clipengine: interrupted; finished work is kept, run the same command again to resume", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as interrupt:
+        _exit_interrupted(interrupt)
     except BrokenPipeError:
         sys.exit(0)
     except OSError as error:  # the storage, not the input: read-only, full, or not permitted

@@ -3,7 +3,9 @@
 What it writes is :func:`clipengine.artifacts.write_encoded`'s (``embeddings.npy``, ``items.parquet``,
 ``item_stats.npy``, ``skipped.parquet``, ``model.json``). While it runs, every ``shard_size`` items or
 ``shard_seconds`` the finished rows are committed as one shard file (:mod:`clipengine.shards`, in
-``OUT/shards``): a run killed at any moment (SIGKILL included) resumes from them. A rerun over a
+``OUT/shards``), and once more when it is interrupted (Ctrl-C, or SIGTERM through the CLI): a run
+stopped at any moment resumes from them, losing nothing after an interrupt and at most the last
+``shard_seconds`` after SIGKILL or a power loss. A rerun over a
 superset of items reuses the finished outputs (same model identity, same file size and mtime) and
 encodes only the new or changed items. Skipped items are retried on rerun.
 """
@@ -105,6 +107,9 @@ def encode_items(items, out_dir: str | os.PathLike, config: EncodeConfig, *, enc
             if pending.due(config.shard_size, config.shard_seconds):
                 sharded.update(pending.commit())
         sharded.update(pending.commit())
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the CLI: the rows already encoded are kept
+        pending.commit()
+        raise
     finally:
         bar.close()
 
@@ -140,33 +145,34 @@ class _PendingShard:
 
     def __init__(self, store, keys: list[str], stats: np.ndarray):
         self.store, self.keys, self.stats = store, keys, stats
-        self.positions: list[int] = []
-        self.rows: list[np.ndarray] = []
+        self.batches: list[tuple[list[int], np.ndarray]] = []  # (item positions, (B, D) rows)
         self.since = time.monotonic()
         self.run = uuid.uuid4().hex[:8]
         self.number = 0
 
     def add(self, positions: list[int], rows: np.ndarray) -> None:
-        self.positions.extend(positions)
-        self.rows.append(rows)
+        # one append: an interrupt lands before or after it, never between a batch's positions and rows
+        self.batches.append((positions, rows))
 
     def due(self, size: int, seconds: float) -> bool:
-        return len(self.positions) >= size or (bool(self.positions) and time.monotonic() - self.since >= seconds)
+        pending = sum(len(positions) for positions, _ in self.batches)
+        return pending >= size or (pending > 0 and time.monotonic() - self.since >= seconds)
 
     def commit(self) -> dict[str, np.ndarray]:
         """Write the pending rows as one shard (if any); key → row of what was written."""
-        if not self.positions:
+        positions = [position for batch_positions, _ in self.batches for position in batch_positions]
+        if not positions:
             return {}
-        keys = [self.keys[i] for i in self.positions]
-        rows = np.concatenate(self.rows)
+        keys = [self.keys[i] for i in positions]
+        rows = np.concatenate([rows for _, rows in self.batches])
         self.store.prepare()
         self.store.write(f"shard-{self.run}-{self.number:06d}.npz", {
-            "keys": np.asarray(keys, dtype=str), "rows": rows, "stats": self.stats[self.positions],
+            "keys": np.asarray(keys, dtype=str), "rows": rows, "stats": self.stats[positions],
             "skipped_keys": np.zeros(0, dtype=str), "skipped_reasons": np.zeros(0, dtype=str),
         })
         self.number += 1
         written = dict(zip(keys, rows))
-        self.positions, self.rows, self.since = [], [], time.monotonic()
+        self.batches, self.since = [], time.monotonic()
         return written
 
 

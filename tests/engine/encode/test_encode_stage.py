@@ -215,16 +215,7 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_clip, samp
 
     from clipengine.encode.stage import encode_items
 
-    folder = tmp_path / "many"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(40):
-        source = np.asarray(Image.open(sample_photos[i % len(sample_photos)]).convert("RGB"))
-        y, x = rng.integers(0, 100, 2)
-        path = folder / f"img{i:03d}.jpg"
-        Image.fromarray(source[y:y + 300, x:x + 350]).save(path)
-        paths.append(str(path))
+    paths = _numbered_photos(sample_photos, tmp_path / "many", 40)
     listing = tmp_path / "list.txt"
     listing.write_text("\n".join(paths))
     out = tmp_path / "killed"
@@ -250,6 +241,115 @@ def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_clip, samp
     assert pl.read_parquet(out / "items.parquet")["path"].to_list() == paths
     np.testing.assert_allclose(np.load(out / "embeddings.npy"), np.load(tmp_path / "whole" / "embeddings.npy"), atol=1e-6)
     assert not (out / "shards").exists()
+
+
+def _numbered_photos(sample_photos, folder: Path, count: int) -> list[str]:
+    """``count`` distinct JPEGs in ``folder``: crops of the sample photos at random offsets."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        source = np.asarray(Image.open(sample_photos[i % len(sample_photos)]).convert("RGB"))
+        y, x = rng.integers(0, 100, 2)
+        path = folder / f"img{i:03d}.jpg"
+        Image.fromarray(source[y:y + 300, x:x + 350]).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_an_interrupt_keeps_every_batch_encoded_before_it(tiny_clip, sample_photos, tmp_path):
+    """Ctrl-C (or SIGTERM through the CLI) between shard commits: the rows of the batches already encoded
+    are committed on the way out, and the rerun encodes only the rest."""
+    from clipengine.encode.encoders import create_encoder
+    from clipengine.encode.stage import encode_items
+
+    paths = _numbered_photos(sample_photos, tmp_path / "many", 12)
+    items = pl.DataFrame({"path": paths})
+    config = _config(tiny_clip, batch_size=2, shard_size=1000, shard_seconds=3600.0)
+    real = create_encoder(config)
+
+    class InterruptedAtTheFourthBatch:
+        image_size, embed_dim, model_record = real.image_size, real.embed_dim, real.model_record
+        calls = 0
+
+        def encode_images(self, images):
+            self.calls += 1
+            if self.calls == 4:
+                raise KeyboardInterrupt
+            return real.encode_images(images)
+
+    out = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        encode_items(items, out, config, encoder=InterruptedAtTheFourthBatch())
+    assert len(list((out / "shards").glob("shard-*.npz"))) == 1 and not (out / "embeddings.npy").exists()
+
+    resumed = encode_items(items, out, config, encoder=real)
+    assert (resumed.reused, resumed.newly_encoded) == (6, 6)
+    encode_items(items, tmp_path / "whole", config, encoder=real)
+    np.testing.assert_allclose(np.load(out / "embeddings.npy"), np.load(tmp_path / "whole" / "embeddings.npy"), atol=1e-6)
+
+
+_TERMINATED_RUN = textwrap.dedent(
+    """
+    import sys, time
+    import polars as pl
+    from clipengine.cli import _stop_on_sigterm
+    from clipengine.config import EncodeConfig, ModelConfig
+    from clipengine.encode.encoders import create_encoder
+    from clipengine.encode.stage import encode_items
+    from clipengine.errors import Terminated
+
+    model, weights, listing, out = sys.argv[1:5]
+    config = EncodeConfig(model=ModelConfig(model=model, weights=weights), backend="torch", device="cpu",
+                          precision="fp32", batch_size=2, shard_size=1000, shard_seconds=3600.0, workers=1,
+                          progress=False)
+    real = create_encoder(config)
+
+    class Slow:
+        image_size, embed_dim, model_record = real.image_size, real.embed_dim, real.model_record
+
+        def encode_images(self, images):
+            rows = real.encode_images(images)
+            print("BATCH", flush=True)
+            time.sleep(0.3)
+            return rows
+
+    _stop_on_sigterm()
+    try:
+        encode_items(pl.DataFrame({"path": open(listing).read().split()}), out, config, encoder=Slow())
+    except Terminated:
+        print("TERMINATED", flush=True)
+    """
+)
+
+
+def test_sigterm_through_the_cli_handler_keeps_what_was_encoded(tiny_clip, sample_photos, tmp_path):
+    """The CLI's SIGTERM handler turns a scheduler's stop into an interrupt: no shard was due (one per
+    hour), yet the batches encoded before the signal are on disk and the rerun reuses them."""
+    from clipengine.encode.stage import encode_items
+
+    paths = _numbered_photos(sample_photos, tmp_path / "many", 40)
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(paths))
+    out = tmp_path / "terminated"
+    process = subprocess.Popen(
+        [sys.executable, "-c", _TERMINATED_RUN, str(tiny_clip.config_path), str(tiny_clip.weights_path), str(listing),
+         str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "CLIPENGINE_NUM_THREADS": "1"},
+    )
+    batches = 0
+    while batches < 3:
+        line = process.stdout.readline()
+        assert line, process.stderr.read()
+        batches += line.strip() == "BATCH"
+    process.send_signal(signal.SIGTERM)
+    rest, errors = process.communicate(timeout=60)
+    assert process.returncode == 0 and "TERMINATED" in rest, errors
+    assert len(list((out / "shards").glob("shard-*.npz"))) == 1
+
+    resumed = encode_items(pl.DataFrame({"path": paths}), out, _config(tiny_clip, batch_size=2))
+    # the third batch printed before its pause, so the first two had returned: at least their 4 rows
+    assert resumed.reused >= 4 and resumed.reused + resumed.newly_encoded == 40
 
 
 def test_half_finished_outputs_are_not_trusted(tiny_clip, sample_photos, tmp_path):
