@@ -524,4 +524,7 @@ def sklearn_lda(embeddings, label_set, schema) -> np.ndarray:
 
 
 if __name__ == "__main__":
+    from clipengine.interrupts import stop_on_sigterm
+
+    stop_on_sigterm()  # stopped by a scheduler, the script removes its scratch folders as on Ctrl-C
     main()

@@ -169,4 +169,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from clipengine.interrupts import stop_on_sigterm
+
+    stop_on_sigterm()  # stopped by a scheduler, the script removes its scratch folders as on Ctrl-C
     sys.exit(main())

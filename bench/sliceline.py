@@ -447,4 +447,7 @@ def run_case(case: dict, folder: Path, args) -> None:
 
 
 if __name__ == "__main__":
+    from clipengine.interrupts import stop_on_sigterm
+
+    stop_on_sigterm()  # stopped by a scheduler, the script removes its scratch folders as on Ctrl-C
     main()

@@ -96,25 +96,6 @@ def _exit_without_collecting() -> None:
     gc.freeze()
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM raises :class:`~clipengine.errors.Terminated` in the main thread instead of ending the
-    process on the spot: the command stops as on Ctrl-C, keeping what it finished (the encode stage
-    commits its pending rows) and removing its temporary files. Installed only by the process's own
-    entry point: a library call leaves the caller's signal handling alone."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def terminate(signum, frame):
-        from clipengine.errors import Terminated
-
-        raise Terminated()
-
-    signal.signal(signal.SIGTERM, terminate)
-
-
 def _exit_interrupted(cause: BaseException | None) -> None:
     """Exit after Ctrl-C (130) or SIGTERM (143, the shell's 128 + 15), saying that a rerun resumes."""
     from clipengine.errors import Terminated
@@ -139,8 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv is None:
         import atexit
 
+        from clipengine.interrupts import stop_on_sigterm
+
         atexit.register(_exit_without_collecting)  # registered first: runs after every other exit handler
-        _stop_on_sigterm()
+        stop_on_sigterm()  # a scheduler's stop ends the command as Ctrl-C does (clipengine.interrupts)
     try:
         code = cli.main(args=argv, prog_name="clipengine", standalone_mode=False)
     except click.exceptions.Abort as abort:  # click turns Ctrl-C (and SIGTERM's Terminated) into Abort

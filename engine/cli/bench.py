@@ -9,7 +9,6 @@ wheel as well as from a source checkout.
 from __future__ import annotations
 
 import ast
-import subprocess
 import sys
 from pathlib import Path
 
@@ -49,7 +48,9 @@ class BenchGroup(click.Group):
             return None
 
         def run(args: tuple[str, ...]) -> None:
-            code = subprocess.call([sys.executable, str(script), *args])
+            from clipengine.interrupts import run_child
+
+            code = run_child([sys.executable, str(script), *args])  # stopped, it stops the script too
             if code:
                 sys.exit(code)
 

@@ -211,7 +211,6 @@ _SLOW_RUN = textwrap.dedent(
 
 
 def test_sigkill_mid_run_then_resume_equals_an_uninterrupted_run(tiny_clip, sample_photos, tmp_path):
-    from PIL import Image
 
     from clipengine.encode.stage import encode_items
 
@@ -293,11 +292,11 @@ _TERMINATED_RUN = textwrap.dedent(
     """
     import sys, time
     import polars as pl
-    from clipengine.cli import _stop_on_sigterm
     from clipengine.config import EncodeConfig, ModelConfig
     from clipengine.encode.encoders import create_encoder
     from clipengine.encode.stage import encode_items
     from clipengine.errors import Terminated
+    from clipengine.interrupts import stop_on_sigterm
 
     model, weights, listing, out = sys.argv[1:5]
     config = EncodeConfig(model=ModelConfig(model=model, weights=weights), backend="torch", device="cpu",
@@ -314,7 +313,7 @@ _TERMINATED_RUN = textwrap.dedent(
             time.sleep(0.3)
             return rows
 
-    _stop_on_sigterm()
+    stop_on_sigterm()
     try:
         encode_items(pl.DataFrame({"path": open(listing).read().split()}), out, config, encoder=Slow())
     except Terminated:
