@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-PROBE_FORMAT = 5  # bump when what is measured changes (old cache entries are then ignored)
+PROBE_FORMAT = 6  # bump when what is measured changes (old cache entries are then ignored)
 PROBE_DEPTHS = (1, 3)  # blocks of the two probe towers
 PROBE_BATCH = 16
 PROBE_ROUNDS = 3
