@@ -3,11 +3,12 @@
     flock /tmp/clipengine-bench.lock python bench/encode.py [--images 1024] [--rounds 2] [--json OUT.json]
 
 Data: ``--images`` JPEG files made from scikit-image's sample photos at varied sizes (500×400 .. 1000×800) and
-a random-init ViT-B-32 saved as safetensors (the same weights everywhere; nothing is downloaded).
+a random-init ``--model`` (ViT-B-32; ViT-B-32-quickgelu is the architecture of OpenAI's weights) saved as
+safetensors (the same weights everywhere; nothing is downloaded).
 
 1. **Whole processes** (the headline), each timed from spawn to exit with its own peak RSS, interleaved in
    ``--rounds`` rounds (the order alternates between rounds; medians reported):
-   - ``clipengine encode JPEGS --out OUT --model ViT-B-32 --weights W`` (its defaults: ``auto`` backend and
+   - ``clipengine encode JPEGS --out OUT --model MODEL --weights W`` (its defaults: ``auto`` backend and
      precision, decode threads), **cold**: an empty cache folder (``auto`` measures this CPU, any ONNX
      export happens), and **warm**: the same command again with that cache, into a fresh output folder;
    - open_clip **plain**: its own loop (``create_model_and_transforms``, PIL + its preprocess per image,
@@ -63,7 +64,7 @@ DEFAULT_BATCH = 64
 DEFAULT_ROUNDS = 2
 DEFAULT_MODEL_BATCHES = 4
 PEERS = ("plain", "tuned-bf16", "tuned-fp32")
-MODEL = "ViT-B-32"
+MODEL = "ViT-B-32"  # the default architecture; --model picks another (ViT-B-32-quickgelu: OpenAI's)
 GEMM_SECONDS = 0.4
 GEMM_PRECISIONS = ("fp32", "bf16", "int8")
 
@@ -93,14 +94,15 @@ def make_jpegs(folder: Path, count: int, seed: int = 0) -> list[str]:
     return paths
 
 
-def make_weights(folder: Path) -> Path:
+def make_weights(folder: Path, model: str) -> Path:
+    """Random-init open_clip ``model`` saved as safetensors in ``folder`` (seed 0: the same weights every run)."""
     import open_clip
     import torch
 
     from clipengine.encode.models import build_open_clip_model, save_checkpoint
 
     torch.manual_seed(0)
-    return save_checkpoint(build_open_clip_model(open_clip.get_model_config(MODEL)), folder / f"{MODEL}-random.safetensors")
+    return save_checkpoint(build_open_clip_model(open_clip.get_model_config(model)), folder / f"{model}-random.safetensors")
 
 
 def decoded_set(paths: list[str], count: int) -> np.ndarray:
@@ -326,7 +328,7 @@ def run_peer(args) -> dict:
     from PIL import Image
 
     paths = Path(args.listing).read_text().split()
-    model, _, preprocess = open_clip.create_model_and_transforms(MODEL, pretrained=str(args.weights))
+    model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=str(args.weights))
     model.eval()
     out = []
     if args.peer == "plain":
@@ -369,10 +371,10 @@ def run_limits(args) -> dict:
 
     cores = len(os.sched_getaffinity(0))
     paths = Path(args.listing).read_text().split()
-    encoder = create_encoder(EncodeConfig(model=ModelConfig(model=MODEL, weights=Path(args.weights)),
+    encoder = create_encoder(EncodeConfig(model=ModelConfig(model=args.model, weights=Path(args.weights)),
                                           batch_size=args.batch_size, progress=False))
     record = encoder.model_record
-    peer = open_clip.create_model(MODEL, pretrained=str(args.weights)).eval()
+    peer = open_clip.create_model(args.model, pretrained=str(args.weights)).eval()
     pixels = decoded_set(paths, args.batch_size * (args.model_batches + 1))
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
@@ -404,7 +406,7 @@ def run_limits(args) -> dict:
     reference = np.concatenate(rows["open_clip fp32"])
     cosines = {name: float(np.min(np.sum(np.concatenate(r) * reference, axis=1))) for name, r in rows.items()}
 
-    shape = vit_shape(open_clip.get_model_config(MODEL))
+    shape = vit_shape(open_clip.get_model_config(args.model))
     forward = str(record.get("image_forward", ""))
     class_token = "class token" in forward or forward.startswith("fused CPU forward") or "last block on the class token" in forward
     shapes = gemm_shapes(shape, args.batch_size)
@@ -427,7 +429,7 @@ def run_limits(args) -> dict:
         from clipengine import bindings, envs
         from clipengine.encode.models import load_model, resolve_model
 
-        towers = load_model(resolve_model(ModelConfig(model=MODEL, weights=Path(args.weights))))
+        towers = load_model(resolve_model(ModelConfig(model=args.model, weights=Path(args.weights))))
         batch = pixels[args.batch_size:2 * args.batch_size]
         for backend in ("torch", "onnxruntime"):
             if bindings.check_backend(backend, "cpu", "int8") is not None:
@@ -476,7 +478,8 @@ def spawn(command: list[str], env: dict, log: Path) -> dict:
 
 
 def role_command(role: str, args, **extra) -> list[str]:
-    command = [sys.executable, __file__, "--role", role, "--weights", str(args.weights), "--listing", str(args.listing),
+    command = [sys.executable, __file__, "--role", role, "--model", args.model, "--weights", str(args.weights),
+               "--listing", str(args.listing),
                "--batch-size", str(args.batch_size), "--model-batches", str(args.model_batches)]
     if not args.int8_check:
         command.append("--no-int8-check")
@@ -499,12 +502,12 @@ def orchestrate(args) -> dict:
     from clipengine.encode.inputs import list_image_files
 
     report: dict = {"machine": machine_record(), "images": args.images, "batch_size": args.batch_size,
-                    "model": f"{MODEL} (random init, safetensors)", "rounds": []}
+                    "model": f"{args.model} (random init, safetensors)", "rounds": []}
     with tempfile.TemporaryDirectory(prefix="clipengine-bench-encode-") as tmp:
         work = Path(tmp)
         make_jpegs(work / "jpegs", args.images)
         paths = list_image_files(work / "jpegs")  # the order `clipengine encode` lists them in
-        args.weights = make_weights(work)
+        args.weights = make_weights(work, args.model)
         args.listing = work / "files.txt"
         args.listing.write_text("\n".join(paths))
         base_env = {**os.environ, "CLIPENGINE_OFFLINE": "1"}
@@ -522,7 +525,7 @@ def orchestrate(args) -> dict:
                 log = work / f"{number}-{name}.stderr"
                 if name in ("cold", "warm"):
                     command = [sys.executable, "-m", "clipengine", "encode", str(work / "jpegs"), "--out", str(out),
-                               "--model", MODEL, "--weights", str(args.weights), "--batch-size", str(args.batch_size),
+                               "--model", args.model, "--weights", str(args.weights), "--batch-size", str(args.batch_size),
                                "--quiet"]
                     result = spawn(command, {**base_env, "CLIPENGINE_CACHE_DIR": str(cache)}, log)
                     if "error" not in result:
@@ -666,7 +669,7 @@ def targets(report: dict) -> list[dict]:
 def print_report(report: dict) -> None:
     from clipengine.bench._machine import machine_line
 
-    print(f"# bench/encode: {MODEL} (random init), {report['images']} JPEGs (500×400..1000×800), batch "
+    print(f"# bench/encode: {report['model']}, {report['images']} JPEGs (500×400..1000×800), batch "
           f"{report['batch_size']}, medians of {len(report['rounds'])} rounds")
     print(f"# {machine_line(report['machine'])}")
     whole = report.get("whole", {})
@@ -745,6 +748,8 @@ def print_report(report: dict) -> None:
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=DEFAULT_IMAGES, help="JPEG files [1024]")
+    parser.add_argument("--model", default=MODEL,
+                        help=f"open_clip ViT architecture, random init [{MODEL}]; ViT-B-32-quickgelu is OpenAI's CLIP")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="batch size everywhere [64]")
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="rounds of whole processes [2]")
     parser.add_argument("--model-batches", type=int, default=DEFAULT_MODEL_BATCHES,
