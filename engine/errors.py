@@ -18,6 +18,7 @@ class MissingDependencyError(ClipengineError):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's stop, ``kill``), raised in the ``clipengine`` process's main thread by the
-    CLI's handler. A ``KeyboardInterrupt``, so everything that keeps finished work or cleans up on Ctrl-C
-    does the same on SIGTERM."""
+    """SIGTERM (a scheduler's stop, ``kill``), raised in the process's main thread by the handler that
+    :func:`clipengine.interrupts.stop_on_sigterm` installs (the ``clipengine`` command, the benchmark
+    scripts). A ``KeyboardInterrupt``, so everything that keeps finished work or cleans up on Ctrl-C does the
+    same on SIGTERM."""
