@@ -51,7 +51,8 @@ REFERENCE_PATH = "torch-fp32"
 @dataclass(frozen=True)
 class ProbeShape:
     """The shape of a ViT image tower (what the probe towers copy; ``layers``: the model's own depth, at which
-    its rate is predicted)."""
+    its rate is predicted; ``activation``: the MLP's, "gelu", "gelu_tanh" or "quick_gelu", as the fused CPU
+    forward names it: each costs its own post-op inside the MLP's matmul)."""
 
     image_size: int = 224
     patch: int = 32
@@ -60,6 +61,7 @@ class ProbeShape:
     mlp_width: int = 3072
     output_dim: int = 512
     layers: int = 12
+    activation: str = "gelu"
 
     @classmethod
     def of_towers(cls, towers: Any) -> "ProbeShape | None":
@@ -68,14 +70,15 @@ class ProbeShape:
         vision = towers.vision
         if vision is not None:
             return cls(image_size=int(towers.image_size), patch=vision.patch, width=vision.width, heads=vision.heads,
-                       mlp_width=vision.mlp_width, output_dim=int(towers.embed_dim), layers=vision.layers)
+                       mlp_width=vision.mlp_width, output_dim=int(towers.embed_dim), layers=vision.layers,
+                       activation=vision.activation)
         return cls.of_tower(towers.image_tower, towers.image_size, towers.embed_dim)
 
     @classmethod
     def of_tower(cls, visual: Any, image_size: int, output_dim: int) -> "ProbeShape | None":
         """The shape of an open_clip ``VisionTransformer`` or of a tower holding a transformers ``CLIPModel``
         (as ``tower.clip``); None for anything else."""
-        from clipengine.bindings.torch_vit_cpu import hf_vision
+        from clipengine.bindings.torch_vit_cpu import hf_vision, mlp_activation
 
         hf = hf_vision(visual)
         if hf is not None:
@@ -83,7 +86,8 @@ class ProbeShape:
             config = vision.config
             return cls(image_size=int(image_size), patch=int(config.patch_size), width=int(config.hidden_size),
                        heads=int(config.num_attention_heads), mlp_width=int(config.intermediate_size),
-                       output_dim=int(output_dim), layers=int(config.num_hidden_layers))
+                       output_dim=int(output_dim), layers=int(config.num_hidden_layers),
+                       activation=mlp_activation(vision.encoder.layers[0].mlp.activation_fn) or "gelu")
         if type(visual).__name__ != "VisionTransformer" or not hasattr(visual, "transformer"):
             return None
         try:
@@ -91,7 +95,7 @@ class ProbeShape:
             return cls(image_size=int(image_size), patch=int(visual.conv1.kernel_size[0]),
                        width=int(visual.conv1.out_channels), heads=int(block.attn.num_heads),
                        mlp_width=int(block.mlp.c_fc.out_features), output_dim=int(output_dim),
-                       layers=len(visual.transformer.resblocks))
+                       layers=len(visual.transformer.resblocks), activation=mlp_activation(block.mlp.gelu) or "gelu")
         except (AttributeError, IndexError, TypeError):
             return None
 
@@ -101,6 +105,10 @@ def probe_towers(shape: ProbeShape, layers: int):
     random weights (no text tower: the probe encodes images only)."""
     import torch
     from open_clip.model import VisionTransformer
+    from open_clip.transformer import QuickGELU
+
+    activations = {"gelu": torch.nn.GELU, "gelu_tanh": lambda: torch.nn.GELU(approximate="tanh"),
+                   "quick_gelu": QuickGELU}
 
     from clipengine.bindings.base import ModelTowers
 
@@ -109,7 +117,8 @@ def probe_towers(shape: ProbeShape, layers: int):
     try:
         tower = VisionTransformer(image_size=shape.image_size, patch_size=shape.patch, width=shape.width,
                                   layers=layers, heads=shape.heads, mlp_ratio=shape.mlp_width / shape.width,
-                                  output_dim=shape.output_dim).eval().requires_grad_(False)
+                                  output_dim=shape.output_dim,
+                                  act_layer=activations[shape.activation]).eval().requires_grad_(False)
     finally:
         torch.random.set_rng_state(generator_state)
     tower_shape = {**asdict(shape), "layers": layers}

@@ -95,7 +95,7 @@ def structure_unsupported_reason(visual: Any) -> str | None:
     norms = [module for module in _open_clip_norms(visual) if not isinstance(module, torch.nn.Identity)]
     if len({(type(module).__name__, float(module.eps)) for module in norms}) > 1:
         return "norm layers differ in kind or eps"
-    if len({_activation(block.mlp.gelu) for block in visual.transformer.resblocks}) > 1:
+    if len({mlp_activation(block.mlp.gelu) for block in visual.transformer.resblocks}) > 1:
         return "blocks differ in activation"
     return None
 
@@ -114,7 +114,7 @@ def open_clip_vision_of(visual) -> OpenClipVision:
     return OpenClipVision(
         tensors={name: tensor.detach() for name, tensor in visual.state_dict().items()},
         heads=blocks[0].attn.num_heads if len(blocks) else 1,
-        activation=_activation(blocks[0].mlp.gelu) if len(blocks) else "gelu",
+        activation=mlp_activation(blocks[0].mlp.gelu) if len(blocks) else "gelu",
         pool=visual.pool_type,
         final_norm_after_pool=bool(getattr(visual, "final_ln_after_pool", False)),
         norm_eps=float(norm.eps),
@@ -139,7 +139,7 @@ def _block_unsupported_reason(block) -> str | None:
     mlp = block.mlp
     if list(mlp._modules) != ["c_fc", "gelu", "c_proj"]:
         return "MLP is not c_fc → activation → c_proj"
-    if _activation(mlp.gelu) is None:
+    if mlp_activation(mlp.gelu) is None:
         return f"activation {type(mlp.gelu).__name__}"
     return None
 
@@ -168,7 +168,7 @@ def _hf_unsupported_reason(vision, projection) -> str | None:
             return f"block {index}: {type(layer).__name__} is not the standard CLIP encoder layer"
         if not (_is_norm(layer.layer_norm1) and _is_norm(layer.layer_norm2)):
             return f"block {index}: norm layers are not LayerNorm"
-        if _activation(layer.mlp.activation_fn) is None:
+        if mlp_activation(layer.mlp.activation_fn) is None:
             return f"block {index}: activation {type(layer.mlp.activation_fn).__name__}"
     return None
 
@@ -183,7 +183,7 @@ def _is_norm(module, allow_identity: bool = False) -> bool:
     return isinstance(module, torch.nn.LayerNorm) and type(module).__name__ in _NORM_CLASSES
 
 
-def _activation(module) -> str | None:
+def mlp_activation(module) -> str | None:
     """The MLP's activation as the module computes it: "gelu", "gelu_tanh" or "quick_gelu"; None: other."""
     if isinstance(module, torch.nn.GELU):
         return "gelu" if module.approximate == "none" else "gelu_tanh"
@@ -469,7 +469,7 @@ class FusedVisionTransformer:
 
     def _hf_block(self, layer) -> "_Block":
         activation, fc_weight, fc_bias, proj_weight = _fold_quick_gelu_slope(
-            _activation(layer.mlp.activation_fn), layer.mlp.fc1.weight, layer.mlp.fc1.bias, layer.mlp.fc2.weight)
+            mlp_activation(layer.mlp.activation_fn), layer.mlp.fc1.weight, layer.mlp.fc1.bias, layer.mlp.fc2.weight)
 
         def joined(attention, part):  # q, k, v projections as one (3W, W) matmul, in that order
             tensors = [getattr(getattr(attention, f"{name}_proj"), part) for name in "qkv"]

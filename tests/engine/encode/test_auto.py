@@ -84,6 +84,33 @@ def test_probe_shape_copies_the_models_tower(tiny_clip):
     assert ProbeShape.of_tower(object(), 224, 512) is None
 
 
+def test_the_probe_towers_run_the_models_activation():
+    """OpenAI's weights use QuickGELU, which the fused forward runs as a different post-op than GELU: the
+    probe measures the model's own, and caches it apart."""
+    from types import SimpleNamespace
+
+    import torch
+    from open_clip.transformer import QuickGELU
+
+    from clipengine.bindings.cpu_probe import ProbeShape, probe_key, probe_towers
+    from clipengine.bindings.open_clip_vit import vision_from_checkpoint
+
+    from tests.bindings.test_open_clip_vit import architecture, built_model
+    from tests.bindings.vit_variants import variants, vision
+
+    visual = vision(**variants()["quick-gelu"])
+    shape = ProbeShape.of_tower(visual, 32, 24)
+    assert shape.activation == "quick_gelu"
+    assert isinstance(probe_towers(shape, 1).image_tower.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    plain = ProbeShape.of_tower(vision(), 32, 24)
+    assert plain.activation == "gelu" and probe_key(plain, 2) != probe_key(shape, 2)
+    assert isinstance(probe_towers(plain, 1).image_tower.transformer.resblocks[0].mlp.gelu, torch.nn.GELU)
+    # read from a checkpoint (the encoder's path: no module built)
+    arch = architecture({"top": {"quick_gelu": True}})
+    read, _ = vision_from_checkpoint(arch, built_model(arch).state_dict())
+    assert ProbeShape.of_towers(SimpleNamespace(vision=read, image_size=32, embed_dim=24)).activation == "quick_gelu"
+
+
 def test_the_models_rate_is_predicted_at_its_depth():
     from clipengine.bindings.cpu_probe import predicted_seconds
 

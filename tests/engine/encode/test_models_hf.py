@@ -73,4 +73,5 @@ def test_the_cpu_probe_copies_a_hugging_face_tower(hf_clip_dir):
 
     towers = load_model(resolve_model(ModelConfig(model=str(hf_clip_dir))))
     assert ProbeShape.of_tower(towers.image_tower, towers.image_size, towers.embed_dim) == ProbeShape(
-        image_size=32, patch=8, width=64, heads=2, mlp_width=128, output_dim=32, layers=2)
+        image_size=32, patch=8, width=64, heads=2, mlp_width=128, output_dim=32, layers=2,
+        activation="quick_gelu")  # transformers' CLIP default, as OpenAI's weights
