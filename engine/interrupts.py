@@ -9,6 +9,7 @@ work. :func:`stop_on_sigterm` makes it raise :class:`~clipengine.errors.Terminat
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import threading
@@ -29,6 +30,20 @@ def stop_on_sigterm() -> None:
         raise Terminated()
 
     signal.signal(signal.SIGTERM, terminate)
+
+
+@contextlib.contextmanager
+def kept_sigterm_handler():
+    """Put back, on leaving, a SIGTERM handler the process installed itself (:func:`stop_on_sigterm`'s, or a
+    caller's own) that the code inside replaced: ``ray.init`` installs one that exits on the spot
+    (``sys.exit``), which would skip what a stop as on Ctrl-C does. The default disposition is left to the code
+    inside."""
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    finally:
+        if callable(previous) and signal.getsignal(signal.SIGTERM) is not previous:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def run_child(command: list[str], grace_seconds: float = CHILD_GRACE_SECONDS) -> int:

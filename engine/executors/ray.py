@@ -60,6 +60,7 @@ import numpy as np
 from clipengine import artifacts
 from clipengine.encode.encoders import encoder_record
 from clipengine.errors import ClipengineError
+from clipengine.interrupts import kept_sigterm_handler
 from clipengine.shards import (
     ShardIndex,
     ShardStore,
@@ -314,10 +315,11 @@ def _connected(ray, address: str | None):
     if ray.is_initialized():
         yield
         return
-    try:
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
-    except ConnectionError as error:
-        raise ClipengineError(f"--ray-address {address}: cannot connect to a Ray cluster ({error})") from None
+    with kept_sigterm_handler():
+        try:
+            ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+        except ConnectionError as error:
+            raise ClipengineError(f"--ray-address {address}: cannot connect to a Ray cluster ({error})") from None
     try:
         yield
     finally:

@@ -1,11 +1,14 @@
 """SIGTERM as Ctrl-C, and a stopped process stopping its child (clipengine.interrupts)."""
 
+import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+
+import pytest
 
 _CHILD = textwrap.dedent(
     """
@@ -72,3 +75,48 @@ def test_stop_on_sigterm_is_left_alone_outside_the_main_thread():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "False"]
+
+
+def test_a_handler_the_process_installed_is_put_back_and_the_default_left_alone():
+    from clipengine.interrupts import kept_sigterm_handler
+
+    def own(signum, frame):
+        pass
+
+    def replacement(signum, frame):
+        pass
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, own)
+        with kept_sigterm_handler():
+            signal.signal(signal.SIGTERM, replacement)
+        assert signal.getsignal(signal.SIGTERM) is own
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with kept_sigterm_handler():
+            signal.signal(signal.SIGTERM, replacement)
+        assert signal.getsignal(signal.SIGTERM) is replacement
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+@pytest.mark.ray
+def test_connecting_to_ray_keeps_the_stop_as_on_ctrl_c():
+    """ray.init installs a SIGTERM handler that exits on the spot; the Ray executor puts the CLI's back."""
+    pytest.importorskip("ray")
+    code = textwrap.dedent(
+        """
+        import signal
+        import ray
+        from clipengine.executors.ray import _connected
+        from clipengine.interrupts import stop_on_sigterm
+
+        stop_on_sigterm()
+        ours = signal.getsignal(signal.SIGTERM)
+        with _connected(ray, None):
+            print("KEPT", signal.getsignal(signal.SIGTERM) is ours, flush=True)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "RAY_num_cpus": "1"})
+    assert "KEPT True" in done.stdout, done.stderr[-2000:]
