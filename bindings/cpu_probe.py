@@ -107,10 +107,10 @@ def probe_towers(shape: ProbeShape, layers: int):
     from open_clip.model import VisionTransformer
     from open_clip.transformer import QuickGELU
 
+    from clipengine.bindings.base import ModelTowers
+
     activations = {"gelu": torch.nn.GELU, "gelu_tanh": lambda: torch.nn.GELU(approximate="tanh"),
                    "quick_gelu": QuickGELU}
-
-    from clipengine.bindings.base import ModelTowers
 
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(0)  # the same probe weights every time, without touching the caller's RNG afterwards
