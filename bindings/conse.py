@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from clipengine.bindings.allocator import keep_freed_memory_mapped
-from clipengine.bindings.cpu_streams import CpuStreams
+from clipengine.bindings.cpu_streams import CpuStreams, run_in_streams
 from clipengine.bindings.files import sha256_files
 from clipengine.bindings.threads import torch_threads
 
@@ -210,7 +210,7 @@ class ConseEncoder:
             mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1)
             std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1)
             x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-            logits = self._streams.run(self._classify, x) if self._streams is not None else self._classify(x)
+            logits = run_in_streams(self._streams, self._classify, x)
             return logits.float().softmax(dim=-1).cpu().numpy()
 
     def _classify(self, x):

@@ -53,6 +53,11 @@ def in_stream() -> bool:
     return getattr(_local, "in_stream", False)
 
 
+def run_in_streams(streams: CpuStreams | None, forward: Callable, batch):
+    """``forward(batch)``: through ``streams`` where an encoder has them, else as one call."""
+    return forward(batch) if streams is None else streams.run(forward, batch)
+
+
 class CpuStreams:
     """Runs ``forward`` (N, ...) → (N, ...) on a batch as :func:`stream_plan`'s streams, for ``threads`` torch
     threads in all. Safe to call from one thread at a time (the encode stage's consumer)."""

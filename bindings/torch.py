@@ -49,7 +49,7 @@ import torch
 from clipengine.bindings.allocator import keep_freed_memory_mapped
 from clipengine.bindings.base import ModelTowers
 from clipengine.bindings.class_token import ClassTokenVisionTower, unprunable_reason
-from clipengine.bindings.cpu_streams import CpuStreams
+from clipengine.bindings.cpu_streams import CpuStreams, run_in_streams
 from clipengine.bindings.threads import torch_threads
 from clipengine.kernels.cuda import parse_device
 
@@ -179,10 +179,8 @@ class TorchEncoder:
                 self.image_forward = self._cuda.describe()
                 return out
             with torch.inference_mode():
-                if self._streams is not None:
-                    features = self._streams.run(self._image.encode_uint8, _as_tensor(images)).float()
-                elif self.unfused_reason is None:
-                    features = self._image.encode_uint8(_as_tensor(images)).float()
+                if self.unfused_reason is None:
+                    features = run_in_streams(self._streams, self._image.encode_uint8, _as_tensor(images)).float()
                 else:
                     features = self._image(self.preprocess(images)).float()
                 features = torch.nn.functional.normalize(features, dim=-1)
